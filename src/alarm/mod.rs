@@ -1,0 +1,111 @@
+//! Clinical and operational alarms: the [`Rule`] trait, the engine that feeds readings to the
+//! rules that watch their metric, and the alarm events they produce.
+//!
+//! Rules judge device time (`ts`), not arrival time, so a replayed recording raises the same
+//! alarms at any replay speed. A reading flagged out of range or without sensor contact never
+//! feeds a rule as if it were real.
+
+pub mod threshold;
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::RowRef;
+use crate::config::RuleConfig;
+use crate::reading::{flags, Metric};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Medium,
+    Low,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Medium => "medium",
+            Priority::Low => "low",
+        }
+    }
+}
+
+/// A change of an alarm's state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlarmEvent {
+    pub rule: String,
+    pub subject: String,
+    pub active: bool,
+    pub priority: Priority,
+    pub metric: &'static str,
+    /// The value of the reading that changed the state.
+    pub value: f64,
+    /// `above` or `below`, and the threshold.
+    pub condition: &'static str,
+    pub threshold: f64,
+    /// Seq of the reading that raised (or cleared) the alarm: its evidence in the store.
+    pub seq: u64,
+    /// Device time of that reading, µs.
+    pub ts: i64,
+    /// Device time the condition first held, µs.
+    pub since: i64,
+}
+
+/// A rule watches readings of some metrics, keeps its own per-subject state, and reports when an
+/// alarm becomes active or clears.
+pub trait Rule: Send + std::fmt::Debug {
+    fn name(&self) -> &str;
+    /// The metrics whose readings this rule wants.
+    fn metrics(&self) -> &[Metric];
+    /// Looks at one trusted reading of a wanted metric; `subject` is the reading's subject, or
+    /// its source when it has none.
+    fn observe(&mut self, subject: &str, reading: &RowRef<'_>, out: &mut Vec<AlarmEvent>);
+}
+
+/// Builds the rule a `[[rule]]` describes.
+pub fn build(config: &RuleConfig) -> Box<dyn Rule> {
+    Box::new(threshold::ThresholdRule::new(config))
+}
+
+/// Feeds each reading to the rules that watch its metric.
+#[derive(Debug)]
+pub struct AlarmEngine {
+    rules: Vec<Box<dyn Rule>>,
+    /// Rule indices by metric index.
+    by_metric: Vec<Vec<usize>>,
+    events: Vec<AlarmEvent>,
+}
+
+impl AlarmEngine {
+    pub fn new(rules: Vec<Box<dyn Rule>>) -> Self {
+        let mut by_metric = vec![Vec::new(); Metric::ALL.len()];
+        for (i, r) in rules.iter().enumerate() {
+            for m in r.metrics() {
+                by_metric[*m as usize].push(i);
+            }
+        }
+        AlarmEngine {
+            rules,
+            by_metric,
+            events: Vec::new(),
+        }
+    }
+
+    pub fn from_config(rules: &[RuleConfig]) -> Self {
+        Self::new(rules.iter().map(build).collect())
+    }
+
+    /// Looks at one reading; returns the alarm changes it caused.
+    pub fn observe(&mut self, r: &RowRef<'_>) -> std::vec::Drain<'_, AlarmEvent> {
+        self.events.clear();
+        let watchers = &self.by_metric[r.metric as usize];
+        if !watchers.is_empty() && r.flags & flags::UNTRUSTED == 0 && r.value.is_some() {
+            let subject = r.subject.unwrap_or(r.source);
+            for &i in watchers {
+                self.rules[i].observe(subject, r, &mut self.events);
+            }
+        }
+        self.events.drain(..)
+    }
+}

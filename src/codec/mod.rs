@@ -1,0 +1,258 @@
+//! Device formats. Each codec turns one MQTT payload into readings and pushes them through a
+//! [`ReadingSink`], which normalises them (canonical unit, plausibility flags, receive time where
+//! the device gave none) straight into the batch builder. A payload that fails half-way leaves
+//! nothing behind: the caller rolls the builder back.
+
+pub mod json;
+pub mod senml;
+
+use std::sync::Arc;
+
+use crate::batch::{BatchBuilder, Row};
+use crate::config::{CodecName, RouteConfig};
+use crate::reading::{flags, Metric, ValueKind};
+use crate::units;
+
+/// Why a payload could not be decoded: a small fixed set, so it can label a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not valid JSON/CBOR/… at all.
+    Syntax,
+    /// Valid syntax, but not the structure the format requires.
+    Structure,
+    MissingField,
+    BadType,
+    BadValue,
+    BadUnit,
+    BadTime,
+    UnknownName,
+    Version,
+    Empty,
+    Oversized,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Syntax => "syntax",
+            Reason::Structure => "structure",
+            Reason::MissingField => "missing_field",
+            Reason::BadType => "bad_type",
+            Reason::BadValue => "bad_value",
+            Reason::BadUnit => "bad_unit",
+            Reason::BadTime => "bad_time",
+            Reason::UnknownName => "unknown_name",
+            Reason::Version => "version",
+            Reason::Empty => "empty",
+            Reason::Oversized => "oversized",
+        }
+    }
+}
+
+/// A payload that cannot be decoded. `detail` names fields and positions, never values, so it
+/// is safe to log and to publish on the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {detail}", reason.as_str())]
+pub struct DecodeError {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl DecodeError {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        DecodeError {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// One MQTT message as a codec sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    /// Receive time, µs since the epoch.
+    pub received: i64,
+    /// Device id from the route's template.
+    pub source: &'a str,
+    /// Subject from the route's template.
+    pub subject: Option<&'a str>,
+}
+
+/// A value as the device sent it.
+#[derive(Debug, Clone, Copy)]
+pub enum RawValue<'a> {
+    /// A number and the unit the device gave it in ("" = the canonical unit).
+    Number(f64, &'a str),
+    Text(&'a str),
+}
+
+/// A reading as a codec decoded it, before normalisation.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoded<'a> {
+    /// Device time, µs since the epoch; `None` when the payload has none.
+    pub ts: Option<i64>,
+    pub metric: Metric,
+    pub value: RawValue<'a>,
+    pub flags: u16,
+    /// Overrides the route's source/subject when the payload names them.
+    pub source: Option<&'a str>,
+    pub subject: Option<&'a str>,
+}
+
+/// Where codecs put readings: normalises each one into the batch builder.
+pub struct ReadingSink<'b> {
+    builder: &'b mut BatchBuilder,
+    received: i64,
+    source: &'b str,
+    subject: Option<&'b str>,
+}
+
+impl<'b> ReadingSink<'b> {
+    pub fn new(builder: &'b mut BatchBuilder, msg: &Message<'b>) -> Self {
+        ReadingSink {
+            builder,
+            received: msg.received,
+            source: msg.source,
+            subject: msg.subject,
+        }
+    }
+
+    /// Normalises and appends one reading.
+    pub fn push(&mut self, d: Decoded<'_>) -> Result<(), DecodeError> {
+        let info = d.metric.info();
+        let mut flags = d.flags;
+        let (value, text) = match (d.value, info.kind) {
+            (RawValue::Number(v, unit), ValueKind::Numeric) => {
+                if !v.is_finite() {
+                    return Err(DecodeError::new(
+                        Reason::BadValue,
+                        format!("{} is not a finite number", d.metric),
+                    ));
+                }
+                let v = units::to_canonical(d.metric, unit, v)
+                    .map_err(|e| DecodeError::new(Reason::BadUnit, e.to_string()))?;
+                if let Some((lo, hi)) = info.plausible {
+                    if !(lo..=hi).contains(&v) {
+                        flags |= flags::OUT_OF_RANGE;
+                    }
+                }
+                (Some(v), None)
+            }
+            (RawValue::Text(t), ValueKind::Text) => (None, Some(t)),
+            (RawValue::Number(..), ValueKind::Text) => {
+                return Err(DecodeError::new(
+                    Reason::BadType,
+                    format!("{} takes text, not a number", d.metric),
+                ))
+            }
+            (RawValue::Text(_), ValueKind::Numeric) => {
+                return Err(DecodeError::new(
+                    Reason::BadType,
+                    format!("{} takes a number, not text", d.metric),
+                ))
+            }
+        };
+        let ts = d.ts.unwrap_or_else(|| {
+            flags |= flags::TIME_FROM_RECEIPT;
+            self.received
+        });
+        self.builder.push(Row {
+            ts,
+            received: self.received,
+            source: d.source.unwrap_or(self.source),
+            subject: d.subject.or(self.subject),
+            metric: d.metric,
+            value,
+            text,
+            flags,
+        });
+        Ok(())
+    }
+}
+
+/// A device format.
+pub trait Codec: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    /// Decodes one payload into `out`. On error the caller discards whatever was pushed.
+    fn decode(&self, msg: &Message<'_>, out: &mut ReadingSink<'_>) -> Result<(), DecodeError>;
+}
+
+/// Builds the codec a route names, with its options. The error says what is missing or wrong.
+pub fn build(route: &RouteConfig) -> Result<Arc<dyn Codec>, String> {
+    match route.codec {
+        CodecName::Json => {
+            let mapping = route
+                .json
+                .as_ref()
+                .ok_or("codec `json` needs a [route.json] mapping")?;
+            Ok(Arc::new(mapping.build()?))
+        }
+        CodecName::SenmlJson => Ok(Arc::new(
+            route.senml.clone().unwrap_or_default().build_json()?,
+        )),
+    }
+}
+
+/// Describes a serde_json error by position and kind without quoting the payload: serde_json's
+/// own messages quote the offending value ("invalid type: string \"97\""), which may be a patient
+/// value and must not reach a log or the dead-letter reason.
+pub fn json_error(e: &serde_json::Error) -> DecodeError {
+    use serde_json::error::Category;
+    let at = format!("line {} column {}", e.line(), e.column());
+    match e.classify() {
+        Category::Eof => DecodeError::new(Reason::Syntax, format!("{at}: unexpected end of input")),
+        Category::Syntax | Category::Io => {
+            DecodeError::new(Reason::Syntax, format!("{at}: invalid JSON"))
+        }
+        Category::Data => {
+            let text = e.to_string();
+            let text = text.split(" at line ").next().unwrap_or_default();
+            let detail = if text.starts_with("invalid type") || text.starts_with("invalid value") {
+                let kind = text.split(':').next().unwrap_or_default();
+                match text.rsplit_once(", expected ") {
+                    Some((_, expected)) => format!("{kind}, expected {expected}"),
+                    None => kind.to_owned(),
+                }
+            } else {
+                // Messages of this crate's own visitors, which name labels, not values.
+                text.to_owned()
+            };
+            DecodeError::new(Reason::Structure, format!("{at}: {detail}"))
+        }
+    }
+}
+
+/// Decodes one payload on its own into owned readings (`iomt-edge decode`, tests).
+pub fn decode_to_readings(
+    codec: &dyn Codec,
+    msg: &Message<'_>,
+) -> Result<Vec<crate::reading::Reading>, DecodeError> {
+    let mut builder = BatchBuilder::new(0, 16);
+    codec.decode(msg, &mut ReadingSink::new(&mut builder, msg))?;
+    let batch = builder
+        .take()
+        .into_record_batch()
+        .map_err(|e| DecodeError::new(Reason::Structure, e.to_string()))?;
+    crate::batch::BatchView::new(&batch)
+        .and_then(|v| v.readings())
+        .map_err(|e| DecodeError::new(Reason::Structure, e.to_string()))
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    pub const RECEIVED: i64 = 1_700_000_000_000_000;
+
+    pub fn msg(payload: &[u8]) -> Message<'_> {
+        Message {
+            topic: "t/dev-1",
+            payload,
+            received: RECEIVED,
+            source: "dev-1",
+            subject: Some("bed-1"),
+        }
+    }
+}

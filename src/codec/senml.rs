@@ -1,0 +1,506 @@
+//! `senml-json`: SenML packs (RFC 8428), resolved per section 4: base fields persist until
+//! another record sets them again; name = bn + n, value = bv + v, sum = bs + s, time = bt + t,
+//! unit = u else bu; a resolved time below 2^28 is relative to the receive time; bver defaults to
+//! 10 and a newer version is refused; an unknown label ending in `_` refuses the pack.
+//!
+//! ```toml
+//! [route.senml]
+//! unknown_names = "reject"           # or "ignore": records whose name maps to no metric
+//! [route.senml.names]                # resolved name, or a suffix of it → catalogue metric
+//! ":temp" = "body_temp"
+//! "urn:dev:mac:0024befffe804ff1:hr" = "heart_rate"
+//! ```
+//! Without a mapping, a name whose last `:`/`/`-separated part is a catalogue metric name maps
+//! to it (`urn:dev:ow:10e2:spo2` → spo2).
+//!
+//! Records are read with a hand-written serde visitor, not into `serde_json::Value`: it sees each
+//! label once, borrows strings from the payload and rejects `_` labels on the way.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
+use crate::reading::Metric;
+
+/// The SenML version this codec understands (RFC 8428).
+pub const SENML_VERSION: i64 = 10;
+/// Resolved times below this are relative to the receive time (RFC 8428 4.5.3).
+const RELATIVE_TIME_LIMIT: f64 = 268_435_456.0;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownNames {
+    /// A record whose name maps to no metric refuses the whole pack (dead letter).
+    #[default]
+    Reject,
+    /// Such records are skipped; the pack's other records are kept.
+    Ignore,
+}
+
+/// `[route.senml]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenmlOptions {
+    #[serde(default)]
+    pub names: BTreeMap<String, Metric>,
+    #[serde(default)]
+    pub unknown_names: UnknownNames,
+}
+
+impl SenmlOptions {
+    pub fn build_json(self) -> Result<SenmlJsonCodec, String> {
+        if self.names.keys().any(|k| k.is_empty()) {
+            return Err("[route.senml.names] has an empty name".into());
+        }
+        // Longest first, so the most specific suffix wins.
+        let mut names: Vec<(String, Metric)> = self.names.into_iter().collect();
+        names.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        Ok(SenmlJsonCodec {
+            names,
+            unknown: self.unknown_names,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct SenmlJsonCodec {
+    names: Vec<(String, Metric)>,
+    unknown: UnknownNames,
+}
+
+/// The value fields of one record.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Record<'a> {
+    pub bn: Option<Cow<'a, str>>,
+    pub bt: Option<f64>,
+    pub bu: Option<Cow<'a, str>>,
+    pub bv: Option<f64>,
+    pub bs: Option<f64>,
+    pub bver: Option<i64>,
+    pub n: Option<Cow<'a, str>>,
+    pub u: Option<Cow<'a, str>>,
+    pub v: Option<f64>,
+    pub vs: Option<Cow<'a, str>>,
+    pub vb: Option<bool>,
+    pub vd: Option<Cow<'a, str>>,
+    pub s: Option<f64>,
+    pub t: Option<f64>,
+    pub ut: Option<f64>,
+}
+
+/// A resolved value (RFC 8428 4.6).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResolvedValue {
+    Number(f64),
+    Text(String),
+    Bool(bool),
+    Data(String),
+    /// Only a sum.
+    Sum(f64),
+}
+
+/// A record after base-field resolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub name: String,
+    pub unit: String,
+    /// Seconds since the epoch (relative times already added to the receive time).
+    pub time: f64,
+    pub value: ResolvedValue,
+}
+
+struct Cowed<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Cowed<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Cowed<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cowed(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cowed(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cowed(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Record<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Record<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a SenML record (a JSON object)")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Record<'de>, A::Error> {
+                let mut r = Record::default();
+                fn set<T, E: de::Error>(slot: &mut Option<T>, v: T, label: &str) -> Result<(), E> {
+                    if slot.replace(v).is_some() {
+                        return Err(E::custom(format!("label `{label}` appears twice")));
+                    }
+                    Ok(())
+                }
+                while let Some(Cowed(label)) = map.next_key::<Cowed>()? {
+                    match &*label {
+                        "bn" => set(&mut r.bn, map.next_value::<Cowed>()?.0, "bn")?,
+                        "bt" => set(&mut r.bt, map.next_value()?, "bt")?,
+                        "bu" => set(&mut r.bu, map.next_value::<Cowed>()?.0, "bu")?,
+                        "bv" => set(&mut r.bv, map.next_value()?, "bv")?,
+                        "bs" => set(&mut r.bs, map.next_value()?, "bs")?,
+                        "bver" => set(&mut r.bver, map.next_value()?, "bver")?,
+                        "n" => set(&mut r.n, map.next_value::<Cowed>()?.0, "n")?,
+                        "u" => set(&mut r.u, map.next_value::<Cowed>()?.0, "u")?,
+                        "v" => set(&mut r.v, map.next_value()?, "v")?,
+                        "vs" => set(&mut r.vs, map.next_value::<Cowed>()?.0, "vs")?,
+                        "vb" => set(&mut r.vb, map.next_value()?, "vb")?,
+                        "vd" => set(&mut r.vd, map.next_value::<Cowed>()?.0, "vd")?,
+                        "s" => set(&mut r.s, map.next_value()?, "s")?,
+                        "t" => set(&mut r.t, map.next_value()?, "t")?,
+                        "ut" => set(&mut r.ut, map.next_value()?, "ut")?,
+                        l if l.ends_with('_') => {
+                            return Err(de::Error::custom(format!(
+                                "label `{l}` must be understood (it ends in _) and is not"
+                            )))
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(r)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Parses a SenML JSON pack: a JSON array of records.
+pub fn parse_pack(payload: &[u8]) -> Result<Vec<Record<'_>>, DecodeError> {
+    struct Pack<'a>(Vec<Record<'a>>);
+    impl<'de> Deserialize<'de> for Pack<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Pack<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a SenML pack (a JSON array of records)")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pack<'de>, A::Error> {
+                    let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+                    while let Some(r) = seq.next_element()? {
+                        v.push(r);
+                    }
+                    Ok(Pack(v))
+                }
+            }
+            d.deserialize_seq(V)
+        }
+    }
+    let pack: Pack = serde_json::from_slice(payload).map_err(|e| super::json_error(&e))?;
+    if pack.0.is_empty() {
+        return Err(DecodeError::new(Reason::Empty, "the pack has no records"));
+    }
+    Ok(pack.0)
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-:./_".contains(c))
+}
+
+/// Resolves a pack (RFC 8428 section 4), `received` in seconds since the epoch.
+pub fn resolve(records: &[Record<'_>], received: f64) -> Result<Vec<Resolved>, DecodeError> {
+    let err = |i: usize, reason: Reason, what: &str| {
+        DecodeError::new(reason, format!("record {i}: {what}"))
+    };
+    let mut bn: &str = "";
+    let (mut bt, mut bv, mut bs) = (0.0, 0.0, 0.0);
+    let mut bu: &str = "";
+    let mut out = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        if let Some(ver) = r.bver {
+            if ver > SENML_VERSION {
+                return Err(err(
+                    i,
+                    Reason::Version,
+                    &format!("bver {ver} is newer than {SENML_VERSION}"),
+                ));
+            }
+            if ver < 1 {
+                return Err(err(i, Reason::Version, "bver must be positive"));
+            }
+        }
+        if let Some(x) = &r.bn {
+            bn = x;
+        }
+        if let Some(x) = r.bt {
+            bt = x;
+        }
+        if let Some(x) = &r.bu {
+            bu = x;
+        }
+        if let Some(x) = r.bv {
+            bv = x;
+        }
+        if let Some(x) = r.bs {
+            bs = x;
+        }
+        let name = format!("{bn}{}", r.n.as_deref().unwrap_or(""));
+        if name.is_empty() {
+            return Err(err(i, Reason::MissingField, "no name (neither bn nor n)"));
+        }
+        if !valid_name(&name) {
+            return Err(err(
+                i,
+                Reason::Structure,
+                "the name has characters SenML does not allow",
+            ));
+        }
+        let values = [
+            r.v.is_some(),
+            r.vs.is_some(),
+            r.vb.is_some(),
+            r.vd.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        let value = match (values, r.s) {
+            (0, Some(s)) => ResolvedValue::Sum(bs + s),
+            (1, _) => {
+                if let Some(v) = r.v {
+                    ResolvedValue::Number(bv + v)
+                } else if let Some(vs) = &r.vs {
+                    ResolvedValue::Text(vs.to_string())
+                } else if let Some(vb) = r.vb {
+                    ResolvedValue::Bool(vb)
+                } else {
+                    ResolvedValue::Data(r.vd.as_deref().unwrap_or_default().to_owned())
+                }
+            }
+            (0, None) => {
+                return Err(err(
+                    i,
+                    Reason::MissingField,
+                    "no value (v, vs, vb, vd or s)",
+                ))
+            }
+            _ => return Err(err(i, Reason::Structure, "more than one of v, vs, vb, vd")),
+        };
+        let mut time = bt + r.t.unwrap_or(0.0);
+        if !time.is_finite() {
+            return Err(err(i, Reason::BadTime, "time is not finite"));
+        }
+        if time < RELATIVE_TIME_LIMIT {
+            time += received;
+        }
+        let unit = r.u.as_deref().unwrap_or(bu).to_owned();
+        out.push(Resolved {
+            name,
+            unit,
+            time,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+impl SenmlJsonCodec {
+    fn metric_for(&self, name: &str) -> Option<Metric> {
+        if let Some((_, m)) = self.names.iter().find(|(k, _)| name.ends_with(k.as_str())) {
+            return Some(*m);
+        }
+        let last = name.rsplit([':', '/']).next().unwrap_or(name);
+        Metric::from_name(last)
+    }
+}
+
+impl Codec for SenmlJsonCodec {
+    fn name(&self) -> &'static str {
+        "senml-json"
+    }
+
+    fn decode(&self, msg: &Message<'_>, out: &mut ReadingSink<'_>) -> Result<(), DecodeError> {
+        let records = parse_pack(msg.payload)?;
+        let resolved = resolve(&records, msg.received as f64 / 1e6)?;
+        let mut pushed = 0;
+        for (i, r) in resolved.iter().enumerate() {
+            let Some(metric) = self.metric_for(&r.name) else {
+                match self.unknown {
+                    UnknownNames::Ignore => continue,
+                    UnknownNames::Reject => {
+                        return Err(DecodeError::new(
+                            Reason::UnknownName,
+                            format!("record {i}: name `{}` maps to no metric", r.name),
+                        ))
+                    }
+                }
+            };
+            let value = match &r.value {
+                ResolvedValue::Number(v) | ResolvedValue::Sum(v) => RawValue::Number(*v, &r.unit),
+                ResolvedValue::Text(s) => RawValue::Text(s),
+                ResolvedValue::Bool(_) | ResolvedValue::Data(_) => {
+                    return Err(DecodeError::new(
+                        Reason::BadType,
+                        format!("record {i}: {metric} cannot take a boolean or data value"),
+                    ))
+                }
+            };
+            let ts = (r.time * 1e6).round();
+            if ts.abs() >= 9.0e18 {
+                return Err(DecodeError::new(
+                    Reason::BadTime,
+                    format!("record {i}: time out of range"),
+                ));
+            }
+            out.push(Decoded {
+                ts: Some(ts as i64),
+                metric,
+                value,
+                flags: 0,
+                source: None,
+                subject: None,
+            })
+            .map_err(|e| DecodeError::new(e.reason, format!("record {i}: {}", e.detail)))?;
+            pushed += 1;
+        }
+        if pushed == 0 {
+            return Err(DecodeError::new(
+                Reason::Empty,
+                "no record maps to a metric",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::decode_to_readings;
+    use crate::codec::test_util::{msg, RECEIVED};
+    use serde_json::Value;
+
+    fn vectors() -> Value {
+        serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/vectors/senml-rfc8428.json"
+        )))
+        .unwrap()
+    }
+
+    #[test]
+    fn resolves_the_rfc_examples() {
+        let received = RECEIVED as f64 / 1e6;
+        for ex in vectors()["examples"].as_array().unwrap() {
+            let pack = serde_json::to_vec(&ex["pack_json"]).unwrap();
+            let got = resolve(&parse_pack(&pack).unwrap(), received).unwrap();
+            let want = ex["resolved"].as_array().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(g.name, w["n"].as_str().unwrap());
+                assert_eq!(g.unit, w["u"].as_str().unwrap());
+                assert_eq!(g.value, ResolvedValue::Number(w["v"].as_f64().unwrap()));
+                match &w["t"] {
+                    Value::String(s) => {
+                        assert_eq!(s, "receive time");
+                        assert_eq!(g.time, received);
+                    }
+                    t => assert!(
+                        (g.time - t.as_f64().unwrap()).abs() < 1e-6,
+                        "{} vs {t}",
+                        g.time
+                    ),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn relative_times_and_base_values() {
+        let p = br#"[{"bn":"dev:","bt":-10,"bv":90,"n":"spo2","v":5,"u":"%"},{"n":"spo2","t":5,"v":6}]"#;
+        let r = resolve(&parse_pack(p).unwrap(), 1000.0).unwrap();
+        assert_eq!(r[0].time, 990.0);
+        assert_eq!(r[1].time, 995.0);
+        assert_eq!(r[1].value, ResolvedValue::Number(96.0));
+        assert_eq!(r[1].unit, "");
+    }
+
+    #[test]
+    fn decodes_into_catalogue_readings() {
+        let c = SenmlOptions::default().build_json().unwrap();
+        let p = br#"[{"bn":"urn:dev:mac:0024:","bt":1.7e9,"n":"heart_rate","u":"/min","v":72},
+                     {"n":"body_temp","u":"[degF]","v":98.6,"t":1},
+                     {"n":"consciousness","vs":"V"}]"#;
+        let r = decode_to_readings(&c, &msg(p)).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!((r[0].metric, r[0].value), (Metric::HeartRate, Some(72.0)));
+        assert_eq!(r[0].ts, 1_700_000_000_000_000);
+        assert!((r[1].value.unwrap() - 37.0).abs() < 1e-9);
+        assert_eq!(r[1].ts, 1_700_000_001_000_000);
+        assert_eq!(r[2].text.as_deref(), Some("V"));
+    }
+
+    #[test]
+    fn names_map_by_suffix_and_unknown_names_are_rejected_or_ignored() {
+        let opts: SenmlOptions =
+            toml::from_str("[names]\n\":t\" = \"body_temp\"\n\"x:t\" = \"ambient_temp\"\n")
+                .unwrap();
+        let c = opts.build_json().unwrap();
+        let r =
+            decode_to_readings(&c, &msg(br#"[{"n":"a:t","v":37},{"n":"box:t","v":4}]"#)).unwrap();
+        assert_eq!(r[0].metric, Metric::BodyTemp);
+        assert_eq!(r[1].metric, Metric::AmbientTemp);
+        let e = decode_to_readings(&c, &msg(br#"[{"n":"a:t","v":37},{"n":"battery","v":4}]"#))
+            .unwrap_err();
+        assert_eq!(e.reason, Reason::UnknownName);
+        let c = SenmlOptions {
+            unknown_names: UnknownNames::Ignore,
+            ..Default::default()
+        }
+        .build_json()
+        .unwrap();
+        let r = decode_to_readings(&c, &msg(br#"[{"n":"spo2","v":97},{"n":"battery","v":4}]"#))
+            .unwrap();
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn rfc_rules_refuse_bad_packs() {
+        let c = SenmlOptions::default().build_json().unwrap();
+        let cases: &[(&[u8], Reason)] = &[
+            (br#"[{"n":"spo2","v":97,"bver":11}]"#, Reason::Version),
+            (br#"[{"n":"spo2","v":97,"crit_":1}]"#, Reason::Structure),
+            (br#"[{"n":"spo2","v":97,"vs":"x"}]"#, Reason::Structure),
+            (br#"[{"n":"spo2"}]"#, Reason::MissingField),
+            (br#"[{"v":97}]"#, Reason::MissingField),
+            (br#"[{"n":"-spo2","v":97}]"#, Reason::Structure),
+            (br#"[{"n":"spo2","v":"97"}]"#, Reason::Structure),
+            (br#"[{"n":"spo2","v":97,"v":98}]"#, Reason::Structure),
+            (br#"[]"#, Reason::Empty),
+            (br#"{"n":"spo2","v":97}"#, Reason::Structure),
+            (br#"[{"n":"spo2","v":97}"#, Reason::Syntax),
+            (br#"[{"n":"spo2","vb":true}]"#, Reason::BadType),
+        ];
+        for (p, reason) in cases {
+            let e = decode_to_readings(&c, &msg(p)).unwrap_err();
+            assert_eq!(e.reason, *reason, "{} → {e}", String::from_utf8_lossy(p));
+        }
+        // An unknown label without the underscore is ignored.
+        assert!(decode_to_readings(&c, &msg(br#"[{"n":"spo2","v":97,"foo":{"a":[1]}}]"#)).is_ok());
+    }
+}

@@ -1,0 +1,169 @@
+//! Internal events: each is a typed struct that both counts its metric and logs, so the two can
+//! never disagree. Logs carry topics, codecs, reasons and counts, never payload values or keys.
+//! Per-message events are logged at most once a minute per kind, so a flood of bad payloads
+//! cannot flood the log (the metric still counts every one).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::alarm::AlarmEvent;
+use crate::codec::DecodeError;
+use crate::metrics::Metrics;
+
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+pub trait InternalEvent {
+    fn emit(self, m: &Metrics);
+}
+
+static LAST_LOGGED: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
+
+/// True when an event of this kind was not logged in the last minute.
+fn log_due(kind: &str) -> bool {
+    let mut guard = LAST_LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    let map = guard.get_or_insert_with(HashMap::new);
+    let now = Instant::now();
+    match map.get(kind) {
+        Some(t) if now.duration_since(*t) < LOG_EVERY => false,
+        _ => {
+            map.insert(kind.to_owned(), now);
+            true
+        }
+    }
+}
+
+pub struct DecodeFailed<'a> {
+    pub topic: &'a str,
+    pub codec: &'static str,
+    pub error: &'a DecodeError,
+}
+
+impl InternalEvent for DecodeFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        let reason = self.error.reason.as_str();
+        m.decode_failures
+            .with_label_values(&[self.codec, reason])
+            .inc();
+        if log_due(&format!("decode/{}/{reason}", self.codec)) {
+            warn!(topic = self.topic, codec = self.codec, reason, detail = %self.error.detail,
+                "payload could not be decoded; sent to the dead-letter topic (logged once a minute per codec and reason)");
+        }
+    }
+}
+
+pub struct PayloadOversized<'a> {
+    pub topic: &'a str,
+    pub size: usize,
+    pub limit: usize,
+}
+
+impl InternalEvent for PayloadOversized<'_> {
+    fn emit(self, m: &Metrics) {
+        m.payloads_oversized.inc();
+        if log_due("oversized") {
+            warn!(
+                topic = self.topic,
+                size = self.size,
+                limit = self.limit,
+                "payload refused before decoding: too large (logged once a minute)"
+            );
+        }
+    }
+}
+
+pub struct TopicUnrouted<'a> {
+    pub topic: &'a str,
+}
+
+impl InternalEvent for TopicUnrouted<'_> {
+    fn emit(self, m: &Metrics) {
+        m.messages_unrouted.inc();
+        if log_due("unrouted") {
+            info!(
+                topic = self.topic,
+                "message on a topic no route matches (logged once a minute)"
+            );
+        }
+    }
+}
+
+pub struct BatchStored {
+    pub id: u64,
+    pub rows: usize,
+    pub bytes: usize,
+}
+
+impl InternalEvent for BatchStored {
+    fn emit(self, m: &Metrics) {
+        m.batches_sealed.inc();
+        m.readings_stored.inc_by(self.rows as u64);
+        m.bytes_stored.inc_by(self.bytes as u64);
+        debug!(
+            batch = self.id,
+            rows = self.rows,
+            bytes = self.bytes,
+            "batch sealed and stored"
+        );
+    }
+}
+
+pub struct BatchFailed<'a> {
+    pub id: u64,
+    pub rows: usize,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for BatchFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.store_errors.inc();
+        tracing::error!(batch = self.id, rows = self.rows, error = %self.error, "batch could not be sealed or stored");
+    }
+}
+
+pub struct AlarmChanged<'a> {
+    pub event: &'a AlarmEvent,
+}
+
+impl InternalEvent for AlarmChanged<'_> {
+    fn emit(self, m: &Metrics) {
+        let e = self.event;
+        if e.active {
+            m.alarms_raised
+                .with_label_values(&[e.priority.as_str()])
+                .inc();
+            m.alarms_active.inc();
+            info!(rule = %e.rule, subject = %e.subject, priority = e.priority.as_str(), seq = e.seq, "alarm raised");
+        } else {
+            m.alarms_cleared.inc();
+            m.alarms_active.dec();
+            info!(rule = %e.rule, subject = %e.subject, seq = e.seq, "alarm cleared");
+        }
+    }
+}
+
+pub struct BrokerAlert<'a> {
+    pub kind: &'a str,
+    pub client_id: &'a str,
+    pub description: &'a str,
+}
+
+impl InternalEvent for BrokerAlert<'_> {
+    fn emit(self, m: &Metrics) {
+        m.broker_alerts.with_label_values(&[self.kind]).inc();
+        if self.kind == "cursor_jump" {
+            m.broker_messages_lost.inc();
+            tracing::error!(client = self.client_id, description = self.description,
+                "the embedded broker dropped messages before ingest read them: raise broker.backlog_bytes");
+        } else {
+            warn!(
+                kind = self.kind,
+                client = self.client_id,
+                description = self.description,
+                "broker alert"
+            );
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The `iomt-edge` command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use iomt_edge::batch::BatchView;
+use iomt_edge::config::PipelineConfig;
+use iomt_edge::replay::{self, Speed};
+use iomt_edge::seal::keys::NodeKeys;
+use iomt_edge::seal::Sealer;
+use iomt_edge::service::Service;
+use iomt_edge::store::{SledStore, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "iomt-edge",
+    version,
+    about = "Edge service for the Internet of Medical Things"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: embedded broker (or external), ingest, alarms, sealed storage, HTTP.
+    Run {
+        /// Pipeline file (default: the embedded pipelines/ward.toml).
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        /// Data directory: store, keys, endpoints.json.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+    },
+    /// Publish a recorded fixture to a broker with its original timing (fixtures/README.md).
+    Replay {
+        file: PathBuf,
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        /// Timing factor (2 = twice as fast), or `max`.
+        #[arg(long, default_value = "1")]
+        speed: Speed,
+        /// Start over after the last message, until interrupted.
+        #[arg(long = "loop")]
+        looped: bool,
+    },
+    /// Print the stored readings as JSON lines (the service must be stopped: sled locks its store).
+    Dump {
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// The site of the pipeline that wrote the data (names the node key).
+        #[arg(long, default_value = "ward")]
+        site: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,sled=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { pipeline, data } => {
+            let config = PipelineConfig::load_or_default(pipeline.as_ref())?;
+            let service = Service::start(config, &data).await?;
+            let stop = service.shutdown_handle();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("signal received: stopping");
+                let _ = stop.send(true);
+            });
+            let summary = service.wait().await?;
+            tracing::info!(
+                batches = summary.batches,
+                readings = summary.readings,
+                next_seq = summary.next_seq,
+                "stopped cleanly"
+            );
+            Ok(())
+        }
+        Command::Replay {
+            file,
+            broker,
+            speed,
+            looped,
+        } => {
+            let messages = replay::load_fixture(&file)?;
+            let progress = std::io::stderr().is_terminal();
+            let summary = replay::replay(
+                &messages,
+                &broker,
+                speed,
+                looped,
+                progress,
+                wait_for_signal(),
+            )
+            .await?;
+            println!("{summary}");
+            Ok(())
+        }
+        Command::Dump { data, site } => {
+            let store = SledStore::open(&data.join("store")).context("opening the store")?;
+            let keys = NodeKeys::load_or_create(&data.join("keys"), &format!("iomt-edge/{site}"))?;
+            let sealer = Sealer::new(keys.master);
+            let mut out = std::io::stdout().lock();
+            for header in store.headers()? {
+                let sealed = store
+                    .batch(header.id)?
+                    .with_context(|| format!("batch {} has a header but no body", header.id))?;
+                let batch = sealer.open(&sealed)?;
+                for r in BatchView::new(&batch)?.readings()? {
+                    let mut line = serde_json::to_value(r.canonical_json())?;
+                    line["seq"] = r.seq.into();
+                    line["batch"] = header.id.into();
+                    writeln!(out, "{line}")?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,151 @@
+//! The Prometheus metrics of the service, registered once in their own registry.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+type DepthProbe = Box<dyn Fn() -> i64 + Send + Sync>;
+
+/// Every metric the service exports. Cheap to share behind an `Arc`; the hot path resolves its
+/// labelled children once and keeps them.
+pub struct Metrics {
+    registry: Registry,
+    pub messages_received: IntCounterVec,
+    pub messages_unrouted: IntCounter,
+    pub payloads_oversized: IntCounter,
+    pub decode_failures: IntCounterVec,
+    pub dead_letters: IntCounter,
+    pub readings_decoded: IntCounter,
+    pub readings_stored: IntCounter,
+    pub batches_sealed: IntCounter,
+    pub bytes_stored: IntCounter,
+    pub store_size_bytes: IntGauge,
+    pub store_errors: IntCounter,
+    pub alarms_raised: IntCounterVec,
+    pub alarms_cleared: IntCounter,
+    pub alarms_active: IntGauge,
+    pub stored_latency: Histogram,
+    pub queue_depth: IntGaugeVec,
+    pub broker_alerts: IntCounterVec,
+    pub broker_messages_lost: IntCounter,
+    pub acks_sent: IntCounter,
+    pub next_seq: IntGauge,
+    depth_probes: Mutex<Vec<(String, DepthProbe)>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        }
+        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).unwrap());
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).unwrap());
+        Arc::new(Metrics {
+            messages_received: counter_vec(
+                "iomt_messages_received_total",
+                "MQTT messages received, by route (topic filter)",
+                &["route"],
+            ),
+            messages_unrouted: counter(
+                "iomt_messages_unrouted_total",
+                "MQTT messages on a topic no route matches",
+            ),
+            payloads_oversized: counter(
+                "iomt_payloads_oversized_total",
+                "payloads refused before decoding because they exceed ingest.max_payload_bytes",
+            ),
+            decode_failures: counter_vec(
+                "iomt_decode_failures_total",
+                "payloads that could not be decoded, by codec and reason",
+                &["codec", "reason"],
+            ),
+            dead_letters: counter("iomt_dead_letters_total", "messages published on edge/deadletter/…"),
+            readings_decoded: counter("iomt_readings_decoded_total", "readings decoded into an open batch"),
+            readings_stored: counter("iomt_readings_stored_total", "readings in batches committed to the store"),
+            batches_sealed: counter("iomt_batches_sealed_total", "batches sealed and committed to the store"),
+            bytes_stored: counter("iomt_bytes_stored_total", "encrypted batch bytes committed to the store"),
+            store_size_bytes: gauge("iomt_store_size_bytes", "size of the store on disk"),
+            store_errors: counter("iomt_store_errors_total", "batches that failed to seal or store"),
+            alarms_raised: counter_vec("iomt_alarms_raised_total", "alarms raised, by priority", &["priority"]),
+            alarms_cleared: counter("iomt_alarms_cleared_total", "alarms cleared"),
+            alarms_active: gauge("iomt_alarms_active", "alarms active now"),
+            stored_latency: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "iomt_receive_to_stored_seconds",
+                        "time from receiving a reading to its batch being committed",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            queue_depth: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("iomt_queue_depth", "items waiting between two stages, by stage"),
+                    &["stage"],
+                )
+                .unwrap(),
+            ),
+            broker_alerts: counter_vec(
+                "iomt_broker_alerts_total",
+                "alerts raised by the embedded broker, by kind",
+                &["kind"],
+            ),
+            broker_messages_lost: counter(
+                "iomt_broker_messages_lost_total",
+                "times the embedded broker dropped messages ingest had not read (cursor jumps)",
+            ),
+            acks_sent: counter(
+                "iomt_acks_sent_total",
+                "QoS 1 messages acknowledged to the external broker after their readings were stored",
+            ),
+            next_seq: gauge("iomt_next_seq", "the seq the next reading will get"),
+            depth_probes: Mutex::new(Vec::new()),
+            registry,
+        })
+    }
+
+    /// Registers a stage queue whose depth is read at each scrape.
+    pub fn probe_queue(&self, stage: &str, probe: impl Fn() -> i64 + Send + Sync + 'static) {
+        self.depth_probes
+            .lock()
+            .expect("probe lock")
+            .push((stage.to_owned(), Box::new(probe)));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        for (stage, probe) in self.depth_probes.lock().expect("probe lock").iter() {
+            self.queue_depth
+                .with_label_values(&[stage.as_str()])
+                .set(probe());
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,333 @@
+//! Fixture replay: publishes a recorded fixture (fixtures/README.md) to a broker with its
+//! original timing scaled by a speed factor, or as fast as the broker takes it, and waits for
+//! every QoS 1 acknowledgement before it reports.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use indicatif::{ProgressBar, ProgressStyle};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::parse_mqtt_url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {message}")]
+    Fixture {
+        file: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Broker(String),
+    #[error("the broker connection failed after {sent} messages: {error}")]
+    Connection { sent: u64, error: String },
+}
+
+/// One line of a fixture.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureLine {
+    t_ms: u64,
+    topic: String,
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    payload_b64: Option<String>,
+    #[serde(default = "default_qos")]
+    qos: u8,
+}
+
+const fn default_qos() -> u8 {
+    1
+}
+
+/// One message ready to publish.
+#[derive(Debug, Clone)]
+pub struct FixtureMessage {
+    pub t_ms: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: QoS,
+}
+
+/// How fast to replay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Speed {
+    /// Original timing divided by this factor.
+    Factor(f64),
+    /// As fast as the broker acknowledges.
+    Max,
+}
+
+impl std::str::FromStr for Speed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "max" {
+            return Ok(Speed::Max);
+        }
+        match s.parse::<f64>() {
+            Ok(f) if f > 0.0 && f.is_finite() => Ok(Speed::Factor(f)),
+            _ => Err(format!("`{s}`: expected a positive number or `max`")),
+        }
+    }
+}
+
+/// Reads and checks a whole fixture; any bad line is an error naming it.
+pub fn load_fixture(path: &Path) -> Result<Vec<FixtureMessage>, ReplayError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_fixture(&text, &file)
+}
+
+pub fn parse_fixture(text: &str, file: &str) -> Result<Vec<FixtureMessage>, ReplayError> {
+    let mut out = Vec::new();
+    let mut last_t = 0;
+    for (i, line) in text.lines().enumerate() {
+        let bad = |message: String| ReplayError::Fixture {
+            file: file.to_owned(),
+            line: i + 1,
+            message,
+        };
+        if line.trim().is_empty() || line.starts_with("//") {
+            continue;
+        }
+        let l: FixtureLine = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let payload = match (l.payload, l.payload_b64) {
+            (Some(Value::String(s)), None) => s.into_bytes(),
+            (Some(v), None) => v.to_string().into_bytes(),
+            (None, Some(b)) => B64
+                .decode(b)
+                .map_err(|e| bad(format!("payload_b64: {e}")))?,
+            (None, None) => Vec::new(),
+            (Some(_), Some(_)) => return Err(bad("set one of payload and payload_b64".into())),
+        };
+        let qos = match l.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            q => return Err(bad(format!("qos {q} is not 0, 1 or 2"))),
+        };
+        if l.t_ms < last_t {
+            return Err(bad(format!(
+                "t_ms {} goes back in time (previous {last_t})",
+                l.t_ms
+            )));
+        }
+        if l.topic.is_empty() || l.topic.contains(['+', '#']) {
+            return Err(bad("topic must be non-empty, without wildcards".into()));
+        }
+        last_t = l.t_ms;
+        out.push(FixtureMessage {
+            t_ms: l.t_ms,
+            topic: l.topic,
+            payload,
+            qos,
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReplaySummary {
+    pub messages: u64,
+    pub seconds: f64,
+}
+
+impl ReplaySummary {
+    pub fn rate(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.messages as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+impl std::fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "replayed {} messages in {:.2} s ({:.0} messages/s)",
+            self.messages,
+            self.seconds,
+            self.rate()
+        )
+    }
+}
+
+/// Publishes `messages` to `broker` (`mqtt://host:port`). With `looped`, starts over after the
+/// last message until `stop` resolves.
+pub async fn replay(
+    messages: &[FixtureMessage],
+    broker: &str,
+    speed: Speed,
+    looped: bool,
+    progress: bool,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ReplaySummary, ReplayError> {
+    let (host, port) = parse_mqtt_url(broker).map_err(ReplayError::Broker)?;
+    let id = format!("iomt-replay-{}", std::process::id());
+    let mut opts = MqttOptions::new(id, host, port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(1000)
+        .set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+
+    // Counts acknowledgements; a connection error ends the replay with an error.
+    let (acked_tx, acked_rx) = tokio::sync::watch::channel(Ok::<u64, String>(0));
+    let events = tokio::spawn(async move {
+        let mut acked = 0u64;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_)))
+                | Ok(Event::Incoming(Packet::PubComp(_))) => {
+                    acked += 1;
+                    let _ = acked_tx.send(Ok(acked));
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = acked_tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+
+    let total = if looped {
+        None
+    } else {
+        Some(messages.len() as u64)
+    };
+    let bar = if progress {
+        let b = match total {
+            Some(n) => ProgressBar::new(n),
+            None => ProgressBar::new_spinner(),
+        };
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {bar:40} {pos}/{len} messages {per_sec} {elapsed}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut need_ack = 0u64;
+    let mut offset_ms = 0u64;
+    tokio::pin!(stop);
+    'outer: loop {
+        for m in messages {
+            if let Speed::Factor(f) = speed {
+                let at = start + Duration::from_secs_f64((offset_ms + m.t_ms) as f64 / 1000.0 / f);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = &mut stop => break 'outer,
+                }
+            }
+            if let Err(e) = acked_rx.borrow().as_ref() {
+                return Err(ReplayError::Connection {
+                    sent,
+                    error: e.clone(),
+                });
+            }
+            client
+                .publish(m.topic.clone(), m.qos, false, m.payload.clone())
+                .await
+                .map_err(|e| ReplayError::Connection {
+                    sent,
+                    error: e.to_string(),
+                })?;
+            sent += 1;
+            if m.qos != QoS::AtMostOnce {
+                need_ack += 1;
+            }
+            bar.inc(1);
+        }
+        if !looped || messages.is_empty() {
+            break;
+        }
+        offset_ms += messages.last().map_or(0, |m| m.t_ms) + 1;
+    }
+    // Every QoS 1/2 message counts once the broker has acknowledged it.
+    let mut rx = acked_rx.clone();
+    let waited = rx
+        .wait_for(|r| match r {
+            Ok(n) => *n >= need_ack,
+            Err(_) => true,
+        })
+        .await
+        .map(|r| r.clone());
+    if let Ok(Err(e)) = waited {
+        return Err(ReplayError::Connection { sent, error: e });
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
+    Ok(ReplaySummary {
+        messages: sent,
+        seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_payload_form() {
+        let text = r#"{"t_ms":0,"topic":"a/b","payload":{"hr":72}}
+{"t_ms":5,"topic":"a/c","payload":"raw text","qos":0}
+{"t_ms":5,"topic":"a/d","payload_b64":"AFU="}
+"#;
+        let m = parse_fixture(text, "f").unwrap();
+        assert_eq!(m[0].payload, br#"{"hr":72}"#);
+        assert_eq!(m[1].payload, b"raw text");
+        assert_eq!(m[1].qos, QoS::AtMostOnce);
+        assert_eq!(m[2].payload, [0x00, 0x55]);
+        assert_eq!(m[2].qos, QoS::AtLeastOnce);
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        for (text, want) in [
+            ("{\"t_ms\":0,\"topic\":\"a\"}\n{\"t_ms\":1}\n", "f:2:"),
+            (
+                "{\"t_ms\":5,\"topic\":\"a\"}\n{\"t_ms\":1,\"topic\":\"a\"}\n",
+                "f:2: t_ms 1 goes back",
+            ),
+            ("{\"t_ms\":0,\"topic\":\"a/#\"}\n", "f:1: topic"),
+            ("{\"t_ms\":0,\"topic\":\"a\",\"qos\":3}\n", "f:1: qos 3"),
+            (
+                "{\"t_ms\":0,\"topic\":\"a\",\"payload_b64\":\"!!\"}\n",
+                "f:1: payload_b64",
+            ),
+            ("{\"t_ms\":0,\"topic\":\"a\",\"extra\":1}\n", "f:1:"),
+        ] {
+            let e = parse_fixture(text, "f").unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        assert_eq!("max".parse::<Speed>().unwrap(), Speed::Max);
+        assert_eq!("2.5".parse::<Speed>().unwrap(), Speed::Factor(2.5));
+        assert!("0".parse::<Speed>().is_err());
+        assert!("fast".parse::<Speed>().is_err());
+    }
+}
