@@ -8,6 +8,9 @@
 //!   bytes and drops its oldest segment when full, so a consumer that falls behind loses
 //!   messages silently (the router only logs "cursor jumped" and raises an alert). Ingest's
 //!   filter (`#`) gets a log of `broker.backlog_bytes`; the alert becomes a metric and a log line.
+//! - its metrics timer thread panics unless both `alerts` and `meters` intervals are set.
+//! - it logs every ordinary client disconnect at ERROR, so its log target is off by default
+//!   (`RUST_LOG=rumqttd=warn` brings it back); what matters is counted as metrics here.
 //! - rumqttd binds its listeners itself and does not report the port, so a port 0 in the
 //!   pipeline file is resolved to a free port here first.
 
@@ -119,7 +122,8 @@ impl EmbeddedBroker {
                 "custom_segment": { INGEST_FILTER: { "max_segment_size": segment, "max_segment_count": count } },
             },
             "v4": { "1": server("mqtt-v4", listeners.mqtt, c) },
-            "metrics": { "alerts": { "push_interval": 1 } },
+            // rumqttd's timer thread unwraps both intervals, so meters must be set too.
+            "metrics": { "alerts": { "push_interval": 1 }, "meters": { "push_interval": 3600 } },
         });
         if let Some(v5) = listeners.mqtt_v5 {
             config["v5"] = json!({ "1": server("mqtt-v5", v5, c) });

@@ -60,11 +60,13 @@ enum Command {
     },
 }
 
+/// rumqttd logs ordinary client disconnects at ERROR: its own log is opt-in (src/broker.rs).
+const DEFAULT_LOG: &str = "info,rumqttd=off,sled=warn";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,sled=warn")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -123,8 +123,8 @@ pub struct LinkPublisher {
 }
 
 impl LinkPublisher {
-    /// Takes the link; its receiving half is drained on a thread of its own (the router sends
-    /// a PUBACK for every QoS 1 publish, and stops the link if they pile up unread).
+    /// Takes the link; its receiving half is drained on a thread of its own (the router queues
+    /// notifications to every link and stops a link whose queue is never read).
     pub fn new(link: Link) -> std::io::Result<Self> {
         let Link { tx, mut rx } = link;
         thread::Builder::new()

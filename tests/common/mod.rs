@@ -1,0 +1,339 @@
+//! Test harness: runs the real `iomt-edge` binary on 127.0.0.1 port 0 in a temp dir and talks to
+//! it over MQTT and HTTP, as a user would.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use iomt_edge::batch::BatchView;
+use iomt_edge::reading::Reading;
+use iomt_edge::seal::keys::NodeKeys;
+use iomt_edge::seal::Sealer;
+use iomt_edge::store::{SledStore, Store};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+pub const SITE: &str = "test-ward";
+
+/// A pipeline with every listener on a free loopback port and short batch windows.
+pub fn pipeline(extra: &str) -> String {
+    format!(
+        r#"
+site = "{SITE}"
+[broker]
+listen = "127.0.0.1:0"
+listen_v5 = "127.0.0.1:0"
+listen_ws = "127.0.0.1:0"
+[http]
+listen = "127.0.0.1:0"
+[ingest]
+max_payload_bytes = 4096
+[batch]
+max_rows = 1000
+max_age = "100ms"
+
+[[route]]
+topic = "ward/+/bed/+/vitals"
+codec = "json"
+source = "w{{2}}-b{{4}}-mon"
+subject = "w{{2}}-b{{4}}"
+[route.json]
+ts = "/ts"
+[[route.json.reading]]
+value = "/hr"
+metric = "heart_rate"
+optional = true
+[[route.json.reading]]
+value = "/spo2"
+metric = "spo2"
+optional = true
+
+[[route]]
+topic = "ward/+/bed/+/senml"
+codec = "senml-json"
+source = "w{{2}}-b{{4}}-sensor"
+subject = "w{{2}}-b{{4}}"
+
+[[rule]]
+name = "spo2-low"
+metric = "spo2"
+below = 92
+for = "30s"
+hysteresis = 2
+priority = "high"
+{extra}
+"#
+    )
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Endpoints {
+    pub mqtt: Option<SocketAddr>,
+    pub http: SocketAddr,
+}
+
+/// A running service process.
+pub struct Edge {
+    pub child: Child,
+    pub data: PathBuf,
+    pub endpoints: Endpoints,
+    pub stderr: PathBuf,
+}
+
+impl Edge {
+    /// Starts the binary with `pipeline_text` on `data` and waits until /healthz says ok.
+    pub fn start(pipeline_text: &str, data: &Path) -> Edge {
+        std::fs::create_dir_all(data).unwrap();
+        let pipeline = data.with_extension("toml");
+        std::fs::write(&pipeline, pipeline_text).unwrap();
+        let endpoints_file = data.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints_file);
+        let stderr = data.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+            .arg("run")
+            .arg("--pipeline")
+            .arg(&pipeline)
+            .arg("--data")
+            .arg(data)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start iomt-edge");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let endpoints: Endpoints = loop {
+            if let Ok(text) = std::fs::read_to_string(&endpoints_file) {
+                break serde_json::from_str(&text).expect("endpoints.json");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service did not become ready: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let edge = Edge {
+            child,
+            data: data.to_owned(),
+            endpoints,
+            stderr,
+        };
+        let (code, _) = edge.get("/healthz");
+        assert_eq!(code, 200);
+        edge
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        self.endpoints.mqtt.expect("embedded broker").port()
+    }
+
+    /// A plain HTTP/1.0 GET: status code and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.endpoints.http, path)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").1
+    }
+
+    /// The value of one sample in /metrics (`name{labels}` exactly as exposed), or 0.
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics(), sample)
+    }
+
+    /// Waits until a metric sample reaches `at_least`.
+    pub fn wait_metric(&self, sample: &str, at_least: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.metric(sample);
+            if v >= at_least {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sample} = {v}, waited for {at_least}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        signal(&self.child, "TERM");
+        self.wait_exit()
+    }
+
+    /// SIGKILL: a crash.
+    pub fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "service did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// Every stored reading, decrypted, in seq order. The service must be stopped.
+pub fn stored_readings(data: &Path) -> Vec<Reading> {
+    let store = SledStore::open(&data.join("store")).unwrap();
+    let keys = NodeKeys::load_or_create(&data.join("keys"), &format!("iomt-edge/{SITE}")).unwrap();
+    let sealer = Sealer::new(keys.master);
+    let mut out = Vec::new();
+    for h in store.headers().unwrap() {
+        let batch = sealer.open(&store.batch(h.id).unwrap().unwrap()).unwrap();
+        out.extend(BatchView::new(&batch).unwrap().readings().unwrap());
+    }
+    out
+}
+
+/// An MQTT client connected to `port`, with its event loop.
+pub fn client(port: u16, id: &str) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_inflight(200);
+    AsyncClient::new(opts, 1000)
+}
+
+/// Publishes every message at QoS 1 and returns once the broker acknowledged them all.
+pub async fn publish_all(port: u16, messages: &[(String, Vec<u8>)]) {
+    let (client, mut ev) = client(port, &format!("pub-{}", rand::random::<u32>()));
+    let n = messages.len();
+    let poll = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < n {
+            match ev.poll().await.expect("publisher connection") {
+                Event::Incoming(Packet::PubAck(_)) => acked += 1,
+                _ => {}
+            }
+        }
+    });
+    for (topic, payload) in messages {
+        client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), poll)
+        .await
+        .expect("all acknowledged")
+        .unwrap();
+    let _ = client.disconnect().await;
+}
+
+/// Subscribes to `filter` and returns a receiver of (topic, payload, retain).
+pub async fn subscribe(
+    port: u16,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)> {
+    let (client, mut ev) = client(port, &format!("sub-{}", rand::random::<u32>()));
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _client = client;
+        let mut subscribed = Some(subscribed_tx);
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(s) = subscribed.take() {
+                        let _ = s.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx
+                        .send((p.topic.clone(), p.payload.to_vec(), p.retain))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    rx
+}
+
+/// The next message on `rx` whose topic satisfies `want`, within 20 s.
+pub async fn next_matching(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+    want: impl Fn(&str, &[u8]) -> bool,
+) -> (String, Vec<u8>, bool) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = rx.recv().await.expect("subscription open");
+            if want(&m.0, &m.1) {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("expected message did not arrive")
+}
+
+/// A JSON vitals message for bed `bed`.
+pub fn vitals(bed: u32, ts: i64, hr: f64, spo2: f64) -> (String, Vec<u8>) {
+    (
+        format!("ward/7/bed/{bed}/vitals"),
+        format!(r#"{{"ts":{ts},"hr":{hr},"spo2":{spo2}}}"#).into_bytes(),
+    )
+}
