@@ -347,7 +347,7 @@ impl<'a> BatchView<'a> {
         if batch.schema() != schema() {
             return Err(ArrowError::SchemaError("not a batch of readings".into()));
         }
-        fn prim<'b, T: 'static>(batch: &'b RecordBatch, i: usize) -> Result<&'b T, ArrowError> {
+        fn prim<T: 'static>(batch: &RecordBatch, i: usize) -> Result<&T, ArrowError> {
             batch
                 .column(i)
                 .as_any()

@@ -136,64 +136,13 @@ impl Service {
             .map_err(ServiceError::Pipeline)?;
         let filters: Vec<String> = routes.iter().map(|r| r.filter_text.clone()).collect();
 
-        let (input, publisher, acker, endpoints, external): (
-            Box<dyn Input>,
-            Box<dyn Publisher>,
-            Option<Box<dyn Acker>>,
-            Endpoints,
-            Option<rumqttc::Client>,
-        ) = match &config.broker.external {
-            Some(url) => {
-                let client_id = config
-                    .broker
-                    .client_id
-                    .clone()
-                    .unwrap_or_else(|| format!("iomt-edge-{}", config.site));
-                let ext = ExternalBroker::connect(
-                    url,
-                    &client_id,
-                    filters,
-                    config.broker.inflight,
-                    config.broker.max_packet_bytes,
-                )
-                .map_err(ServiceError::External)?;
-                let endpoints = Endpoints {
-                    mqtt: None,
-                    mqtt_v5: None,
-                    ws: None,
-                    external: Some(url.clone()),
-                    http: http_addr,
-                };
-                (
-                    Box::new(ext.input),
-                    Box::new(ClientPublisher(ext.client.clone())),
-                    Some(Box::new(ext.client.clone())),
-                    endpoints,
-                    Some(ext.client),
-                )
-            }
-            None => {
-                let broker_config = config.broker.clone();
-                let m = metrics.clone();
-                let mut broker =
-                    tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, m))
-                        .await
-                        .map_err(|e| ServiceError::Thread(e.to_string()))??;
-                let input = LinkInput::new(broker.ingest.take().expect("ingest link"))
-                    .map_err(|e| ServiceError::Pipeline(e.to_string()))?;
-                let publisher = LinkPublisher::new(broker.output.take().expect("output link"))
-                    .map_err(|e| ServiceError::Thread(e.to_string()))?;
-                let l = broker.listeners;
-                let endpoints = Endpoints {
-                    mqtt: Some(l.mqtt),
-                    mqtt_v5: l.mqtt_v5,
-                    ws: l.ws,
-                    external: None,
-                    http: http_addr,
-                };
-                (Box::new(input), Box::new(publisher), None, endpoints, None)
-            }
-        };
+        let BrokerSide {
+            input,
+            publisher,
+            acker,
+            endpoints,
+            external,
+        } = connect_broker(&config, filters, http_addr, metrics.clone()).await?;
         health.broker.store(true, Ordering::Release);
 
         let (output_handle, output_probe, output) =
@@ -305,4 +254,80 @@ impl Service {
             readings: commit.readings,
         })
     }
+}
+
+/// Ingest's input, output's publisher and commit's acker, from one broker or the other.
+struct BrokerSide {
+    input: Box<dyn Input>,
+    publisher: Box<dyn Publisher>,
+    acker: Option<Box<dyn Acker>>,
+    endpoints: Endpoints,
+    /// The external broker's client, disconnected at shutdown.
+    external: Option<rumqttc::Client>,
+}
+
+async fn connect_broker(
+    config: &PipelineConfig,
+    filters: Vec<String>,
+    http_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> Result<BrokerSide, ServiceError> {
+    Ok(match &config.broker.external {
+        Some(url) => {
+            let client_id = config
+                .broker
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("iomt-edge-{}", config.site));
+            let ext = ExternalBroker::connect(
+                url,
+                &client_id,
+                filters,
+                config.broker.inflight,
+                config.broker.max_packet_bytes,
+            )
+            .map_err(ServiceError::External)?;
+            let endpoints = Endpoints {
+                mqtt: None,
+                mqtt_v5: None,
+                ws: None,
+                external: Some(url.clone()),
+                http: http_addr,
+            };
+            BrokerSide {
+                input: Box::new(ext.input),
+                publisher: Box::new(ClientPublisher(ext.client.clone())),
+                acker: Some(Box::new(ext.client.clone())),
+                endpoints,
+                external: Some(ext.client),
+            }
+        }
+        None => {
+            let broker_config = config.broker.clone();
+            let m = metrics;
+            let mut broker =
+                tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, m))
+                    .await
+                    .map_err(|e| ServiceError::Thread(e.to_string()))??;
+            let input = LinkInput::new(broker.ingest.take().expect("ingest link"))
+                .map_err(|e| ServiceError::Pipeline(e.to_string()))?;
+            let publisher = LinkPublisher::new(broker.output.take().expect("output link"))
+                .map_err(|e| ServiceError::Thread(e.to_string()))?;
+            let l = broker.listeners;
+            let endpoints = Endpoints {
+                mqtt: Some(l.mqtt),
+                mqtt_v5: l.mqtt_v5,
+                ws: l.ws,
+                external: None,
+                http: http_addr,
+            };
+            BrokerSide {
+                input: Box::new(input),
+                publisher: Box::new(publisher),
+                acker: None,
+                endpoints,
+                external: None,
+            }
+        }
+    })
 }

@@ -255,9 +255,10 @@ pub async fn publish_all(port: u16, messages: &[(String, Vec<u8>)]) {
     let poll = tokio::spawn(async move {
         let mut acked = 0;
         while acked < n {
-            match ev.poll().await.expect("publisher connection") {
-                Event::Incoming(Packet::PubAck(_)) => acked += 1,
-                _ => {}
+            if let Event::Incoming(Packet::PubAck(_)) =
+                ev.poll().await.expect("publisher connection")
+            {
+                acked += 1;
             }
         }
     });

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs what the tests need, then cargo test.
+# Idempotent: installs nothing that is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The external-broker tests run against a real mosquitto.
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "installing mosquitto (external-broker tests)"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq mosquitto >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+
+# The suite needs ../shared/vectors (the specification test vectors) beside the clone.
+if [ ! -d ../shared/vectors ]; then
+  echo "error: ../shared/vectors is missing: the tests check against the specifications' vectors" >&2
+  exit 1
+fi
+
+exec cargo test --locked "$@"
