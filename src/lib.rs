@@ -10,6 +10,7 @@ pub mod config;
 pub mod events;
 pub mod http;
 pub mod ingest;
+pub mod ledger;
 pub mod metrics;
 pub mod output;
 pub mod reading;
