@@ -1,0 +1,74 @@
+//! Sealing a batch against the raw crypto it is made of, measured in one run so the ratio holds
+//! on a noisy machine: `cargo bench --bench seal`.
+//!
+//! - `seal/batch`: a 16,384-reading batch → Arrow, leaf hashes, Merkle root, IPC, AES-256-GCM.
+//! - `raw/sha256_leaves`: SHA-256 of the same number of leaf-sized inputs.
+//! - `raw/aes_gcm`: AES-256-GCM of the same number of bytes as the batch's IPC stream.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use iomt_edge::batch::{BatchBuilder, Columns, Row};
+use iomt_edge::reading::Metric;
+use iomt_edge::seal::crypt::MasterKey;
+use iomt_edge::seal::{leaf, merkle, to_ipc, Sealer};
+
+const ROWS: usize = 16_384;
+
+fn columns() -> Columns {
+    let mut b = BatchBuilder::new(0, ROWS);
+    let sources: Vec<String> = (0..64).map(|i| format!("ward4-bed{i}-monitor")).collect();
+    let subjects: Vec<String> = (0..64).map(|i| format!("ward4-bed{i}")).collect();
+    for i in 0..ROWS {
+        b.push(Row {
+            ts: 1_700_000_000_000_000 + i as i64 * 1000,
+            received: 1_700_000_000_000_100 + i as i64 * 1000,
+            source: &sources[i % 64],
+            subject: Some(&subjects[i % 64]),
+            metric: Metric::HeartRate,
+            value: Some(60.0 + (i % 50) as f64),
+            text: None,
+            flags: 0,
+        });
+    }
+    b.take()
+}
+
+fn bench(c: &mut Criterion) {
+    let sealer = Sealer::new(MasterKey::from_bytes(&[1u8; 32]).unwrap());
+    let batch = columns().into_record_batch().unwrap();
+    let ipc = to_ipc(&batch).unwrap();
+    let leaf_len = {
+        let view = iomt_edge::batch::BatchView::new(&batch).unwrap();
+        let mut v = Vec::new();
+        leaf::encode(&view.row(0), &mut v);
+        v.len()
+    };
+
+    let mut g = c.benchmark_group("seal");
+    g.throughput(Throughput::Elements(ROWS as u64));
+    g.bench_function("batch", |b| {
+        b.iter_batched(
+            columns,
+            |cols| sealer.seal(0, cols).unwrap(),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("raw");
+    g.throughput(Throughput::Elements(ROWS as u64));
+    let input = vec![7u8; leaf_len];
+    g.bench_function("sha256_leaves", |b| {
+        b.iter(|| {
+            let leaves: Vec<_> = (0..ROWS).map(|_| merkle::leaf_hash(&input)).collect();
+            merkle::root(&leaves)
+        })
+    });
+    let key = MasterKey::from_bytes(&[2u8; 32]).unwrap();
+    g.bench_function("aes_gcm", |b| {
+        b.iter(|| key.seal(ipc.clone(), b"aad").unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
