@@ -409,3 +409,41 @@ fn a_bad_pipeline_file_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_client_publishes_through_the_v5_listener() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let edge = Edge::start(&pipeline(""), &data);
+    let endpoints: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("endpoints.json")).unwrap())
+            .unwrap();
+    let v5: std::net::SocketAddr = endpoints["mqtt_v5"].as_str().unwrap().parse().unwrap();
+    let (client, mut ev) =
+        AsyncClient::new(MqttOptions::new("v5-device", "127.0.0.1", v5.port()), 10);
+    let (topic, payload) = vitals(6, T0, 66.0, 96.0);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) =
+                ev.poll().await.unwrap()
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("PUBACK over MQTT 5");
+    edge.wait_metric("iomt_readings_stored_total", 2.0);
+    assert!(edge.stop().success());
+    let stored = stored_readings(&data);
+    assert_eq!(
+        stored.iter().map(|r| r.value.unwrap()).collect::<Vec<_>>(),
+        [66.0, 96.0]
+    );
+}
