@@ -13,7 +13,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::alarm::Priority;
+use crate::codec::ble::BleOptions;
+use crate::codec::csv::CsvOptions;
+use crate::codec::fhir::FhirOptions;
 use crate::codec::json::JsonMapping;
+use crate::codec::omh::OmhOptions;
 use crate::codec::senml::SenmlOptions;
 use crate::reading::Metric;
 
@@ -214,18 +218,76 @@ impl Default for BatchConfig {
 }
 
 /// The device formats a route can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 pub enum CodecName {
+    #[serde(rename = "json")]
+    #[value(name = "json")]
     Json,
+    #[serde(rename = "senml-json")]
+    #[value(name = "senml-json")]
     SenmlJson,
+    #[serde(rename = "senml-cbor")]
+    #[value(name = "senml-cbor")]
+    SenmlCbor,
+    #[serde(rename = "ble-gatt")]
+    #[value(name = "ble-gatt")]
+    BleGatt,
+    #[serde(rename = "ble-2a37")]
+    #[value(name = "ble-2a37")]
+    Ble2a37,
+    #[serde(rename = "ble-2a1c")]
+    #[value(name = "ble-2a1c")]
+    Ble2a1c,
+    #[serde(rename = "ble-2a35")]
+    #[value(name = "ble-2a35")]
+    Ble2a35,
+    #[serde(rename = "ble-2a5e")]
+    #[value(name = "ble-2a5e")]
+    Ble2a5e,
+    #[serde(rename = "ble-2a5f")]
+    #[value(name = "ble-2a5f")]
+    Ble2a5f,
+    #[serde(rename = "fhir")]
+    #[value(name = "fhir")]
+    Fhir,
+    #[serde(rename = "omh")]
+    #[value(name = "omh")]
+    Omh,
+    #[serde(rename = "csv")]
+    #[value(name = "csv")]
+    Csv,
 }
 
 impl CodecName {
+    pub const ALL: [CodecName; 12] = [
+        CodecName::Json,
+        CodecName::SenmlJson,
+        CodecName::SenmlCbor,
+        CodecName::BleGatt,
+        CodecName::Ble2a37,
+        CodecName::Ble2a1c,
+        CodecName::Ble2a35,
+        CodecName::Ble2a5e,
+        CodecName::Ble2a5f,
+        CodecName::Fhir,
+        CodecName::Omh,
+        CodecName::Csv,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CodecName::Json => "json",
             CodecName::SenmlJson => "senml-json",
+            CodecName::SenmlCbor => "senml-cbor",
+            CodecName::BleGatt => "ble-gatt",
+            CodecName::Ble2a37 => "ble-2a37",
+            CodecName::Ble2a1c => "ble-2a1c",
+            CodecName::Ble2a35 => "ble-2a35",
+            CodecName::Ble2a5e => "ble-2a5e",
+            CodecName::Ble2a5f => "ble-2a5f",
+            CodecName::Fhir => "fhir",
+            CodecName::Omh => "omh",
+            CodecName::Csv => "csv",
         }
     }
 }
@@ -245,9 +307,21 @@ pub struct RouteConfig {
     /// Mapping of the `json` codec.
     #[serde(default)]
     pub json: Option<JsonMapping>,
-    /// Options of the `senml-json` codec.
+    /// Options of the `senml-json` and `senml-cbor` codecs.
     #[serde(default)]
     pub senml: Option<SenmlOptions>,
+    /// Options of the `ble-*` codecs.
+    #[serde(default)]
+    pub ble: Option<BleOptions>,
+    /// Options of the `fhir` codec.
+    #[serde(default)]
+    pub fhir: Option<FhirOptions>,
+    /// Options of the `omh` codec.
+    #[serde(default)]
+    pub omh: Option<OmhOptions>,
+    /// Columns of the `csv` codec.
+    #[serde(default)]
+    pub csv: Option<CsvOptions>,
 }
 
 impl RouteConfig {

@@ -64,7 +64,25 @@ catalogue! {
     Latitude      => "latitude",      "deg",     None,            Numeric, Some((-90.0, 90.0));
     Longitude     => "longitude",     "deg",     None,            Numeric, Some((-180.0, 180.0));
     Rssi          => "rssi",          "dBm",     None,            Numeric, Some((-150.0, 30.0));
+    EnergyExpended => "energy_expended", "kJ",   None,            Numeric, Some((0.0, 65535.0));
+    TempSite      => "temp_site",     "{site}",  None,            Text,    None;
+    Spo2Fast      => "spo2_fast",     "%",       None,            Numeric, Some((0.0, 100.0));
+    Spo2Slow      => "spo2_slow",     "%",       None,            Numeric, Some((0.0, 100.0));
+    PulseRateFast => "pulse_rate_fast", "/min",  None,            Numeric, Some((0.0, 350.0));
+    PulseRateSlow => "pulse_rate_slow", "/min",  None,            Numeric, Some((0.0, 350.0));
+    PerfusionIndex => "perfusion_index", "%",    None,            Numeric, Some((0.0, 100.0));
 }
+
+/// LOINC codes that name a catalogue metric besides its own code: the site-specific body
+/// temperatures and the arterial saturation code that monitors send for pulse oximetry.
+const LOINC_ALIASES: &[(&str, Metric)] = &[
+    ("8331-1", Metric::BodyTemp), // oral temperature
+    ("8328-7", Metric::BodyTemp), // axillary temperature
+    ("8332-9", Metric::BodyTemp), // rectal temperature
+    ("8333-7", Metric::BodyTemp), // tympanic membrane temperature
+    ("2708-6", Metric::Spo2),     // oxygen saturation in arterial blood
+    ("20564-1", Metric::Spo2),    // oxygen saturation in blood
+];
 
 impl Metric {
     pub fn info(self) -> &'static MetricInfo {
@@ -92,6 +110,12 @@ impl Metric {
             .iter()
             .copied()
             .find(|m| m.info().loinc == Some(code))
+            .or_else(|| {
+                LOINC_ALIASES
+                    .iter()
+                    .find(|(c, _)| *c == code)
+                    .map(|(_, m)| *m)
+            })
     }
 }
 
@@ -129,6 +153,14 @@ pub mod flags {
     pub const TIME_FROM_RECEIPT: u16 = 1 << 4;
     /// The device reports an early estimate or calibration in progress.
     pub const CALIBRATING: u16 = 1 << 5;
+    /// The device reports the measurement invalid, unavailable, or itself malfunctioning.
+    pub const INVALID: u16 = 1 << 6;
+    /// The device marks the data as demonstration or test data, not a patient's.
+    pub const TEST_DATA: u16 = 1 << 7;
+    /// The device detected an irregular pulse during the measurement.
+    pub const IRREGULAR_PULSE: u16 = 1 << 8;
+    /// The device reported a value beyond its measuring range (IEEE 11073 ±INF): `value` is null.
+    pub const BEYOND_RANGE: u16 = 1 << 9;
 
     pub const NAMES: &[(u16, &str)] = &[
         (OUT_OF_RANGE, "out_of_range"),
@@ -137,6 +169,10 @@ pub mod flags {
         (FROM_STORAGE, "from_storage"),
         (TIME_FROM_RECEIPT, "time_from_receipt"),
         (CALIBRATING, "calibrating"),
+        (INVALID, "invalid"),
+        (TEST_DATA, "test_data"),
+        (IRREGULAR_PULSE, "irregular_pulse"),
+        (BEYOND_RANGE, "beyond_range"),
     ];
 
     pub fn names(bits: u16) -> Vec<&'static str> {
@@ -148,7 +184,7 @@ pub mod flags {
     }
 
     /// Flags that mean a value must not be trusted for clinical decisions.
-    pub const UNTRUSTED: u16 = OUT_OF_RANGE | NO_CONTACT;
+    pub const UNTRUSTED: u16 = OUT_OF_RANGE | NO_CONTACT | INVALID | TEST_DATA | BEYOND_RANGE;
 }
 
 /// One stored reading, owned. The hot path never builds these: codecs push straight into the

@@ -123,6 +123,18 @@ const CONVERSIONS: &[Conversion] = &[
         offset: 0.0,
     },
     Conversion {
+        canonical: "kJ",
+        from: &["kJ"],
+        scale: 1.0,
+        offset: 0.0,
+    },
+    Conversion {
+        canonical: "kJ",
+        from: &["kcal", "[Cal]", "kcal_th"],
+        scale: 4.184,
+        offset: 0.0,
+    },
+    Conversion {
         canonical: "dBm",
         from: &["dBm", "dB[mW]"],
         scale: 1.0,

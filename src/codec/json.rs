@@ -13,30 +13,25 @@
 //! # unit_at = "/unit"
 //! # optional = true         # a missing value is skipped instead of refusing the message
 //! ```
+//!
+//! A message may carry many readings: a top-level JSON array is mapped element by element, and
+//! `items = "/samples"` names an array inside the message whose elements are mapped the same
+//! way. The pointers then apply to each element.
 
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::time::{json_time, TsFormat};
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
 use crate::reading::Metric;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TsFormat {
-    /// Strings as RFC 3339; numbers as Unix seconds, milliseconds or microseconds by magnitude
-    /// (below 10^11: s, below 10^14: ms, else µs).
-    #[default]
-    Auto,
-    Rfc3339,
-    UnixS,
-    UnixMs,
-    UnixUs,
-}
 
 /// `[route.json]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonMapping {
+    /// Pointer to an array of elements, each mapped like a whole message.
+    #[serde(default)]
+    pub items: Option<String>,
     #[serde(default)]
     pub ts: Option<String>,
     #[serde(default)]
@@ -82,6 +77,7 @@ impl JsonMapping {
             return Err("[route.json] needs at least one [[route.json.reading]]".into());
         }
         for (k, p) in [
+            ("items", &self.items),
             ("ts", &self.ts),
             ("source", &self.source),
             ("subject", &self.subject),
@@ -127,41 +123,6 @@ fn pointer<'v>(doc: &'v Value, p: &str) -> Option<&'v Value> {
     doc.pointer(p).filter(|v| !v.is_null())
 }
 
-/// Parses RFC 3339 into µs since the epoch.
-pub fn rfc3339_micros(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.timestamp_micros())
-}
-
-/// µs since the epoch of a JSON time value.
-pub fn json_time(v: &Value, format: TsFormat, at: &str) -> Result<i64, DecodeError> {
-    let bad = |what: &str| DecodeError::new(Reason::BadTime, format!("{at}: {what}"));
-    match (v, format) {
-        (Value::String(s), TsFormat::Auto | TsFormat::Rfc3339) => {
-            rfc3339_micros(s).ok_or_else(|| bad("not an RFC 3339 time"))
-        }
-        (Value::Number(n), f) if f != TsFormat::Rfc3339 => {
-            let x = n.as_f64().ok_or_else(|| bad("not a number"))?;
-            let scale = match f {
-                TsFormat::UnixS => 1e6,
-                TsFormat::UnixMs => 1e3,
-                TsFormat::UnixUs => 1.0,
-                _ if x.abs() < 1e11 => 1e6,
-                _ if x.abs() < 1e14 => 1e3,
-                _ => 1.0,
-            };
-            let us = x * scale;
-            if us.is_finite() && us.abs() < 9.0e18 {
-                Ok(us.round() as i64)
-            } else {
-                Err(bad("out of range"))
-            }
-        }
-        _ => Err(bad("wrong type for the time format")),
-    }
-}
-
 fn str_at<'v>(doc: &'v Value, p: &str) -> Result<&'v str, DecodeError> {
     match pointer(doc, p) {
         Some(Value::String(s)) => Ok(s),
@@ -183,7 +144,46 @@ impl Codec for JsonCodec {
 
     fn decode(&self, msg: &Message<'_>, out: &mut ReadingSink<'_>) -> Result<(), DecodeError> {
         let doc: Value = serde_json::from_slice(msg.payload).map_err(|e| super::json_error(&e))?;
-        if !doc.is_object() && !doc.is_array() {
+        let items = match &self.mapping.items {
+            Some(p) => match pointer(&doc, p) {
+                Some(Value::Array(a)) => a.as_slice(),
+                Some(_) => {
+                    return Err(DecodeError::new(
+                        Reason::BadType,
+                        format!("{p}: expected an array"),
+                    ))
+                }
+                None => {
+                    return Err(DecodeError::new(
+                        Reason::MissingField,
+                        format!("{p}: missing"),
+                    ))
+                }
+            },
+            None => match &doc {
+                Value::Array(a) => a.as_slice(),
+                one => std::slice::from_ref(one),
+            },
+        };
+        if items.is_empty() {
+            return Err(DecodeError::new(Reason::Empty, "no elements to map"));
+        }
+        for (i, item) in items.iter().enumerate() {
+            self.decode_one(item, out).map_err(|e| {
+                if items.len() == 1 {
+                    e
+                } else {
+                    DecodeError::new(e.reason, format!("element {i}: {}", e.detail))
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl JsonCodec {
+    fn decode_one(&self, doc: &Value, out: &mut ReadingSink<'_>) -> Result<(), DecodeError> {
+        if !doc.is_object() {
             return Err(DecodeError::new(
                 Reason::Structure,
                 "expected a JSON object",
@@ -191,7 +191,7 @@ impl Codec for JsonCodec {
         }
         let m = &self.mapping;
         let ts = match &m.ts {
-            Some(p) => match pointer(&doc, p) {
+            Some(p) => match pointer(doc, p) {
                 Some(v) => Some(json_time(v, m.ts_format, p)?),
                 None => {
                     return Err(DecodeError::new(
@@ -202,11 +202,11 @@ impl Codec for JsonCodec {
             },
             None => None,
         };
-        let source = m.source.as_deref().map(|p| str_at(&doc, p)).transpose()?;
-        let subject = m.subject.as_deref().map(|p| str_at(&doc, p)).transpose()?;
+        let source = m.source.as_deref().map(|p| str_at(doc, p)).transpose()?;
+        let subject = m.subject.as_deref().map(|p| str_at(doc, p)).transpose()?;
         let mut pushed = 0;
         for f in &m.readings {
-            let value = match pointer(&doc, &f.value) {
+            let value = match pointer(doc, &f.value) {
                 Some(v) => v,
                 None if f.optional => continue,
                 None => {
@@ -219,7 +219,7 @@ impl Codec for JsonCodec {
             let metric = match (f.metric, &f.metric_at) {
                 (Some(m), _) => m,
                 (None, Some(p)) => {
-                    let name = str_at(&doc, p)?;
+                    let name = str_at(doc, p)?;
                     Metric::from_name(name).ok_or_else(|| {
                         DecodeError::new(
                             Reason::UnknownName,
@@ -231,7 +231,7 @@ impl Codec for JsonCodec {
             };
             let unit = match (&f.unit, &f.unit_at) {
                 (Some(u), _) => u.as_str(),
-                (None, Some(p)) => str_at(&doc, p)?,
+                (None, Some(p)) => str_at(doc, p)?,
                 (None, None) => "",
             };
             let raw = match value {
@@ -362,6 +362,35 @@ optional = true
         for (p, reason) in cases {
             let e = decode_to_readings(&c, &msg(p)).unwrap_err();
             assert_eq!(e.reason, *reason, "{}", String::from_utf8_lossy(p));
+        }
+    }
+
+    #[test]
+    fn arrays_of_readings_in_one_message() {
+        let c = codec(VITALS);
+        let p = br#"[{"ts":1714550400,"patient":"p","hr":72},{"ts":1714550460,"patient":"p","hr":74,"avpu":"A"}]"#;
+        let r = decode_to_readings(&c, &msg(p)).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!((r[1].value, r[1].ts), (Some(74.0), 1_714_550_460_000_000));
+        let e = decode_to_readings(
+            &c,
+            &msg(br#"[{"ts":1,"patient":"p","hr":72},{"ts":1,"patient":"p"}]"#),
+        )
+        .unwrap_err();
+        assert_eq!(e.reason, Reason::MissingField);
+        assert!(e.detail.starts_with("element 1"), "{e}");
+        let c = codec(&format!("items = \"/samples\"\n{VITALS}"));
+        let p = br#"{"device":"x","samples":[{"ts":1714550400,"patient":"p","hr":72},{"ts":1714550460,"patient":"q","hr":80}]}"#;
+        let r = decode_to_readings(&c, &msg(p)).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].subject.as_deref(), Some("q"));
+        for (p, reason) in [
+            (&br#"{"samples":7}"#[..], Reason::BadType),
+            (br#"{"other":[]}"#, Reason::MissingField),
+            (br#"{"samples":[]}"#, Reason::Empty),
+            (br#"{"samples":[7]}"#, Reason::Structure),
+        ] {
+            assert_eq!(decode_to_readings(&c, &msg(p)).unwrap_err().reason, reason);
         }
     }
 

@@ -3,8 +3,13 @@
 //! the device gave none) straight into the batch builder. A payload that fails half-way leaves
 //! nothing behind: the caller rolls the builder back.
 
+pub mod ble;
+pub mod csv;
+pub mod fhir;
 pub mod json;
+pub mod omh;
 pub mod senml;
+pub mod time;
 
 use std::sync::Arc;
 
@@ -20,6 +25,8 @@ pub enum Reason {
     Syntax,
     /// Valid syntax, but not the structure the format requires.
     Structure,
+    /// The payload ends before a field its own flags announce.
+    Truncated,
     MissingField,
     BadType,
     BadValue,
@@ -27,6 +34,8 @@ pub enum Reason {
     BadTime,
     UnknownName,
     Version,
+    /// The source itself withdrew the record (FHIR status entered-in-error or cancelled).
+    Status,
     Empty,
     Oversized,
 }
@@ -36,6 +45,7 @@ impl Reason {
         match self {
             Reason::Syntax => "syntax",
             Reason::Structure => "structure",
+            Reason::Truncated => "truncated",
             Reason::MissingField => "missing_field",
             Reason::BadType => "bad_type",
             Reason::BadValue => "bad_value",
@@ -43,6 +53,7 @@ impl Reason {
             Reason::BadTime => "bad_time",
             Reason::UnknownName => "unknown_name",
             Reason::Version => "version",
+            Reason::Status => "status",
             Reason::Empty => "empty",
             Reason::Oversized => "oversized",
         }
@@ -86,6 +97,9 @@ pub enum RawValue<'a> {
     /// A number and the unit the device gave it in ("" = the canonical unit).
     Number(f64, &'a str),
     Text(&'a str),
+    /// The device says the value lies beyond what it can measure (IEEE 11073 ±INF): stored with
+    /// a null value and [`flags::BEYOND_RANGE`], never as a number.
+    BeyondRange,
 }
 
 /// A reading as a codec decoded it, before normalisation.
@@ -140,8 +154,12 @@ impl<'b> ReadingSink<'b> {
                 }
                 (Some(v), None)
             }
+            (RawValue::BeyondRange, ValueKind::Numeric) => {
+                flags |= flags::BEYOND_RANGE;
+                (None, None)
+            }
             (RawValue::Text(t), ValueKind::Text) => (None, Some(t)),
-            (RawValue::Number(..), ValueKind::Text) => {
+            (RawValue::Number(..) | RawValue::BeyondRange, ValueKind::Text) => {
                 return Err(DecodeError::new(
                     Reason::BadType,
                     format!("{} takes text, not a number", d.metric),
@@ -181,7 +199,45 @@ pub trait Codec: Send + Sync + std::fmt::Debug {
 
 /// Builds the codec a route names, with its options. The error says what is missing or wrong.
 pub fn build(route: &RouteConfig) -> Result<Arc<dyn Codec>, String> {
-    match route.codec {
+    use ble::Characteristic as C;
+    let name = route.codec;
+    // An options table another codec reads is a mistake in the pipeline file (a codec changed
+    // and its mapping left behind), not something to ignore.
+    let tables = [
+        ("json", route.json.is_some(), &[CodecName::Json][..]),
+        (
+            "senml",
+            route.senml.is_some(),
+            &[CodecName::SenmlJson, CodecName::SenmlCbor][..],
+        ),
+        (
+            "ble",
+            route.ble.is_some(),
+            &[
+                CodecName::BleGatt,
+                CodecName::Ble2a37,
+                CodecName::Ble2a1c,
+                CodecName::Ble2a35,
+                CodecName::Ble2a5e,
+                CodecName::Ble2a5f,
+            ][..],
+        ),
+        ("fhir", route.fhir.is_some(), &[CodecName::Fhir][..]),
+        ("omh", route.omh.is_some(), &[CodecName::Omh][..]),
+        ("csv", route.csv.is_some(), &[CodecName::Csv][..]),
+    ];
+    for (table, present, readers) in tables {
+        if present && !readers.contains(&name) {
+            return Err(format!(
+                "[route.{table}] is not read by codec `{}`",
+                name.as_str()
+            ));
+        }
+    }
+    let ble = |c: Option<C>| -> Result<Arc<dyn Codec>, String> {
+        Ok(Arc::new(route.ble.clone().unwrap_or_default().build(c)?))
+    };
+    match name {
         CodecName::Json => {
             let mapping = route
                 .json
@@ -192,6 +248,24 @@ pub fn build(route: &RouteConfig) -> Result<Arc<dyn Codec>, String> {
         CodecName::SenmlJson => Ok(Arc::new(
             route.senml.clone().unwrap_or_default().build_json()?,
         )),
+        CodecName::SenmlCbor => Ok(Arc::new(
+            route.senml.clone().unwrap_or_default().build_cbor()?,
+        )),
+        CodecName::BleGatt => ble(None),
+        CodecName::Ble2a37 => ble(Some(C::HeartRate)),
+        CodecName::Ble2a1c => ble(Some(C::Temperature)),
+        CodecName::Ble2a35 => ble(Some(C::BloodPressure)),
+        CodecName::Ble2a5e => ble(Some(C::PlxSpotCheck)),
+        CodecName::Ble2a5f => ble(Some(C::PlxContinuous)),
+        CodecName::Fhir => Ok(Arc::new(route.fhir.clone().unwrap_or_default().build()?)),
+        CodecName::Omh => Ok(Arc::new(route.omh.clone().unwrap_or_default().build()?)),
+        CodecName::Csv => {
+            let columns = route
+                .csv
+                .as_ref()
+                .ok_or("codec `csv` needs [route.csv] naming the columns")?;
+            Ok(Arc::new(columns.build()?))
+        }
     }
 }
 
