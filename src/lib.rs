@@ -7,6 +7,7 @@ pub mod broker;
 pub mod codec;
 pub mod commit;
 pub mod config;
+pub mod decode;
 pub mod events;
 pub mod http;
 pub mod ingest;

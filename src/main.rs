@@ -1,6 +1,6 @@
 //! The `iomt-edge` command line.
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use iomt_edge::batch::BatchView;
-use iomt_edge::config::PipelineConfig;
+use iomt_edge::config::{CodecName, PipelineConfig};
+use iomt_edge::decode::{self, DecodeCommandError, DecodeRequest, InputEncoding};
 use iomt_edge::replay::{self, Speed};
 use iomt_edge::seal::keys::NodeKeys;
 use iomt_edge::seal::Sealer;
@@ -50,6 +51,29 @@ enum Command {
         #[arg(long = "loop")]
         looped: bool,
     },
+    /// Decode one payload from standard input and print its canonical readings as JSON lines.
+    ///
+    /// Exit status 2, with the reason on standard error, when the payload is invalid.
+    Decode {
+        /// The device format, as a pipeline route names it.
+        #[arg(long, value_enum)]
+        codec: CodecName,
+        /// The topic the payload would arrive on (fills the route's source/subject templates).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Standard input holds the payload as hex (for binary formats: BLE, SenML CBOR).
+        #[arg(long, conflicts_with = "base64")]
+        hex: bool,
+        /// Standard input holds the payload as base64.
+        #[arg(long)]
+        base64: bool,
+        /// A pipeline file whose route gives the codec its options (mappings, columns, …).
+        #[arg(long, requires = "route")]
+        pipeline: Option<PathBuf>,
+        /// The index of that route in the file, from 0.
+        #[arg(long, requires = "pipeline")]
+        route: Option<usize>,
+    },
     /// Print the stored readings as JSON lines (the service must be stopped: sled locks its store).
     Dump {
         #[arg(long, default_value = "data")]
@@ -71,6 +95,30 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Decode {
+        codec,
+        topic,
+        hex,
+        base64,
+        pipeline,
+        route,
+    } = &cli.command
+    {
+        let input = if *hex {
+            InputEncoding::Hex
+        } else if *base64 {
+            InputEncoding::Base64
+        } else {
+            InputEncoding::Raw
+        };
+        let req = DecodeRequest {
+            codec: *codec,
+            topic: topic.as_deref(),
+            input,
+            route: pipeline.as_deref().zip(*route),
+        };
+        return decode_command(&req);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -131,6 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
+        Command::Decode { .. } => unreachable!("handled before the runtime starts"),
         Command::Dump { data, site } => {
             let store = SledStore::open(&data.join("store")).context("opening the store")?;
             let keys = NodeKeys::load_or_create(&data.join("keys"), &format!("iomt-edge/{site}"))?;
@@ -149,6 +198,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+fn decode_command(req: &DecodeRequest<'_>) -> ExitCode {
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("error: reading standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    match decode::decode(req, &input) {
+        Ok(readings) => {
+            let mut out = std::io::stdout().lock();
+            for r in &readings {
+                let line = serde_json::to_string(&r.canonical_json()).expect("plain JSON");
+                if writeln!(out, "{line}").is_err() {
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(DecodeCommandError::Payload(e)) => {
+            eprintln!("invalid payload: {e}");
+            ExitCode::from(2)
+        }
+        Err(e @ DecodeCommandError::Setup(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -45,6 +45,9 @@ struct FixtureLine {
     payload_b64: Option<String>,
     #[serde(default = "default_qos")]
     qos: u8,
+    /// What the edge should make of the message (format fixtures): read by tests, not replayed.
+    #[serde(default, rename = "expect")]
+    _expect: Option<Value>,
 }
 
 const fn default_qos() -> u8 {

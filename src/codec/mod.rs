@@ -5,6 +5,7 @@
 
 pub mod ble;
 pub mod csv;
+pub mod encoding;
 pub mod fhir;
 pub mod json;
 pub mod omh;

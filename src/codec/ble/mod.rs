@@ -33,11 +33,11 @@ pub mod temperature;
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::Value;
 
 use self::ieee11073::MedFloat;
+use super::encoding::{base64_to_bytes, hex_to_bytes};
 use super::time::{json_time, parse_utc_offset, TsFormat};
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
 use crate::ingest::Template;
@@ -355,64 +355,6 @@ impl<'o, 'b> MeasurementSink<'o, 'b> {
     }
 }
 
-/// Hex as gateways write it: optional `0x`, either case, bytes optionally separated by `:`,
-/// `-` or spaces. Hand-written for the separators, which the `hex` crate does not take.
-fn decode_hex<'b>(text: &[u8], buf: &'b mut [u8; MAX_ATTRIBUTE]) -> Result<&'b [u8], DecodeError> {
-    let bad = |what: &str| DecodeError::new(Reason::Syntax, format!("hex payload: {what}"));
-    let text = text.trim_ascii();
-    let text = text
-        .strip_prefix(b"0x")
-        .or_else(|| text.strip_prefix(b"0X"))
-        .unwrap_or(text);
-    let mut n = 0;
-    let mut high: Option<u8> = None;
-    for &c in text {
-        let digit = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            b':' | b'-' | b' ' if high.is_none() => continue,
-            _ => return Err(bad("not a hex digit")),
-        };
-        match high.take() {
-            None => high = Some(digit),
-            Some(h) => {
-                *buf.get_mut(n)
-                    .ok_or_else(|| bad("longer than a GATT attribute value (512 bytes)"))? =
-                    (h << 4) | digit;
-                n += 1;
-            }
-        }
-    }
-    if high.is_some() {
-        return Err(bad("an odd number of hex digits"));
-    }
-    Ok(&buf[..n])
-}
-
-fn decode_base64<'b>(
-    text: &[u8],
-    buf: &'b mut [u8; MAX_ATTRIBUTE],
-) -> Result<&'b [u8], DecodeError> {
-    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-    // Gateways differ on padding; the alphabet is what matters.
-    const ENGINE: GeneralPurpose = GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
-    match ENGINE.decode_slice(text.trim_ascii(), buf) {
-        Ok(n) => Ok(&buf[..n]),
-        Err(base64::DecodeSliceError::OutputSliceTooSmall) => Err(DecodeError::new(
-            Reason::Structure,
-            "base64 payload: longer than a GATT attribute value (512 bytes)",
-        )),
-        Err(base64::DecodeSliceError::DecodeError(_)) => Err(DecodeError::new(
-            Reason::Syntax,
-            "base64 payload: not valid base64",
-        )),
-    }
-}
-
 impl BleCodec {
     fn characteristic_from(
         &self,
@@ -494,8 +436,8 @@ impl Codec for BleCodec {
         let mut buf = [0u8; MAX_ATTRIBUTE];
         let bytes = match self.relay {
             Relay::Raw => msg.payload,
-            Relay::Hex => decode_hex(msg.payload, &mut buf)?,
-            Relay::Base64 => decode_base64(msg.payload, &mut buf)?,
+            Relay::Hex => hex_to_bytes(msg.payload, &mut buf)?,
+            Relay::Base64 => base64_to_bytes(msg.payload, &mut buf)?,
             Relay::Json => {
                 let j = self.json.as_ref().expect("checked when built");
                 let doc: Value =
@@ -514,8 +456,8 @@ impl Codec for BleCodec {
                     DecodeError::new(Reason::MissingField, format!("{}: missing", j.data))
                 })?;
                 let bytes = match j.encoding {
-                    TextEncoding::Base64 => decode_base64(text.as_bytes(), &mut buf)?,
-                    TextEncoding::Hex => decode_hex(text.as_bytes(), &mut buf)?,
+                    TextEncoding::Base64 => base64_to_bytes(text.as_bytes(), &mut buf)?,
+                    TextEncoding::Hex => hex_to_bytes(text.as_bytes(), &mut buf)?,
                 };
                 if let Some(p) = &j.ts {
                     cx.gateway_ts = match doc.pointer(p) {

@@ -23,7 +23,9 @@ fn codec(c: Characteristic, opts: &str) -> BleCodec {
 
 fn hex(s: &str) -> Vec<u8> {
     let mut buf = [0u8; MAX_ATTRIBUTE];
-    decode_hex(s.as_bytes(), &mut buf).unwrap().to_vec()
+    crate::codec::encoding::hex_to_bytes(s.as_bytes(), &mut buf)
+        .unwrap()
+        .to_vec()
 }
 
 fn one(r: &[Reading], m: Metric) -> &Reading {
