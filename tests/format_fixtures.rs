@@ -7,82 +7,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::formats::*;
 use common::*;
 use iomt_edge::codec::{decode_to_readings, Message};
-use iomt_edge::config::PipelineConfig;
-use iomt_edge::ingest::{Route, RouteTable};
 use iomt_edge::reading::Reading;
-use iomt_edge::replay::load_fixture;
 use serde_json::Value;
-
-const FORMATS: &[&str] = &[
-    "senml-json",
-    "senml-cbor",
-    "ble-2a37",
-    "ble-2a1c",
-    "ble-2a35",
-    "ble-2a5e",
-    "ble-2a5f",
-    "ble-gatt",
-    "fhir",
-    "omh",
-    "csv",
-    "json",
-];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/formats/{name}.jsonl"))
-}
-
-/// What the edge should make of one message.
-#[derive(Debug, Clone, PartialEq)]
-enum Expect {
-    /// (metric, value or text) in order.
-    Readings(Vec<(String, Value)>),
-    DeadLetter(String),
-}
-
-struct Line {
-    topic: String,
-    payload: Vec<u8>,
-    expect: Expect,
-}
-
-fn lines(name: &str) -> Vec<Line> {
-    let path = fixture(name);
-    let messages = load_fixture(&path).unwrap();
-    let text = std::fs::read_to_string(&path).unwrap();
-    let raw: Vec<Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with("//"))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(raw.len(), messages.len());
-    messages
-        .into_iter()
-        .zip(raw)
-        .map(|(m, v)| {
-            let e = &v["expect"];
-            let expect = match (&e["readings"], &e["dead_letter"]) {
-                (Value::Array(r), Value::Null) => Expect::Readings(
-                    r.iter()
-                        .map(|p| (p[0].as_str().unwrap().to_owned(), p[1].clone()))
-                        .collect(),
-                ),
-                (Value::Null, Value::String(reason)) => Expect::DeadLetter(reason.clone()),
-                _ => panic!("{name}: line without expect: {v}"),
-            };
-            Line {
-                topic: m.topic.clone(),
-                payload: m.payload.to_vec(),
-                expect,
-            }
-        })
-        .collect()
-}
 
 fn matches(r: &Reading, metric: &str, want: &Value) -> bool {
     r.metric.name() == metric
@@ -95,23 +26,9 @@ fn matches(r: &Reading, metric: &str, want: &Value) -> bool {
         }
 }
 
-fn pipeline_text() -> String {
-    std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/pipelines/formats.toml"
-    ))
-    .unwrap()
-}
-
 #[test]
 fn every_fixture_message_decodes_as_its_expectation_says() {
-    let config = PipelineConfig::parse(&pipeline_text(), "formats.toml").unwrap();
-    let routes = config
-        .routes
-        .iter()
-        .map(|r| Route::build(r).unwrap())
-        .collect();
-    let mut table = RouteTable::new(routes);
+    let mut table = route_table();
     let (mut good, mut bad) = (0, 0);
     for name in FORMATS {
         let lines = lines(name);

@@ -29,7 +29,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
-use crate::reading::Metric;
+use crate::reading::{flags, Metric};
 
 /// The SenML version this codec understands (RFC 8428).
 pub const SENML_VERSION: i64 = 10;
@@ -131,6 +131,8 @@ pub struct Resolved {
     pub unit: String,
     /// Seconds since the epoch (relative times already added to the receive time).
     pub time: f64,
+    /// The time was relative (RFC 8428 4.5.3), so it is anchored on the receive time.
+    pub relative: bool,
     pub value: ResolvedValue,
 }
 
@@ -540,7 +542,8 @@ pub fn resolve(records: &[Record<'_>], received: f64) -> Result<Vec<Resolved>, D
         if !time.is_finite() {
             return Err(err(i, Reason::BadTime, "time is not finite"));
         }
-        if time < RELATIVE_TIME_LIMIT {
+        let relative = time < RELATIVE_TIME_LIMIT;
+        if relative {
             time += received;
         }
         let unit = r.u.as_deref().unwrap_or(bu).to_owned();
@@ -548,6 +551,7 @@ pub fn resolve(records: &[Record<'_>], received: f64) -> Result<Vec<Resolved>, D
             name,
             unit,
             time,
+            relative,
             value,
         });
     }
@@ -607,7 +611,11 @@ impl Codec for SenmlCodec {
                 ts: Some(ts as i64),
                 metric,
                 value,
-                flags: 0,
+                flags: if r.relative {
+                    flags::TIME_FROM_RECEIPT
+                } else {
+                    0
+                },
                 source: None,
                 subject: None,
             })
