@@ -274,6 +274,23 @@ impl CodecName {
         CodecName::Csv,
     ];
 
+    /// The `[route.<table>]` of options this codec reads.
+    pub fn options_table(self) -> &'static str {
+        match self {
+            CodecName::Json => "json",
+            CodecName::SenmlJson | CodecName::SenmlCbor => "senml",
+            CodecName::BleGatt
+            | CodecName::Ble2a37
+            | CodecName::Ble2a1c
+            | CodecName::Ble2a35
+            | CodecName::Ble2a5e
+            | CodecName::Ble2a5f => "ble",
+            CodecName::Fhir => "fhir",
+            CodecName::Omh => "omh",
+            CodecName::Csv => "csv",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CodecName::Json => "json",

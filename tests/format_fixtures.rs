@@ -30,13 +30,13 @@ fn matches(r: &Reading, metric: &str, want: &Value) -> bool {
 fn every_fixture_message_decodes_as_its_expectation_says() {
     let mut table = route_table();
     let (mut good, mut bad) = (0, 0);
-    for name in FORMATS {
+    for name in formats() {
         let lines = lines(name);
         assert!(lines.len() >= 50, "{name}");
         let mut reasons = std::collections::BTreeSet::new();
         for (i, l) in lines.iter().enumerate() {
             let (route, resolved) = table.resolve(&l.topic).expect("a route for every topic");
-            assert_eq!(route.codec.name(), *name, "{name} line {}", i + 1);
+            assert_eq!(route.codec.name(), name, "{name} line {}", i + 1);
             let msg = Message {
                 topic: &l.topic,
                 payload: &l.payload,
@@ -71,15 +71,7 @@ fn every_fixture_message_decodes_as_its_expectation_says() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_format_fixture_replays_through_the_service() {
-    let text = [
-        "127.0.0.1:1883",
-        "127.0.0.1:1884",
-        "127.0.0.1:8083",
-        "127.0.0.1:9100",
-    ]
-    .iter()
-    .fold(pipeline_text(), |t, a| t.replace(a, "127.0.0.1:0"))
-    .replace("site = \"formats\"", &format!("site = \"{SITE}\""));
+    let text = on_free_ports(&pipeline_text(), "formats");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let edge = Edge::start(&text, &data);
@@ -89,7 +81,7 @@ async fn every_format_fixture_replays_through_the_service() {
     // so the broker keeps their order), and expected dead letters per topic.
     let mut want_readings: Vec<(String, String, Value)> = Vec::new();
     let mut want_dead: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for name in FORMATS {
+    for name in formats() {
         for l in lines(name) {
             match l.expect {
                 Expect::Readings(r) => {

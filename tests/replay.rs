@@ -12,15 +12,7 @@ use iomt_edge::replay::load_fixture;
 fn default_pipeline_on_free_ports() -> String {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/ward.toml"))
         .unwrap();
-    let text = [
-        "127.0.0.1:1883",
-        "127.0.0.1:1884",
-        "127.0.0.1:8083",
-        "127.0.0.1:9100",
-    ]
-    .iter()
-    .fold(text, |t, a| t.replace(a, "127.0.0.1:0"));
-    text.replace("site = \"ward\"", &format!("site = \"{SITE}\""))
+    on_free_ports(&text, "ward")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

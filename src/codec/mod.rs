@@ -205,30 +205,15 @@ pub fn build(route: &RouteConfig) -> Result<Arc<dyn Codec>, String> {
     // An options table another codec reads is a mistake in the pipeline file (a codec changed
     // and its mapping left behind), not something to ignore.
     let tables = [
-        ("json", route.json.is_some(), &[CodecName::Json][..]),
-        (
-            "senml",
-            route.senml.is_some(),
-            &[CodecName::SenmlJson, CodecName::SenmlCbor][..],
-        ),
-        (
-            "ble",
-            route.ble.is_some(),
-            &[
-                CodecName::BleGatt,
-                CodecName::Ble2a37,
-                CodecName::Ble2a1c,
-                CodecName::Ble2a35,
-                CodecName::Ble2a5e,
-                CodecName::Ble2a5f,
-            ][..],
-        ),
-        ("fhir", route.fhir.is_some(), &[CodecName::Fhir][..]),
-        ("omh", route.omh.is_some(), &[CodecName::Omh][..]),
-        ("csv", route.csv.is_some(), &[CodecName::Csv][..]),
+        ("json", route.json.is_some()),
+        ("senml", route.senml.is_some()),
+        ("ble", route.ble.is_some()),
+        ("fhir", route.fhir.is_some()),
+        ("omh", route.omh.is_some()),
+        ("csv", route.csv.is_some()),
     ];
-    for (table, present, readers) in tables {
-        if present && !readers.contains(&name) {
+    for (table, present) in tables {
+        if present && name.options_table() != table {
             return Err(format!(
                 "[route.{table}] is not read by codec `{}`",
                 name.as_str()

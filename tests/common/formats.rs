@@ -2,25 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use iomt_edge::config::PipelineConfig;
+use iomt_edge::config::{CodecName, PipelineConfig};
 use iomt_edge::ingest::{Route, RouteTable};
 use iomt_edge::replay::load_fixture;
 use serde_json::Value;
 
-pub const FORMATS: &[&str] = &[
-    "senml-json",
-    "senml-cbor",
-    "ble-2a37",
-    "ble-2a1c",
-    "ble-2a35",
-    "ble-2a5e",
-    "ble-2a5f",
-    "ble-gatt",
-    "fhir",
-    "omh",
-    "csv",
-    "json",
-];
+/// Every codec has a fixture named after it.
+pub fn formats() -> Vec<&'static str> {
+    CodecName::ALL.iter().map(|c| c.as_str()).collect()
+}
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/formats/{name}.jsonl"))

@@ -71,6 +71,20 @@ priority = "high"
     )
 }
 
+/// A shipped pipeline file (site `site`) with its default listeners moved to free loopback
+/// ports and the test site.
+pub fn on_free_ports(text: &str, site: &str) -> String {
+    [
+        "127.0.0.1:1883",
+        "127.0.0.1:1884",
+        "127.0.0.1:8083",
+        "127.0.0.1:9100",
+    ]
+    .iter()
+    .fold(text.to_owned(), |t, a| t.replace(a, "127.0.0.1:0"))
+    .replace(&format!("site = \"{site}\""), &format!("site = \"{SITE}\""))
+}
+
 #[derive(Debug, serde::Deserialize)]
 pub struct Endpoints {
     pub mqtt: Option<SocketAddr>,

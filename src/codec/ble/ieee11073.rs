@@ -121,7 +121,7 @@ impl<'a> Fields<'a> {
             None => Err(DecodeError::new(
                 Reason::Truncated,
                 format!(
-                    "{field}: needs {N} bytes at offset {}, the value has {}",
+                    "{field}: a {N}-byte field at offset {}, but the value is {} bytes",
                     self.pos,
                     self.buf.len()
                 ),

@@ -7,7 +7,8 @@
 //! topic = "gw/+/ble/+/+"
 //! codec = "ble-gatt"               # or a fixed ble-2a37 … ble-2a5f
 //! [route.ble]
-//! characteristic = "{5}"           # ble-gatt: the topic level holding the UUID (2a37, 0x2A37, …)
+//! characteristic = "{5}"           # ble-gatt: the topic level holding the UUID (2a37, 0x2A37, …);
+//!                                  # default: the last level
 //! payload = "raw"                  # raw | hex | base64 | json
 //! utc_offset = "+01:00"            # the device clock's offset (GATT Date Time has no zone)
 //! [route.ble.users]                # Blood Pressure user ids → subjects
@@ -217,17 +218,11 @@ impl BleOptions {
             .map(Template::parse)
             .transpose()?;
         let from_json = json.as_ref().is_some_and(|j| j.characteristic.is_some());
-        match (fixed, template.is_some() || from_json) {
-            (None, false) => {
-                return Err("codec `ble-gatt` needs [route.ble] `characteristic` (a topic template such as \"{5}\") or [route.ble.json] `characteristic`".into())
-            }
-            (Some(c), true) => {
-                return Err(format!(
-                    "codec `{}` fixes the characteristic; use `ble-gatt` to take it from the message",
-                    c.codec_name()
-                ))
-            }
-            _ => {}
+        if let (Some(c), true) = (fixed, template.is_some() || from_json) {
+            return Err(format!(
+                "codec `{}` fixes the characteristic; use `ble-gatt` to take it from the message",
+                c.codec_name()
+            ));
         }
         let mut users = Vec::new();
         for (id, subject) in &self.users {
@@ -372,12 +367,8 @@ impl BleCodec {
                     "the topic lacks the level naming the characteristic",
                 )
             })?,
-            (None, None) => {
-                return Err(DecodeError::new(
-                    Reason::MissingField,
-                    "the message does not name its characteristic",
-                ))
-            }
+            // By default the last topic level names it: `…/ble/2a37`.
+            (None, None) => topic.rsplit('/').next().unwrap_or_default().to_owned(),
         };
         Characteristic::parse(&name).ok_or_else(|| {
             DecodeError::new(

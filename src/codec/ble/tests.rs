@@ -331,7 +331,6 @@ fn characteristic_from_a_topic_level() {
 #[test]
 fn options_are_checked_when_built() {
     let bad: &[(&str, Option<Characteristic>)] = &[
-        ("", None),
         ("characteristic = \"{3}\"", Some(Characteristic::HeartRate)),
         ("payload = \"json\"", Some(Characteristic::HeartRate)),
         ("[json]\ndata = \"/v\"", Some(Characteristic::HeartRate)),

@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| iomt_edge_fuzz::decode("ble/dev-1/2a5e", data));
