@@ -20,4 +20,16 @@ if [ ! -d ../shared/vectors ]; then
   exit 1
 fi
 
-exec cargo test --locked "$@"
+# The fuzz targets' libFuzzer is C++.
+if ! command -v c++ >/dev/null 2>&1; then
+  echo "installing g++ (the fuzz targets' libFuzzer)"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq g++ >/dev/null
+fi
+
+cargo test --locked "$@"
+# The fuzz targets (fuzz/, their own crate) must keep building against the codecs they fuzz;
+# running them is `cargo fuzz run` (README, Fuzzing).
+cargo check --locked --manifest-path fuzz/Cargo.toml --bins
