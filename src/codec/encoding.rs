@@ -80,7 +80,8 @@ pub type TextDecoder = for<'b> fn(&[u8], &'b mut [u8]) -> Result<&'b [u8], Decod
 
 /// Decodes hex or base64 text of any length into a new vector.
 pub fn text_to_vec(text: &[u8], decode: TextDecoder) -> Result<Vec<u8>, DecodeError> {
-    let mut buf = vec![0u8; text.len() / 2 + 3];
+    // Hex holds at most one byte per two characters, base64 three per four.
+    let mut buf = vec![0u8; text.len()];
     let n = decode(text, &mut buf)?.len();
     buf.truncate(n);
     Ok(buf)
@@ -113,6 +114,10 @@ mod tests {
             );
         }
         assert_eq!(text_to_vec(b"AA", base64_to_bytes).unwrap(), [0]);
+        let long: Vec<u8> = (0..=255).collect();
+        use base64::engine::general_purpose::STANDARD;
+        let b64 = STANDARD.encode(&long);
+        assert_eq!(text_to_vec(b64.as_bytes(), base64_to_bytes).unwrap(), long);
         assert_eq!(text_to_vec(b"AA==", base64_to_bytes).unwrap(), [0]);
         for bad in ["1e5", "1g", "1:e"] {
             let e = text_to_vec(bad.as_bytes(), hex_to_bytes).unwrap_err();

@@ -276,12 +276,10 @@ impl FhirCodec {
 
     fn observation(
         &self,
-        json: &str,
+        mut obs: Observation<'_>,
         at: &str,
         out: &mut ReadingSink<'_>,
     ) -> Result<usize, DecodeError> {
-        let mut obs: Observation =
-            serde_json::from_str(json).map_err(|e| prefix(at, super::json_error(&e)))?;
         let own = Valued {
             code: obs.code.take(),
             value_quantity: obs.value_quantity.take(),
@@ -377,8 +375,10 @@ impl Codec for FhirCodec {
     fn decode(&self, msg: &Message<'_>, out: &mut ReadingSink<'_>) -> Result<(), DecodeError> {
         let text = std::str::from_utf8(msg.payload)
             .map_err(|_| DecodeError::new(Reason::Syntax, "not UTF-8 JSON"))?;
-        let kind: Kind = serde_json::from_str(text).map_err(|e| super::json_error(&e))?;
-        let pushed = match &*kind.resource_type {
+        // Most messages are one Observation: read it as one, and only a Bundle a second time.
+        // (A Bundle's own fields are none of an Observation's, so it reads as one too.)
+        let top: Observation = serde_json::from_str(text).map_err(|e| super::json_error(&e))?;
+        let pushed = match &*top.resource_type {
             "Bundle" => {
                 let bundle: Bundle =
                     serde_json::from_str(text).map_err(|e| super::json_error(&e))?;
@@ -388,13 +388,16 @@ impl Codec for FhirCodec {
                     let at = format!("entry {i}");
                     let kind: Kind = serde_json::from_str(resource.get())
                         .map_err(|e| prefix(&at, super::json_error(&e)))?;
+                    // Other resources may use Observation's field names for other shapes.
                     if kind.resource_type == "Observation" {
-                        pushed += self.observation(resource.get(), &at, out)?;
+                        let obs = serde_json::from_str(resource.get())
+                            .map_err(|e| prefix(&at, super::json_error(&e)))?;
+                        pushed += self.observation(obs, &at, out)?;
                     }
                 }
                 pushed
             }
-            _ => self.observation(text, "Observation", out)?,
+            _ => self.observation(top, "Observation", out)?,
         };
         if pushed == 0 {
             return Err(DecodeError::new(

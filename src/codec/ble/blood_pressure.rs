@@ -48,21 +48,11 @@ pub fn decode<'o>(
     let systolic = f.sfloat("systolic")?;
     let diastolic = f.sfloat("diastolic")?;
     let mean = f.sfloat("mean arterial pressure")?;
-    let ts = if bits & TIME_PRESENT != 0 {
-        f.date_time(cx.utc_offset_us)?
-    } else {
-        None
-    };
-    let pulse = if bits & PULSE_PRESENT != 0 {
-        Some(f.sfloat("pulse rate")?)
-    } else {
-        None
-    };
-    let user = if bits & USER_PRESENT != 0 {
-        Some(f.u8("user id")?)
-    } else {
-        None
-    };
+    let ts = f
+        .when(bits & TIME_PRESENT != 0, |f| f.date_time(cx.utc_offset_us))?
+        .flatten();
+    let pulse = f.when(bits & PULSE_PRESENT != 0, |f| f.sfloat("pulse rate"))?;
+    let user = f.when(bits & USER_PRESENT != 0, |f| f.u8("user id"))?;
     let (all, pulse_flags) = if bits & STATUS_PRESENT != 0 {
         status_flags(f.u16("measurement status")?)
     } else {

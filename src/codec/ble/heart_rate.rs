@@ -28,11 +28,7 @@ pub fn decode<'o>(
     } else {
         0
     };
-    let energy = if bits & ENERGY_PRESENT != 0 {
-        Some(f.u16("energy expended")?)
-    } else {
-        None
-    };
+    let energy = f.when(bits & ENERGY_PRESENT != 0, |f| f.u16("energy expended"))?;
     let ts = cx.gateway_ts;
     out.number(ts, Metric::HeartRate, f64::from(hr), "/min", contact)?;
     if let Some(kj) = energy {

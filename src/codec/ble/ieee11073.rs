@@ -154,6 +154,15 @@ impl<'a> Fields<'a> {
         date_time(self.take("time stamp")?, utc_offset_us)
     }
 
+    /// Reads a field its flag says is present; `None` when it is not.
+    pub fn when<T>(
+        &mut self,
+        present: bool,
+        read: impl FnOnce(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, DecodeError> {
+        present.then(|| read(self)).transpose()
+    }
+
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }

@@ -92,21 +92,17 @@ pub fn decode_spot_check<'o>(
     let mut f = Fields::new(bytes);
     let bits = f.u8("flags")?;
     let pair = (f.sfloat("SpO2")?, f.sfloat("pulse rate")?);
-    let mut ts = if bits & TIME_PRESENT != 0 {
-        f.date_time(cx.utc_offset_us)?
-    } else {
-        None
-    };
+    let mut ts = f
+        .when(bits & TIME_PRESENT != 0, |f| f.date_time(cx.utc_offset_us))?
+        .flatten();
     if bits & CLOCK_NOT_SET != 0 {
         // The device says its own clock is wrong: its time stamp is not a time.
         ts = None;
     }
     let q = statuses(&mut f, bits, STATUS_PRESENT, DEVICE_STATUS_PRESENT)?;
-    let pai = if bits & PAI_PRESENT != 0 {
-        Some(f.sfloat("pulse amplitude index")?)
-    } else {
-        None
-    };
+    let pai = f.when(bits & PAI_PRESENT != 0, |f| {
+        f.sfloat("pulse amplitude index")
+    })?;
     f.finish()?;
     push_common(out, ts.or(cx.gateway_ts), pair, pai, q)
 }
@@ -124,22 +120,16 @@ pub fn decode_continuous<'o>(
     let mut f = Fields::new(bytes);
     let bits = f.u8("flags")?;
     let normal = (f.sfloat("SpO2")?, f.sfloat("pulse rate")?);
-    let fast = if bits & FAST_PRESENT != 0 {
-        Some((f.sfloat("SpO2 fast")?, f.sfloat("pulse rate fast")?))
-    } else {
-        None
-    };
-    let slow = if bits & SLOW_PRESENT != 0 {
-        Some((f.sfloat("SpO2 slow")?, f.sfloat("pulse rate slow")?))
-    } else {
-        None
-    };
+    let fast = f.when(bits & FAST_PRESENT != 0, |f| {
+        Ok((f.sfloat("SpO2 fast")?, f.sfloat("pulse rate fast")?))
+    })?;
+    let slow = f.when(bits & SLOW_PRESENT != 0, |f| {
+        Ok((f.sfloat("SpO2 slow")?, f.sfloat("pulse rate slow")?))
+    })?;
     let q = statuses(&mut f, bits, STATUS_PRESENT, DEVICE_STATUS_PRESENT)?;
-    let pai = if bits & PAI_PRESENT != 0 {
-        Some(f.sfloat("pulse amplitude index")?)
-    } else {
-        None
-    };
+    let pai = f.when(bits & PAI_PRESENT != 0, |f| {
+        f.sfloat("pulse amplitude index")
+    })?;
     f.finish()?;
     let ts = cx.gateway_ts;
     push_common(out, ts, normal, pai, q)?;

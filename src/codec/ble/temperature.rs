@@ -34,16 +34,10 @@ pub fn decode<'o>(
     let mut f = Fields::new(bytes);
     let bits = f.u8("flags")?;
     let temp = f.float("temperature")?;
-    let ts = if bits & TIME_PRESENT != 0 {
-        f.date_time(cx.utc_offset_us)?
-    } else {
-        None
-    };
-    let site = if bits & TYPE_PRESENT != 0 {
-        Some(f.u8("temperature type")?)
-    } else {
-        None
-    };
+    let ts = f
+        .when(bits & TIME_PRESENT != 0, |f| f.date_time(cx.utc_offset_us))?
+        .flatten();
+    let site = f.when(bits & TYPE_PRESENT != 0, |f| f.u8("temperature type"))?;
     f.finish()?;
     let ts = ts.or(cx.gateway_ts);
     let unit = if bits & FAHRENHEIT != 0 {
