@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::codec::encoding::{base64_to_bytes, hex_to_bytes, text_to_vec};
 use crate::codec::{decode_to_readings, DecodeError, Message, Reason};
 use crate::config::{CodecName, PipelineConfig};
-use crate::ingest::{Route, TopicFilter};
+use crate::ingest::Route;
 use crate::reading::{now_micros, Reading};
 
 /// How the payload is written on standard input.
@@ -77,13 +77,11 @@ pub fn decode(req: &DecodeRequest<'_>, input: &[u8]) -> Result<Vec<Reading>, Dec
             (config, 0)
         }
     };
-    let route_config = &config.routes[index];
-    let route = Route::build(route_config).map_err(setup)?;
-    let filter = route_config.topic.get_ref();
+    let route = Route::build(&config.routes[index]).map_err(setup)?;
+    let filter = &route.filter_text;
     let topic = match req.topic {
         Some(t) => {
-            let f = TopicFilter::parse(filter).map_err(setup)?;
-            if !f.matches(t) {
+            if !route.filter.matches(t) {
                 return Err(setup(format!(
                     "topic `{t}` does not match route[{index}]'s filter `{filter}`"
                 )));

@@ -27,9 +27,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::value::RawValue as RawJson;
 
-use super::senml::UnknownNames;
 use super::time::rfc3339_micros;
-use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
+use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason, UnknownNames};
 use crate::reading::{flags, Metric};
 
 pub const LOINC: &str = "http://loinc.org";
@@ -352,14 +351,8 @@ impl FhirCodec {
     }
 
     fn unknown(&self, at: &str) -> Result<(), DecodeError> {
-        match self.unknown {
-            UnknownNames::Ignore => Ok(()),
-            UnknownNames::Reject => Err(err(
-                at,
-                Reason::UnknownName,
-                "no coding maps to a catalogue metric",
-            )),
-        }
+        self.unknown
+            .skip(|| format!("{at}: no coding maps to a catalogue metric"))
     }
 }
 

@@ -14,6 +14,8 @@ pub mod time;
 
 use std::sync::Arc;
 
+use serde::Deserialize;
+
 use crate::batch::{BatchBuilder, Row};
 use crate::config::{CodecName, RouteConfig};
 use crate::reading::{flags, Metric, ValueKind};
@@ -75,6 +77,29 @@ impl DecodeError {
         DecodeError {
             reason,
             detail: detail.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+/// What a codec does with an item no metric is mapped to: a SenML name, a FHIR code, an Open
+/// mHealth schema.
+pub enum UnknownNames {
+    /// Such an item refuses the whole message (dead letter).
+    #[default]
+    Reject,
+    /// Such items are skipped; the message's other items are kept.
+    Ignore,
+}
+
+impl UnknownNames {
+    /// `Ok` to skip the item; under `Reject`, the error that refuses the message (its detail
+    /// built only then).
+    pub fn skip(self, detail: impl FnOnce() -> String) -> Result<(), DecodeError> {
+        match self {
+            UnknownNames::Ignore => Ok(()),
+            UnknownNames::Reject => Err(DecodeError::new(Reason::UnknownName, detail())),
         }
     }
 }

@@ -21,9 +21,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::senml::UnknownNames;
 use super::time::rfc3339_micros;
-use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
+use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason, UnknownNames};
 use crate::reading::Metric;
 
 /// `[route.omh]`
@@ -154,28 +153,17 @@ impl OmhCodec {
                         (s, body)
                     }
                     None => {
-                        return match self.unknown {
-                            UnknownNames::Ignore => Ok(0),
-                            UnknownNames::Reject => Err(err(
-                                at,
-                                Reason::UnknownName,
-                                "schema is not one of omh heart-rate, blood-pressure, body-temperature, oxygen-saturation, respiratory-rate",
-                            )),
-                        }
+                        self.unknown.skip(|| format!("{at}schema is not one of omh heart-rate, blood-pressure, body-temperature, oxygen-saturation, respiratory-rate"))?;
+                        return Ok(0);
                     }
                 }
             }
             (None, None) => match SCHEMAS.iter().find(|(_, f)| point.get(f[0].0).is_some()) {
                 Some(s) => (s, point),
                 None => {
-                    return match self.unknown {
-                        UnknownNames::Ignore => Ok(0),
-                        UnknownNames::Reject => Err(err(
-                            at,
-                            Reason::UnknownName,
-                            "not a body of a schema this codec reads",
-                        )),
-                    }
+                    self.unknown
+                        .skip(|| format!("{at}not a body of a schema this codec reads"))?;
+                    return Ok(0);
                 }
             },
             _ => {

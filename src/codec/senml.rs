@@ -28,23 +28,13 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
+use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason, UnknownNames};
 use crate::reading::{flags, Metric};
 
 /// The SenML version this codec understands (RFC 8428).
 pub const SENML_VERSION: i64 = 10;
 /// Resolved times below this are relative to the receive time (RFC 8428 4.5.3).
 const RELATIVE_TIME_LIMIT: f64 = 268_435_456.0;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnknownNames {
-    /// A record whose name maps to no metric refuses the whole pack (dead letter).
-    #[default]
-    Reject,
-    /// Such records are skipped; the pack's other records are kept.
-    Ignore,
-}
 
 /// `[route.senml]`
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -585,15 +575,9 @@ impl Codec for SenmlCodec {
         let mut pushed = 0;
         for (i, r) in resolved.iter().enumerate() {
             let Some(metric) = self.metric_for(&r.name) else {
-                match self.unknown {
-                    UnknownNames::Ignore => continue,
-                    UnknownNames::Reject => {
-                        return Err(DecodeError::new(
-                            Reason::UnknownName,
-                            format!("record {i}: name `{}` maps to no metric", r.name),
-                        ))
-                    }
-                }
+                self.unknown
+                    .skip(|| format!("record {i}: name `{}` maps to no metric", r.name))?;
+                continue;
             };
             let value = match &r.value {
                 ResolvedValue::Number(v) | ResolvedValue::Sum(v) => RawValue::Number(*v, &r.unit),

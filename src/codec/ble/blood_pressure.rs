@@ -53,11 +53,9 @@ pub fn decode<'o>(
         .flatten();
     let pulse = f.when(bits & PULSE_PRESENT != 0, |f| f.sfloat("pulse rate"))?;
     let user = f.when(bits & USER_PRESENT != 0, |f| f.u8("user id"))?;
-    let (all, pulse_flags) = if bits & STATUS_PRESENT != 0 {
-        status_flags(f.u16("measurement status")?)
-    } else {
-        (0, 0)
-    };
+    let (all, pulse_flags) = f
+        .when(bits & STATUS_PRESENT != 0, |f| f.u16("measurement status"))?
+        .map_or((0, 0), status_flags);
     f.finish()?;
     let ts = ts.or(cx.gateway_ts);
     out.subject = user.and_then(|u| cx.user_subject(u));

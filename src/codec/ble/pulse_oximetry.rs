@@ -53,14 +53,11 @@ fn statuses(
     status_bit: u8,
     device_bit: u8,
 ) -> Result<u16, DecodeError> {
-    let mut q = 0;
-    if bits & status_bit != 0 {
-        q |= measurement_status_flags(f.u16("measurement status")?);
-    }
-    if bits & device_bit != 0 {
-        q |= device_status_flags(f.u24("device and sensor status")?);
-    }
-    Ok(q)
+    let measurement = f.when(bits & status_bit != 0, |f| f.u16("measurement status"))?;
+    let device = f.when(bits & device_bit != 0, |f| {
+        f.u24("device and sensor status")
+    })?;
+    Ok(measurement.map_or(0, measurement_status_flags) | device.map_or(0, device_status_flags))
 }
 
 /// The pulse amplitude index, in %, and the quality flags of the readings around it.
