@@ -6,8 +6,8 @@
 //! - `raw/aes_gcm`: AES-256-GCM of the same number of bytes as the batch's IPC stream.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use iomt_edge::batch::{BatchBuilder, Columns, Row};
-use iomt_edge::reading::Metric;
+use iomt_edge::model::batch::{BatchBuilder, Columns, Row};
+use iomt_edge::model::reading::Metric;
 use iomt_edge::seal::crypt::MasterKey;
 use iomt_edge::seal::{leaf, merkle, to_ipc, Sealer};
 
@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
     let batch = columns().into_record_batch().unwrap();
     let ipc = to_ipc(&batch).unwrap();
     let leaf_len = {
-        let view = iomt_edge::batch::BatchView::new(&batch).unwrap();
+        let view = iomt_edge::model::batch::BatchView::new(&batch).unwrap();
         let mut v = Vec::new();
         leaf::encode(&view.row(0), &mut v);
         v.len()

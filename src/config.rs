@@ -12,14 +12,14 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::alarm::Priority;
+pub use crate::alarm::RuleConfig;
 use crate::codec::ble::BleOptions;
 use crate::codec::csv::CsvOptions;
 use crate::codec::fhir::FhirOptions;
 use crate::codec::json::JsonMapping;
 use crate::codec::omh::OmhOptions;
 use crate::codec::senml::SenmlOptions;
-use crate::reading::Metric;
+pub use crate::codec::CodecName;
 
 /// The pipeline the binary runs when no `--pipeline` is given.
 pub const DEFAULT_PIPELINE: &str = include_str!("../pipelines/ward.toml");
@@ -217,98 +217,6 @@ impl Default for BatchConfig {
     }
 }
 
-/// The device formats a route can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-pub enum CodecName {
-    #[serde(rename = "json")]
-    #[value(name = "json")]
-    Json,
-    #[serde(rename = "senml-json")]
-    #[value(name = "senml-json")]
-    SenmlJson,
-    #[serde(rename = "senml-cbor")]
-    #[value(name = "senml-cbor")]
-    SenmlCbor,
-    #[serde(rename = "ble-gatt")]
-    #[value(name = "ble-gatt")]
-    BleGatt,
-    #[serde(rename = "ble-2a37")]
-    #[value(name = "ble-2a37")]
-    Ble2a37,
-    #[serde(rename = "ble-2a1c")]
-    #[value(name = "ble-2a1c")]
-    Ble2a1c,
-    #[serde(rename = "ble-2a35")]
-    #[value(name = "ble-2a35")]
-    Ble2a35,
-    #[serde(rename = "ble-2a5e")]
-    #[value(name = "ble-2a5e")]
-    Ble2a5e,
-    #[serde(rename = "ble-2a5f")]
-    #[value(name = "ble-2a5f")]
-    Ble2a5f,
-    #[serde(rename = "fhir")]
-    #[value(name = "fhir")]
-    Fhir,
-    #[serde(rename = "omh")]
-    #[value(name = "omh")]
-    Omh,
-    #[serde(rename = "csv")]
-    #[value(name = "csv")]
-    Csv,
-}
-
-impl CodecName {
-    pub const ALL: [CodecName; 12] = [
-        CodecName::Json,
-        CodecName::SenmlJson,
-        CodecName::SenmlCbor,
-        CodecName::BleGatt,
-        CodecName::Ble2a37,
-        CodecName::Ble2a1c,
-        CodecName::Ble2a35,
-        CodecName::Ble2a5e,
-        CodecName::Ble2a5f,
-        CodecName::Fhir,
-        CodecName::Omh,
-        CodecName::Csv,
-    ];
-
-    /// The `[route.<table>]` of options this codec reads.
-    pub fn options_table(self) -> &'static str {
-        match self {
-            CodecName::Json => "json",
-            CodecName::SenmlJson | CodecName::SenmlCbor => "senml",
-            CodecName::BleGatt
-            | CodecName::Ble2a37
-            | CodecName::Ble2a1c
-            | CodecName::Ble2a35
-            | CodecName::Ble2a5e
-            | CodecName::Ble2a5f => "ble",
-            CodecName::Fhir => "fhir",
-            CodecName::Omh => "omh",
-            CodecName::Csv => "csv",
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CodecName::Json => "json",
-            CodecName::SenmlJson => "senml-json",
-            CodecName::SenmlCbor => "senml-cbor",
-            CodecName::BleGatt => "ble-gatt",
-            CodecName::Ble2a37 => "ble-2a37",
-            CodecName::Ble2a1c => "ble-2a1c",
-            CodecName::Ble2a35 => "ble-2a35",
-            CodecName::Ble2a5e => "ble-2a5e",
-            CodecName::Ble2a5f => "ble-2a5f",
-            CodecName::Fhir => "fhir",
-            CodecName::Omh => "omh",
-            CodecName::Csv => "csv",
-        }
-    }
-}
-
 /// `[[route]]`: a topic filter and the format of what is published there.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -345,25 +253,21 @@ impl RouteConfig {
     fn default_source() -> String {
         "{topic}".to_owned()
     }
-}
 
-/// `[[rule]]`: a threshold alarm.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    pub name: Spanned<String>,
-    pub metric: Metric,
-    #[serde(default)]
-    pub above: Option<f64>,
-    #[serde(default)]
-    pub below: Option<f64>,
-    /// The condition must hold this long (device time) before the alarm is raised.
-    #[serde(default, rename = "for", with = "humantime_serde")]
-    pub for_: Duration,
-    /// The value must come back this far past the threshold before the alarm clears.
-    #[serde(default)]
-    pub hysteresis: f64,
-    pub priority: Priority,
+    /// This route's codec, built with its options table.
+    pub fn build_codec(&self) -> Result<std::sync::Arc<dyn crate::codec::Codec>, String> {
+        crate::codec::build(
+            self.codec,
+            &crate::codec::CodecOptions {
+                json: self.json.as_ref(),
+                senml: self.senml.as_ref(),
+                ble: self.ble.as_ref(),
+                fhir: self.fhir.as_ref(),
+                omh: self.omh.as_ref(),
+                csv: self.csv.as_ref(),
+            },
+        )
+    }
 }
 
 impl PipelineConfig {
@@ -435,15 +339,16 @@ impl PipelineConfig {
         for (i, r) in self.routes.iter().enumerate() {
             let span = r.topic.span();
             let key = |k: &str| format!("route[{i}].{k}");
-            crate::ingest::TopicFilter::parse(r.topic.get_ref())
+            crate::topic::TopicFilter::parse(r.topic.get_ref())
                 .map_err(|m| invalid(span.clone(), key("topic"), m))?;
             for (k, t) in [("source", Some(&r.source)), ("subject", r.subject.as_ref())] {
                 if let Some(t) = t {
-                    crate::ingest::Template::parse(t)
+                    crate::topic::Template::parse(t)
                         .map_err(|m| invalid(span.clone(), key(k), m))?;
                 }
             }
-            crate::codec::build(r).map_err(|m| invalid(span.clone(), key("codec"), m))?;
+            r.build_codec()
+                .map_err(|m| invalid(span.clone(), key("codec"), m))?;
         }
         let mut names = HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
@@ -474,7 +379,7 @@ impl PipelineConfig {
                     ))
                 }
             }
-            if r.metric.info().kind != crate::reading::ValueKind::Numeric {
+            if r.metric.info().kind != crate::model::reading::ValueKind::Numeric {
                 return Err(invalid(
                     span,
                     key("metric"),

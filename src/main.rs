@@ -8,9 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use iomt_edge::batch::BatchView;
 use iomt_edge::config::{CodecName, PipelineConfig};
 use iomt_edge::decode::{self, DecodeCommandError, DecodeRequest, InputEncoding};
+use iomt_edge::model::batch::BatchView;
 use iomt_edge::replay::{self, Speed};
 use iomt_edge::seal::keys::NodeKeys;
 use iomt_edge::seal::Sealer;

@@ -13,18 +13,22 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::alarm::AlarmEngine;
-use crate::broker::{BrokerError, EmbeddedBroker};
-use crate::commit::{Acker, Commit, CommitError, CommitSummary};
 use crate::config::PipelineConfig;
-use crate::http::{self, Health};
-use crate::ingest::external::ExternalBroker;
-use crate::ingest::link::LinkInput;
-use crate::ingest::{Ingest, IngestSummary, Input, PendingBatch, Route, RouteTable};
-use crate::metrics::Metrics;
-use crate::output::{self, ClientPublisher, LinkPublisher, Publisher};
+use crate::model::metrics::Metrics;
+use crate::pipeline::commit::{Commit, CommitError, CommitSummary};
+use crate::pipeline::ingest::{Ingest, IngestSummary, PendingBatch, Route, RouteTable};
+use crate::pipeline::output;
+use crate::pipeline::Input;
+use crate::pipeline::{Acker, Publisher};
 use crate::seal::keys::{KeyError, NodeKeys};
 use crate::seal::Sealer;
 use crate::store::{SledStore, Store, StoreError};
+use crate::transport::embedded::LinkPublisher;
+use crate::transport::embedded::{BrokerError, EmbeddedBroker};
+use crate::transport::external::ClientPublisher;
+use crate::transport::external::ExternalBroker;
+use crate::transport::http::{self, Health};
+use crate::transport::link::LinkInput;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {

@@ -8,7 +8,7 @@ mod common;
 
 use common::formats::*;
 use iomt_edge::codec::{decode_to_readings, Codec, DecodeError, Message};
-use iomt_edge::reading::Reading;
+use iomt_edge::model::reading::Reading;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -12,7 +12,7 @@ use std::process::Command;
 use common::formats::*;
 use common::*;
 use iomt_edge::codec::{decode_to_readings, Message};
-use iomt_edge::reading::Reading;
+use iomt_edge::model::reading::Reading;
 use serde_json::Value;
 
 fn matches(r: &Reading, metric: &str, want: &Value) -> bool {

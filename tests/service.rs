@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use iomt_edge::reading::{flags, Metric};
+use iomt_edge::model::reading::{flags, Metric};
 
 const T0: i64 = 1_700_000_000;
 
@@ -36,7 +36,7 @@ async fn stored_batches_decrypt_to_exactly_the_published_readings() {
     // Seqs are unique and strictly increasing in storage order.
     assert!(stored.windows(2).all(|w| w[0].seq < w[1].seq));
 
-    let key = |r: &iomt_edge::reading::Reading| {
+    let key = |r: &iomt_edge::model::reading::Reading| {
         (
             r.ts,
             r.source.clone(),

@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 
 use iomt_edge::codec::{decode_to_readings, Message};
 use iomt_edge::config::PipelineConfig;
-use iomt_edge::ingest::Route;
-use iomt_edge::reading::ValueKind;
+use iomt_edge::pipeline::ingest::Route;
+use iomt_edge::model::reading::ValueKind;
 
 fn routes() -> &'static [Route] {
     static ROUTES: OnceLock<Vec<Route>> = OnceLock::new();

@@ -9,9 +9,11 @@ pub mod threshold;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::RowRef;
-use crate::config::RuleConfig;
-use crate::reading::{flags, Metric};
+use crate::model::batch::RowRef;
+use std::time::Duration;
+
+use crate::model::reading::{flags, Metric};
+use toml::Spanned;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -29,6 +31,25 @@ impl Priority {
             Priority::Low => "low",
         }
     }
+}
+
+/// `[[rule]]`: a threshold alarm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: Spanned<String>,
+    pub metric: Metric,
+    #[serde(default)]
+    pub above: Option<f64>,
+    #[serde(default)]
+    pub below: Option<f64>,
+    /// The condition must hold this long (device time) before the alarm is raised.
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    pub for_: Duration,
+    /// The value must come back this far past the threshold before the alarm clears.
+    #[serde(default)]
+    pub hysteresis: f64,
+    pub priority: Priority,
 }
 
 /// A change of an alarm's state.

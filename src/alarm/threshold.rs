@@ -3,10 +3,9 @@
 
 use std::collections::HashMap;
 
-use super::{AlarmEvent, Priority, Rule};
-use crate::batch::RowRef;
-use crate::config::RuleConfig;
-use crate::reading::Metric;
+use super::{AlarmEvent, Priority, Rule, RuleConfig};
+use crate::model::batch::RowRef;
+use crate::model::reading::Metric;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct SubjectState {
@@ -120,12 +119,15 @@ impl Rule for ThresholdRule {
 mod tests {
     use super::*;
     use crate::alarm::AlarmEngine;
-    use crate::config::PipelineConfig;
-    use crate::reading::flags;
+    use crate::model::reading::flags;
 
     fn engine(rule: &str) -> AlarmEngine {
-        let c = PipelineConfig::parse(rule, "t.toml").unwrap();
-        AlarmEngine::from_config(&c.rules)
+        #[derive(serde::Deserialize)]
+        struct Rules {
+            rule: Vec<RuleConfig>,
+        }
+        let c: Rules = toml::from_str(rule).unwrap();
+        AlarmEngine::from_config(&c.rule)
     }
 
     fn reading(seq: u64, ts_s: i64, value: f64) -> RowRef<'static> {

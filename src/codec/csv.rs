@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 use super::time::{parse_utc_offset, pattern_micros, rfc3339_micros, unix_micros, TsFormat};
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
-use crate::reading::{Metric, ValueKind};
+use crate::model::reading::{Metric, ValueKind};
 
 /// `[route.csv.readings.<column>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -100,7 +100,8 @@ impl CsvOptions {
         for (column, r) in &self.readings {
             let unit = r.unit.clone().unwrap_or_default();
             if r.metric.info().kind == ValueKind::Numeric {
-                crate::units::to_canonical(r.metric, &unit, 0.0).map_err(|e| e.to_string())?;
+                crate::model::units::to_canonical(r.metric, &unit, 0.0)
+                    .map_err(|e| e.to_string())?;
             }
             readings.push((index(column, "reading")?, column.clone(), r.metric, unit));
         }
@@ -298,7 +299,7 @@ mod tests {
     use super::*;
     use crate::codec::decode_to_readings;
     use crate::codec::test_util::{msg, RECEIVED};
-    use crate::reading::flags;
+    use crate::model::reading::flags;
 
     const OPTS: &str = r#"
 columns = ["time", "bed", "hr", "spo2", "temp"]

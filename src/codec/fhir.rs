@@ -29,7 +29,7 @@ use serde_json::value::RawValue as RawJson;
 
 use super::time::rfc3339_micros;
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason, UnknownNames};
-use crate::reading::{flags, Metric};
+use crate::model::reading::{flags, Metric};
 
 pub const LOINC: &str = "http://loinc.org";
 pub const UCUM: &str = "http://unitsofmeasure.org";

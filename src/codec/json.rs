@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::time::{json_time, TsFormat};
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
-use crate::reading::Metric;
+use crate::model::reading::Metric;
 
 /// `[route.json]`
 #[derive(Debug, Clone, Deserialize)]
@@ -105,7 +105,7 @@ impl JsonMapping {
                 check_pointer(p, "unit_at")?;
             }
             if let (Some(m), Some(u)) = (f.metric, &f.unit) {
-                crate::units::to_canonical(m, u, 0.0).map_err(|e| e.to_string())?;
+                crate::model::units::to_canonical(m, u, 0.0).map_err(|e| e.to_string())?;
             }
         }
         Ok(JsonCodec {
@@ -267,7 +267,7 @@ mod tests {
     use super::*;
     use crate::codec::decode_to_readings;
     use crate::codec::test_util::{msg, RECEIVED};
-    use crate::reading::flags;
+    use crate::model::reading::flags;
 
     fn codec(toml_text: &str) -> JsonCodec {
         let m: JsonMapping = toml::from_str(toml_text).unwrap();

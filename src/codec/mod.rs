@@ -16,70 +16,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::batch::{BatchBuilder, Row};
-use crate::config::{CodecName, RouteConfig};
-use crate::reading::{flags, Metric, ValueKind};
-use crate::units;
-
-/// Why a payload could not be decoded: a small fixed set, so it can label a metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// Not valid JSON/CBOR/… at all.
-    Syntax,
-    /// Valid syntax, but not the structure the format requires.
-    Structure,
-    /// The payload ends before a field its own flags announce.
-    Truncated,
-    MissingField,
-    BadType,
-    BadValue,
-    BadUnit,
-    BadTime,
-    UnknownName,
-    Version,
-    /// The source itself withdrew the record (FHIR status entered-in-error or cancelled).
-    Status,
-    Empty,
-    Oversized,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Syntax => "syntax",
-            Reason::Structure => "structure",
-            Reason::Truncated => "truncated",
-            Reason::MissingField => "missing_field",
-            Reason::BadType => "bad_type",
-            Reason::BadValue => "bad_value",
-            Reason::BadUnit => "bad_unit",
-            Reason::BadTime => "bad_time",
-            Reason::UnknownName => "unknown_name",
-            Reason::Version => "version",
-            Reason::Status => "status",
-            Reason::Empty => "empty",
-            Reason::Oversized => "oversized",
-        }
-    }
-}
-
-/// A payload that cannot be decoded. `detail` names fields and positions, never values, so it
-/// is safe to log and to publish on the dead-letter topic.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {detail}", reason.as_str())]
-pub struct DecodeError {
-    pub reason: Reason,
-    pub detail: String,
-}
-
-impl DecodeError {
-    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
-        DecodeError {
-            reason,
-            detail: detail.into(),
-        }
-    }
-}
+use crate::model::batch::{BatchBuilder, Row};
+pub use crate::model::decode_error::{DecodeError, Reason};
+use crate::model::reading::{flags, Metric, ValueKind};
+use crate::model::units;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -216,6 +156,109 @@ impl<'b> ReadingSink<'b> {
     }
 }
 
+/// The device formats a route can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum CodecName {
+    #[serde(rename = "json")]
+    #[value(name = "json")]
+    Json,
+    #[serde(rename = "senml-json")]
+    #[value(name = "senml-json")]
+    SenmlJson,
+    #[serde(rename = "senml-cbor")]
+    #[value(name = "senml-cbor")]
+    SenmlCbor,
+    #[serde(rename = "ble-gatt")]
+    #[value(name = "ble-gatt")]
+    BleGatt,
+    #[serde(rename = "ble-2a37")]
+    #[value(name = "ble-2a37")]
+    Ble2a37,
+    #[serde(rename = "ble-2a1c")]
+    #[value(name = "ble-2a1c")]
+    Ble2a1c,
+    #[serde(rename = "ble-2a35")]
+    #[value(name = "ble-2a35")]
+    Ble2a35,
+    #[serde(rename = "ble-2a5e")]
+    #[value(name = "ble-2a5e")]
+    Ble2a5e,
+    #[serde(rename = "ble-2a5f")]
+    #[value(name = "ble-2a5f")]
+    Ble2a5f,
+    #[serde(rename = "fhir")]
+    #[value(name = "fhir")]
+    Fhir,
+    #[serde(rename = "omh")]
+    #[value(name = "omh")]
+    Omh,
+    #[serde(rename = "csv")]
+    #[value(name = "csv")]
+    Csv,
+}
+
+impl CodecName {
+    pub const ALL: [CodecName; 12] = [
+        CodecName::Json,
+        CodecName::SenmlJson,
+        CodecName::SenmlCbor,
+        CodecName::BleGatt,
+        CodecName::Ble2a37,
+        CodecName::Ble2a1c,
+        CodecName::Ble2a35,
+        CodecName::Ble2a5e,
+        CodecName::Ble2a5f,
+        CodecName::Fhir,
+        CodecName::Omh,
+        CodecName::Csv,
+    ];
+
+    /// The `[route.<table>]` of options this codec reads.
+    pub fn options_table(self) -> &'static str {
+        match self {
+            CodecName::Json => "json",
+            CodecName::SenmlJson | CodecName::SenmlCbor => "senml",
+            CodecName::BleGatt
+            | CodecName::Ble2a37
+            | CodecName::Ble2a1c
+            | CodecName::Ble2a35
+            | CodecName::Ble2a5e
+            | CodecName::Ble2a5f => "ble",
+            CodecName::Fhir => "fhir",
+            CodecName::Omh => "omh",
+            CodecName::Csv => "csv",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodecName::Json => "json",
+            CodecName::SenmlJson => "senml-json",
+            CodecName::SenmlCbor => "senml-cbor",
+            CodecName::BleGatt => "ble-gatt",
+            CodecName::Ble2a37 => "ble-2a37",
+            CodecName::Ble2a1c => "ble-2a1c",
+            CodecName::Ble2a35 => "ble-2a35",
+            CodecName::Ble2a5e => "ble-2a5e",
+            CodecName::Ble2a5f => "ble-2a5f",
+            CodecName::Fhir => "fhir",
+            CodecName::Omh => "omh",
+            CodecName::Csv => "csv",
+        }
+    }
+}
+
+/// The options tables of a `[[route]]`, as the pipeline file gives them: each codec reads one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CodecOptions<'a> {
+    pub json: Option<&'a json::JsonMapping>,
+    pub senml: Option<&'a senml::SenmlOptions>,
+    pub ble: Option<&'a ble::BleOptions>,
+    pub fhir: Option<&'a fhir::FhirOptions>,
+    pub omh: Option<&'a omh::OmhOptions>,
+    pub csv: Option<&'a csv::CsvOptions>,
+}
+
 /// A device format.
 pub trait Codec: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
@@ -224,9 +267,8 @@ pub trait Codec: Send + Sync + std::fmt::Debug {
 }
 
 /// Builds the codec a route names, with its options. The error says what is missing or wrong.
-pub fn build(route: &RouteConfig) -> Result<Arc<dyn Codec>, String> {
+pub fn build(name: CodecName, route: &CodecOptions<'_>) -> Result<Arc<dyn Codec>, String> {
     use ble::Characteristic as C;
-    let name = route.codec;
     // An options table another codec reads is a mistake in the pipeline file (a codec changed
     // and its mapping left behind), not something to ignore.
     let tables = [
@@ -246,21 +288,20 @@ pub fn build(route: &RouteConfig) -> Result<Arc<dyn Codec>, String> {
         }
     }
     let ble = |c: Option<C>| -> Result<Arc<dyn Codec>, String> {
-        Ok(Arc::new(route.ble.clone().unwrap_or_default().build(c)?))
+        Ok(Arc::new(route.ble.cloned().unwrap_or_default().build(c)?))
     };
     match name {
         CodecName::Json => {
             let mapping = route
                 .json
-                .as_ref()
                 .ok_or("codec `json` needs a [route.json] mapping")?;
             Ok(Arc::new(mapping.build()?))
         }
         CodecName::SenmlJson => Ok(Arc::new(
-            route.senml.clone().unwrap_or_default().build_json()?,
+            route.senml.cloned().unwrap_or_default().build_json()?,
         )),
         CodecName::SenmlCbor => Ok(Arc::new(
-            route.senml.clone().unwrap_or_default().build_cbor()?,
+            route.senml.cloned().unwrap_or_default().build_cbor()?,
         )),
         CodecName::BleGatt => ble(None),
         CodecName::Ble2a37 => ble(Some(C::HeartRate)),
@@ -268,12 +309,11 @@ pub fn build(route: &RouteConfig) -> Result<Arc<dyn Codec>, String> {
         CodecName::Ble2a35 => ble(Some(C::BloodPressure)),
         CodecName::Ble2a5e => ble(Some(C::PlxSpotCheck)),
         CodecName::Ble2a5f => ble(Some(C::PlxContinuous)),
-        CodecName::Fhir => Ok(Arc::new(route.fhir.clone().unwrap_or_default().build()?)),
-        CodecName::Omh => Ok(Arc::new(route.omh.clone().unwrap_or_default().build()?)),
+        CodecName::Fhir => Ok(Arc::new(route.fhir.cloned().unwrap_or_default().build()?)),
+        CodecName::Omh => Ok(Arc::new(route.omh.cloned().unwrap_or_default().build()?)),
         CodecName::Csv => {
             let columns = route
                 .csv
-                .as_ref()
                 .ok_or("codec `csv` needs [route.csv] naming the columns")?;
             Ok(Arc::new(columns.build()?))
         }
@@ -313,14 +353,14 @@ pub fn json_error(e: &serde_json::Error) -> DecodeError {
 pub fn decode_to_readings(
     codec: &dyn Codec,
     msg: &Message<'_>,
-) -> Result<Vec<crate::reading::Reading>, DecodeError> {
+) -> Result<Vec<crate::model::reading::Reading>, DecodeError> {
     let mut builder = BatchBuilder::new(0, 16);
     codec.decode(msg, &mut ReadingSink::new(&mut builder, msg))?;
     let batch = builder
         .take()
         .into_record_batch()
         .map_err(|e| DecodeError::new(Reason::Structure, e.to_string()))?;
-    crate::batch::BatchView::new(&batch)
+    crate::model::batch::BatchView::new(&batch)
         .and_then(|v| v.readings())
         .map_err(|e| DecodeError::new(Reason::Structure, e.to_string()))
 }

@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::time::rfc3339_micros;
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason, UnknownNames};
-use crate::reading::Metric;
+use crate::model::reading::Metric;
 
 /// `[route.omh]`
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -266,7 +266,7 @@ mod tests {
         OmhOptions::default().build().unwrap()
     }
 
-    fn decode(p: &str) -> Result<Vec<crate::reading::Reading>, DecodeError> {
+    fn decode(p: &str) -> Result<Vec<crate::model::reading::Reading>, DecodeError> {
         decode_to_readings(&codec(), &msg(p.as_bytes()))
     }
 

@@ -29,7 +29,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason, UnknownNames};
-use crate::reading::{flags, Metric};
+use crate::model::reading::{flags, Metric};
 
 /// The SenML version this codec understands (RFC 8428).
 pub const SENML_VERSION: i64 = 10;

@@ -85,8 +85,8 @@ pub fn checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::{BatchBuilder, Row};
-    use crate::reading::Metric;
+    use crate::model::batch::{BatchBuilder, Row};
+    use crate::model::reading::Metric;
     use crate::seal::checkpoint::NoteVerifier;
     use crate::seal::crypt::MasterKey;
     use crate::seal::Sealer;

@@ -25,7 +25,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::ArrowError;
 
 use super::merkle::{leaf_hash, Hash};
-use crate::batch::{BatchView, ReadingRef};
+use crate::model::batch::{BatchView, ReadingRef};
 
 pub const ENCODING_VERSION: u8 = 1;
 

@@ -14,8 +14,8 @@ use arrow_ipc::writer::StreamWriter;
 use arrow_schema::ArrowError;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::Columns;
-use crate::reading::schema;
+use crate::model::batch::Columns;
+use crate::model::reading::schema;
 use crypt::{CryptError, Envelope, MasterKey};
 use merkle::Hash;
 
@@ -119,7 +119,7 @@ impl Sealer {
             received_min,
             received_max,
             root: merkle::to_hex(&root),
-            sealed_at: crate::reading::now_micros(),
+            sealed_at: crate::model::reading::now_micros(),
             leaf_encoding: leaf::ENCODING_VERSION,
         };
         let ipc = to_ipc(&batch)?;
@@ -169,8 +169,8 @@ pub fn from_ipc(bytes: &[u8]) -> Result<Option<RecordBatch>, ArrowError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::{BatchBuilder, BatchView, Row};
-    use crate::reading::Metric;
+    use crate::model::batch::{BatchBuilder, BatchView, Row};
+    use crate::model::reading::Metric;
 
     fn columns() -> Columns {
         let mut b = BatchBuilder::new(100, 8);

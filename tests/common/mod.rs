@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use iomt_edge::batch::BatchView;
-use iomt_edge::reading::Reading;
+use iomt_edge::model::batch::BatchView;
+use iomt_edge::model::reading::Reading;
 use iomt_edge::seal::keys::NodeKeys;
 use iomt_edge::seal::Sealer;
 use iomt_edge::store::{SledStore, Store};

@@ -3,7 +3,7 @@
 use super::ieee11073::Fields;
 use super::{Context, MeasurementSink};
 use crate::codec::DecodeError;
-use crate::reading::{flags, Metric};
+use crate::model::reading::{flags, Metric};
 
 const KPA: u8 = 1 << 0;
 const TIME_PRESENT: u8 = 1 << 1;

@@ -3,7 +3,7 @@
 use super::ieee11073::Fields;
 use super::{Context, MeasurementSink};
 use crate::codec::DecodeError;
-use crate::reading::{flags, Metric};
+use crate::model::reading::{flags, Metric};
 
 const HR_UINT16: u8 = 1 << 0;
 /// Bits 1-2: 0b10 = contact supported but not detected; 0b11 = detected; 0b0x = not supported.

@@ -41,8 +41,8 @@ use self::ieee11073::MedFloat;
 use super::encoding::{base64_to_bytes, hex_to_bytes};
 use super::time::{json_time, parse_utc_offset, TsFormat};
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason};
-use crate::ingest::Template;
-use crate::reading::Metric;
+use crate::model::reading::Metric;
+use crate::topic::Template;
 
 /// The longest attribute value ATT allows (Core 5.x, Vol 3, Part F, 3.2.9).
 pub const MAX_ATTRIBUTE: usize = 512;

@@ -4,7 +4,7 @@
 use super::ieee11073::{Fields, MedFloat};
 use super::{Context, MeasurementSink};
 use crate::codec::DecodeError;
-use crate::reading::{flags, Metric};
+use crate::model::reading::{flags, Metric};
 
 /// Measurement Status (16 bit) → quality flags.
 pub fn measurement_status_flags(status: u16) -> u16 {

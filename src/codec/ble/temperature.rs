@@ -3,7 +3,7 @@
 use super::ieee11073::Fields;
 use super::{Context, MeasurementSink};
 use crate::codec::DecodeError;
-use crate::reading::Metric;
+use crate::model::reading::Metric;
 
 const FAHRENHEIT: u8 = 1 << 0;
 const TIME_PRESENT: u8 = 1 << 1;

@@ -4,7 +4,7 @@ use super::pulse_oximetry::{device_status_flags, measurement_status_flags};
 use super::*;
 use crate::codec::decode_to_readings;
 use crate::codec::test_util::{msg, RECEIVED};
-use crate::reading::{flags, Reading};
+use crate::model::reading::{flags, Reading};
 
 fn vectors() -> Value {
     serde_json::from_str(include_str!(concat!(

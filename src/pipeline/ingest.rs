@@ -6,10 +6,6 @@
 //! It runs on its own thread: rumqttd's link blocks on bounded channels, which must stay off
 //! tokio's workers, and a plain loop is the fastest way through ~10^5 messages a second.
 
-pub mod external;
-pub mod link;
-pub mod routes;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,46 +13,25 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+pub use super::routes::{Route, RouteTable};
+use super::{AckToken, Incoming, Input};
 use crate::alarm::AlarmEngine;
-use crate::batch::{BatchBuilder, Columns};
 use crate::codec::{DecodeError, Message, ReadingSink, Reason};
 use crate::config::{BatchConfig, IngestConfig};
-use crate::events::{AlarmChanged, DecodeFailed, InternalEvent, PayloadOversized, TopicUnrouted};
-use crate::metrics::Metrics;
-use crate::output::{Outgoing, OutputHandle};
-use crate::reading::now_micros;
+use crate::model::batch::{BatchBuilder, Columns};
+use crate::model::events::{
+    AlarmChanged, DecodeFailed, InternalEvent, PayloadOversized, TopicUnrouted,
+};
+use crate::model::metrics::Metrics;
+use crate::model::reading::now_micros;
+use crate::pipeline::output::{Outgoing, OutputHandle};
 use crate::store::{Store, StoreError};
-pub use routes::{Route, RouteTable, Template, TopicFilter};
 
 /// Topics this service publishes on itself; ingest ignores them when they come back.
 pub const OWN_TOPIC_PREFIXES: &[&str] = &["alarms/", "edge/"];
 
 /// Seqs are reserved durably in blocks of this many, so a crash can never hand one out twice.
 const SEQ_BLOCK: u64 = 1 << 20;
-
-/// How a message is acknowledged to the broker it came from, once its readings are stored.
-pub type AckToken = rumqttc::Publish;
-
-/// One message from the broker.
-#[derive(Debug)]
-pub struct Incoming {
-    pub topic: Bytes,
-    pub payload: Bytes,
-    pub ack: Option<AckToken>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the input closed: {0}")]
-pub struct InputClosed(pub String);
-
-/// Where messages come from.
-pub trait Input: Send {
-    /// The next message, waiting until `deadline`; `Ok(None)` when none came in time.
-    fn recv(&mut self, deadline: Instant) -> Result<Option<Incoming>, InputClosed>;
-    /// Whether messages already acknowledged to publishers may still be queued inside the
-    /// input, so that shutdown must drain it (the embedded broker acknowledges on receipt).
-    fn drain_on_shutdown(&self) -> bool;
-}
 
 /// A batch on its way to the commit stage, with the acknowledgements it releases.
 #[derive(Debug)]
@@ -299,7 +274,14 @@ impl Ingest {
         for i in mark..self.builder.len() {
             let row = self.builder.columns().row(i);
             for event in self.alarms.observe(&row) {
-                AlarmChanged { event: &event }.emit(&self.metrics);
+                AlarmChanged {
+                    rule: &event.rule,
+                    subject: &event.subject,
+                    priority: event.priority.as_str(),
+                    active: event.active,
+                    seq: event.seq,
+                }
+                .emit(&self.metrics);
                 output.send(Outgoing::Alarm(event));
             }
         }

@@ -3,7 +3,7 @@
 //! One table serves every codec. A unit the table cannot convert is an error, never a silent
 //! pass-through: a temperature in °F stored as Cel would be a clinical error.
 
-use crate::reading::Metric;
+use crate::model::reading::Metric;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("unit `{unit}` cannot be converted to {canonical} for {metric}")]

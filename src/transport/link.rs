@@ -8,8 +8,8 @@ use std::time::Instant;
 use rumqttd::local::LinkError;
 use rumqttd::Notification;
 
-use super::{Incoming, Input, InputClosed};
-use crate::broker::{Link, INGEST_FILTER};
+use crate::pipeline::{Incoming, Input, InputClosed};
+use crate::transport::embedded::{Link, INGEST_FILTER};
 
 pub struct LinkInput {
     link: Link,

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS};
 use tracing::{info, warn};
 
-use super::{Incoming, Input, InputClosed};
 use crate::config::parse_mqtt_url;
+use crate::pipeline::{Acker, Incoming, Input, InputClosed, Publisher};
+use bytes::Bytes;
 
 /// Enough for every packet id MQTT has, so the connection thread can never block on ingest
 /// (it must keep draining the acknowledgements the commit stage sends).
@@ -119,5 +120,22 @@ impl Input for ExternalInput {
     fn drain_on_shutdown(&self) -> bool {
         // Unacknowledged messages stay with the broker, which resends them next session.
         false
+    }
+}
+
+/// Publishes through the external broker's client, at QoS 1.
+pub struct ClientPublisher(pub rumqttc::Client);
+
+impl Publisher for ClientPublisher {
+    fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String> {
+        self.0
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.to_vec())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Acker for rumqttc::Client {
+    fn ack(&mut self, token: &crate::pipeline::AckToken) -> Result<(), String> {
+        rumqttc::Client::ack(self, token).map_err(|e| e.to_string())
     }
 }

@@ -7,13 +7,12 @@ use std::thread::{self, JoinHandle};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
-use rumqttd::protocol::{Packet, Publish};
 use serde_json::json;
 use tracing::error;
 
+use super::Publisher;
 use crate::alarm::AlarmEvent;
-use crate::broker::Link;
-use crate::reading::format_ts;
+use crate::model::reading::format_ts;
 
 /// Something to publish.
 #[derive(Debug)]
@@ -106,65 +105,6 @@ pub fn encode(site: &str, o: &Outgoing) -> (String, Bytes, bool) {
                 false,
             )
         }
-    }
-}
-
-/// Where the output stage publishes.
-pub trait Publisher: Send {
-    fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String>;
-}
-
-/// Publishes through the embedded broker's in-process link. rumqttd takes only QoS 0 from local
-/// links but forwards every message at the QoS of each subscription, so a dashboard subscribed
-/// at QoS 1 receives alarms at QoS 1, with redelivery.
-pub struct LinkPublisher {
-    tx: rumqttd::local::LinkTx,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl LinkPublisher {
-    /// Takes the link; its receiving half is drained on a thread of its own (the router queues
-    /// notifications to every link and stops a link whose queue is never read).
-    pub fn new(link: Link) -> std::io::Result<Self> {
-        let Link { tx, mut rx } = link;
-        thread::Builder::new()
-            .name("output-acks".into())
-            .spawn(move || loop {
-                match rx.recv() {
-                    Ok(Some(rumqttd::Notification::Unschedule)) => {
-                        if rx.ready().is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            })?;
-        // LinkTx publishes a retained message only through its async `send`, which never
-        // actually waits; a current-thread runtime on this stage's own thread drives it.
-        let runtime = tokio::runtime::Builder::new_current_thread().build()?;
-        Ok(LinkPublisher { tx, runtime })
-    }
-}
-
-impl Publisher for LinkPublisher {
-    fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String> {
-        let packet = Packet::Publish(Publish::new(Bytes::from(topic), payload, retain), None);
-        self.runtime
-            .block_on(self.tx.send(packet))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// Publishes through the external broker's client, at QoS 1.
-pub struct ClientPublisher(pub rumqttc::Client);
-
-impl Publisher for ClientPublisher {
-    fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String> {
-        self.0
-            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.to_vec())
-            .map_err(|e| e.to_string())
     }
 }
 

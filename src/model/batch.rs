@@ -15,7 +15,7 @@ use arrow_array::{
 use arrow_buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow_schema::ArrowError;
 
-use crate::reading::{schema, Metric, Reading, CATALOGUE};
+use crate::model::reading::{schema, Metric, Reading, CATALOGUE};
 
 /// One reading on its way into a batch, borrowed from the decoder's buffers.
 #[derive(Debug, Clone, Copy)]

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::alarm::AlarmEvent;
-use crate::codec::DecodeError;
-use crate::metrics::Metrics;
+use crate::model::decode_error::DecodeError;
+use crate::model::metrics::Metrics;
 
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -124,23 +123,38 @@ impl InternalEvent for BatchFailed<'_> {
 }
 
 pub struct AlarmChanged<'a> {
-    pub event: &'a AlarmEvent,
+    pub rule: &'a str,
+    /// Identifies a patient or bed: logged at debug level only.
+    pub subject: &'a str,
+    pub priority: &'static str,
+    pub active: bool,
+    /// The reading that changed the alarm's state.
+    pub seq: u64,
 }
 
 impl InternalEvent for AlarmChanged<'_> {
     fn emit(self, m: &Metrics) {
-        let e = self.event;
-        if e.active {
-            m.alarms_raised
-                .with_label_values(&[e.priority.as_str()])
-                .inc();
+        if self.active {
+            m.alarms_raised.with_label_values(&[self.priority]).inc();
             m.alarms_active.inc();
-            info!(rule = %e.rule, subject = %e.subject, priority = e.priority.as_str(), seq = e.seq, "alarm raised");
+            info!(
+                rule = self.rule,
+                priority = self.priority,
+                seq = self.seq,
+                "alarm raised"
+            );
         } else {
             m.alarms_cleared.inc();
             m.alarms_active.dec();
-            info!(rule = %e.rule, subject = %e.subject, seq = e.seq, "alarm cleared");
+            info!(rule = self.rule, seq = self.seq, "alarm cleared");
         }
+        debug!(
+            rule = self.rule,
+            subject = self.subject,
+            active = self.active,
+            seq = self.seq,
+            "alarm changed"
+        );
     }
 }
 

@@ -10,10 +10,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::events::{BatchFailed, BatchStored, InternalEvent};
-use crate::ingest::PendingBatch;
-use crate::metrics::Metrics;
-use crate::reading::now_micros;
+use super::Acker;
+use crate::model::events::{BatchFailed, BatchStored, InternalEvent};
+use crate::model::metrics::Metrics;
+use crate::model::reading::now_micros;
+use crate::pipeline::ingest::PendingBatch;
 use crate::seal::{SealError, Sealer};
 use crate::store::{Store, StoreError};
 
@@ -23,17 +24,6 @@ pub enum CommitError {
     Seal { id: u64, source: SealError },
     #[error("batch {id} could not be stored before shutdown: {source}")]
     Store { id: u64, source: StoreError },
-}
-
-/// Acknowledges messages to the broker they came from.
-pub trait Acker: Send {
-    fn ack(&mut self, token: &crate::ingest::AckToken) -> Result<(), String>;
-}
-
-impl Acker for rumqttc::Client {
-    fn ack(&mut self, token: &crate::ingest::AckToken) -> Result<(), String> {
-        rumqttc::Client::ack(self, token).map_err(|e| e.to_string())
-    }
 }
 
 pub struct Commit {

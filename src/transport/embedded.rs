@@ -23,8 +23,11 @@ use rumqttd::local::{LinkRx, LinkTx};
 use serde_json::json;
 
 use crate::config::BrokerConfig;
-use crate::events::{BrokerAlert, InternalEvent};
-use crate::metrics::Metrics;
+use crate::model::events::{BrokerAlert, InternalEvent};
+use crate::model::metrics::Metrics;
+use crate::pipeline::Publisher;
+use bytes::Bytes;
+use rumqttd::protocol::{Packet, Publish};
 
 /// The filter ingest subscribes to: every topic, so that unrouted topics can be counted and no
 /// message arrives twice through overlapping route filters.
@@ -207,4 +210,47 @@ pub fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
 pub struct Link {
     pub tx: LinkTx,
     pub rx: LinkRx,
+}
+
+/// Publishes through the embedded broker's in-process link. rumqttd takes only QoS 0 from local
+/// links but forwards every message at the QoS of each subscription, so a dashboard subscribed
+/// at QoS 1 receives alarms at QoS 1, with redelivery.
+pub struct LinkPublisher {
+    tx: rumqttd::local::LinkTx,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl LinkPublisher {
+    /// Takes the link; its receiving half is drained on a thread of its own (the router queues
+    /// notifications to every link and stops a link whose queue is never read).
+    pub fn new(link: Link) -> std::io::Result<Self> {
+        let Link { tx, mut rx } = link;
+        thread::Builder::new()
+            .name("output-acks".into())
+            .spawn(move || loop {
+                match rx.recv() {
+                    Ok(Some(rumqttd::Notification::Unschedule)) => {
+                        if rx.ready().is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            })?;
+        // LinkTx publishes a retained message only through its async `send`, which never
+        // actually waits; a current-thread runtime on this stage's own thread drives it.
+        let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+        Ok(LinkPublisher { tx, runtime })
+    }
+}
+
+impl Publisher for LinkPublisher {
+    fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String> {
+        let packet = Packet::Publish(Publish::new(Bytes::from(topic), payload, retain), None);
+        self.runtime
+            .block_on(self.tx.send(packet))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }

@@ -1,12 +1,5 @@
-//! Topic routes: MQTT topic filters, the `{n}` templates that name source and subject from topic
-//! levels, and the table that finds a message's route (with a cache, since devices publish on
-//! the same few topics over and over).
-
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use crate::codec::{self, Codec};
-use crate::config::RouteConfig;
+//! MQTT topics: filters (`+`, `#`), the `{n}` templates that name a reading's source and subject
+//! from topic levels, and the checks on topic names devices publish to.
 
 /// An MQTT topic filter (`+` one level, `#` the rest).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,84 +120,6 @@ impl Template {
             }
         }
         Some(out)
-    }
-}
-
-/// One compiled `[[route]]`.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub filter_text: String,
-    pub filter: TopicFilter,
-    pub codec: Arc<dyn Codec>,
-    pub source: Template,
-    pub subject: Option<Template>,
-}
-
-impl Route {
-    pub fn build(c: &RouteConfig) -> Result<Self, String> {
-        Ok(Route {
-            filter_text: c.topic.get_ref().clone(),
-            filter: TopicFilter::parse(c.topic.get_ref())?,
-            codec: codec::build(c)?,
-            source: Template::parse(&c.source)?,
-            subject: c.subject.as_deref().map(Template::parse).transpose()?,
-        })
-    }
-}
-
-/// What a topic resolves to: its route and the rendered names.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    pub route: usize,
-    pub source: Box<str>,
-    pub subject: Option<Box<str>>,
-}
-
-const CACHE_LIMIT: usize = 100_000;
-
-/// Routes in pipeline-file order: the first matching route wins.
-#[derive(Debug)]
-pub struct RouteTable {
-    routes: Vec<Route>,
-    cache: HashMap<Box<str>, Option<Resolved>>,
-}
-
-impl RouteTable {
-    pub fn new(routes: Vec<Route>) -> Self {
-        RouteTable {
-            routes,
-            cache: HashMap::new(),
-        }
-    }
-
-    pub fn routes(&self) -> &[Route] {
-        &self.routes
-    }
-
-    /// The route of a topic and its source/subject; `None` when no route matches or the topic
-    /// lacks a level the route's templates name.
-    pub fn resolve(&mut self, topic: &str) -> Option<(&Route, &Resolved)> {
-        if !self.cache.contains_key(topic) {
-            if self.cache.len() >= CACHE_LIMIT {
-                self.cache.clear();
-            }
-            let resolved = self.routes.iter().enumerate().find_map(|(i, r)| {
-                if !r.filter.matches(topic) {
-                    return None;
-                }
-                Some(Resolved {
-                    route: i,
-                    source: r.source.render(topic)?.into(),
-                    subject: match &r.subject {
-                        Some(t) => Some(t.render(topic)?.into()),
-                        None => None,
-                    },
-                })
-            });
-            self.cache.insert(topic.into(), resolved);
-        }
-        let resolved = self.cache.get(topic).and_then(Option::as_ref)?;
-        Some((&self.routes[resolved.route], resolved))
     }
 }
 

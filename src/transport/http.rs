@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::model::metrics::Metrics;
 
 /// What `/healthz` reports; each part sets its flag when it is up.
 #[derive(Debug, Default)]
