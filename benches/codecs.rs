@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use iomt_edge::codec::{Codec, Message, ReadingSink};
 use iomt_edge::config::{CodecName, PipelineConfig};
 use iomt_edge::model::batch::BatchBuilder;
-use iomt_edge::pipeline::ingest::RouteTable;
+use iomt_edge::pipeline::routes::RouteTable;
 use serde_json::Value;
 
 struct Corpus {
@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
         config
             .routes
             .iter()
-            .map(|r| iomt_edge::pipeline::ingest::Route::build(r).unwrap())
+            .map(|r| iomt_edge::pipeline::routes::Route::build(r).unwrap())
             .collect(),
     );
     let mut g = c.benchmark_group("decode");

@@ -56,6 +56,10 @@ fn default_site() -> String {
     "ward".to_owned()
 }
 
+const fn default_stop_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
 /// The whole pipeline file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +75,12 @@ pub struct PipelineConfig {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub batch: BatchConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// A stop (SIGTERM, SIGINT, or a stage failing) ends within this long: past it, whatever
+    /// is left unstored is abandoned (it was never acknowledged) and the process exits non-zero.
+    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
     #[serde(default, rename = "rule")]
@@ -81,16 +91,17 @@ pub struct PipelineConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// MQTT 3.1.1 listener.
+    /// MQTT listener (3.1.1 and 5, told apart by the CONNECT packet).
     #[serde(default = "BrokerConfig::default_listen")]
     pub listen: SocketAddr,
-    /// MQTT 5 listener (rumqttd serves each protocol version on its own port).
+    /// A second MQTT listener, for deployments that keep MQTT 5 clients on their own port.
     #[serde(default = "BrokerConfig::default_listen_v5")]
     pub listen_v5: Option<SocketAddr>,
     /// MQTT over websockets.
     #[serde(default = "BrokerConfig::default_listen_ws")]
     pub listen_ws: Option<SocketAddr>,
-    /// `mqtt://host:port`: subscribe to this broker instead of running the embedded one.
+    /// `mqtt://host:port`: subscribe to this broker (MQTT 5) instead of running the embedded
+    /// one.
     #[serde(default)]
     pub external: Option<String>,
     /// Client id of the persistent session on the external broker.
@@ -98,15 +109,19 @@ pub struct BrokerConfig {
     pub client_id: Option<String>,
     #[serde(default = "BrokerConfig::default_max_connections")]
     pub max_connections: usize,
-    /// The broker refuses (and disconnects) packets above this size.
+    /// The largest MQTT packet taken. A bigger publish is counted, dead-lettered without its
+    /// bytes and acknowledged (embedded broker), or withheld by the external broker (the
+    /// limit is announced to it as MQTT 5's Maximum Packet Size).
     #[serde(default = "BrokerConfig::default_max_packet_bytes")]
     pub max_packet_bytes: usize,
-    /// How many bytes of published messages the embedded broker holds for ingest while ingest is
-    /// busy. Past this, rumqttd drops the oldest messages (counted in
-    /// `iomt_broker_messages_lost_total`), so size it for the longest stall you accept.
-    #[serde(default = "BrokerConfig::default_backlog_bytes")]
-    pub backlog_bytes: usize,
-    /// QoS 1 messages the external broker may send before ingest acknowledges them.
+    /// What the embedded broker keeps for each subscription of a slow subscriber (a dashboard)
+    /// before it drops the oldest (counted in `iomt_subscriber_messages_lost_total`). Device
+    /// data never waits here: it goes straight to ingest.
+    #[serde(default = "BrokerConfig::default_subscriber_backlog_bytes")]
+    pub subscriber_backlog_bytes: usize,
+    /// External broker: how many messages it may send before they are acknowledged (MQTT 5
+    /// Receive Maximum). Acknowledgements follow storage, so this window must cover the
+    /// messages of a commit cycle.
     #[serde(default = "BrokerConfig::default_inflight")]
     pub inflight: u16,
 }
@@ -127,11 +142,11 @@ impl BrokerConfig {
     const fn default_max_packet_bytes() -> usize {
         1 << 20
     }
-    const fn default_backlog_bytes() -> usize {
-        512 << 20
+    const fn default_subscriber_backlog_bytes() -> usize {
+        8 << 20
     }
     const fn default_inflight() -> u16 {
-        1000
+        8192
     }
 }
 
@@ -161,7 +176,7 @@ impl Default for HttpConfig {
     }
 }
 
-/// `[ingest]`: limits on what devices send.
+/// `[ingest]`: limits on what devices send, and the queues in front of the stages.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
@@ -171,17 +186,30 @@ pub struct IngestConfig {
     /// Publish undecodable payloads on `edge/deadletter/<topic>`.
     #[serde(default = "default_true")]
     pub dead_letter: bool,
-    /// Sealed-batch queue between ingest and storage, in batches.
-    #[serde(default = "IngestConfig::default_queue")]
+    /// Messages received and not yet decoded, in bytes. When full, the broker stops reading
+    /// from publishers (TCP back-pressure) until ingest catches up.
+    #[serde(default = "IngestConfig::default_queue_bytes")]
+    pub queue_bytes: usize,
+    /// Batches waiting to be sealed and stored.
+    #[serde(default = "IngestConfig::default_queue_batches")]
     pub queue_batches: usize,
+    /// Alarms and dead letters waiting to be published, in bytes.
+    #[serde(default = "IngestConfig::default_output_queue_bytes")]
+    pub output_queue_bytes: usize,
 }
 
 impl IngestConfig {
     const fn default_max_payload_bytes() -> usize {
         64 << 10
     }
-    const fn default_queue() -> usize {
-        16
+    const fn default_queue_bytes() -> usize {
+        16 << 20
+    }
+    const fn default_queue_batches() -> usize {
+        4
+    }
+    const fn default_output_queue_bytes() -> usize {
+        4 << 20
     }
 }
 
@@ -197,21 +225,58 @@ impl Default for IngestConfig {
 pub struct BatchConfig {
     #[serde(default = "BatchConfig::default_max_rows")]
     pub max_rows: usize,
-    /// Also bounds what a hard crash can lose with the embedded broker.
+    /// A batch is also cut at about this many bytes of readings.
+    #[serde(default = "BatchConfig::default_max_bytes")]
+    pub max_bytes: usize,
+    /// The longest a reading waits in an open batch. Messages are acknowledged only once their
+    /// batch is stored, so this also bounds how long a publisher waits for its PUBACK.
     #[serde(default = "BatchConfig::default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// A batch holding messages that wait for their acknowledgement is cut once no message has
+    /// arrived for this long: their publishers may be waiting for those acknowledgements.
+    #[serde(default = "BatchConfig::default_linger", with = "humantime_serde")]
+    pub linger: Duration,
 }
 
 impl BatchConfig {
     const fn default_max_rows() -> usize {
         16_384
     }
+    const fn default_max_bytes() -> usize {
+        8 << 20
+    }
     const fn default_max_age() -> Duration {
-        Duration::from_millis(500)
+        Duration::from_millis(200)
+    }
+    const fn default_linger() -> Duration {
+        Duration::from_millis(5)
     }
 }
 
 impl Default for BatchConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// `[store]`: the data directory's disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Intake pauses while the data directory's filesystem has less free space than this, so
+    /// the store never runs out of room in the middle of a write; it resumes once a quarter
+    /// more is free again. 0 turns the check off.
+    #[serde(default = "StoreConfig::default_min_free_bytes")]
+    pub min_free_bytes: u64,
+}
+
+impl StoreConfig {
+    const fn default_min_free_bytes() -> u64 {
+        128 << 20
+    }
+}
+
+impl Default for StoreConfig {
     fn default() -> Self {
         toml::from_str("").expect("defaults")
     }
@@ -311,11 +376,7 @@ impl PipelineConfig {
                 message,
             };
         if !valid_topic_level(&self.site) {
-            return Err(invalid(
-                0..0,
-                "site".into(),
-                "must be one topic level, without / + #".into(),
-            ));
+            return Err(invalid(0..0, "site".into(), PLAIN_LEVEL.into()));
         }
         if self.batch.max_rows == 0 {
             return Err(invalid(
@@ -356,11 +417,7 @@ impl PipelineConfig {
             let key = |k: &str| format!("rule[{i}].{k}");
             let name = r.name.get_ref();
             if !valid_topic_level(name) {
-                return Err(invalid(
-                    span,
-                    key("name"),
-                    "must be one topic level, without / + #".into(),
-                ));
+                return Err(invalid(span, key("name"), PLAIN_LEVEL.into()));
             }
             if !names.insert(name) {
                 return Err(invalid(
@@ -398,9 +455,13 @@ impl PipelineConfig {
     }
 }
 
+/// Sites and rule names stand as topic levels of every alarm as they are.
 fn valid_topic_level(s: &str) -> bool {
-    !s.is_empty() && !s.contains(['/', '+', '#', '\0'])
+    crate::topic::is_plain_level(s)
 }
+
+const PLAIN_LEVEL: &str =
+    "must be one topic level of letters, digits, `-`, `_` and `.` (at most 128 bytes)";
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];

@@ -8,7 +8,7 @@ use crate::codec::encoding::{base64_to_bytes, hex_to_bytes, text_to_vec};
 use crate::codec::{decode_to_readings, DecodeError, Message, Reason};
 use crate::config::{CodecName, PipelineConfig};
 use crate::model::reading::{now_micros, Reading};
-use crate::pipeline::ingest::Route;
+use crate::pipeline::routes::Route;
 
 /// How the payload is written on standard input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use iomt_edge::config::{CodecName, PipelineConfig};
@@ -130,13 +131,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    #[cfg(feature = "failpoints")]
+    let _faults = fail::FailScenario::setup();
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // A stage that could not be stopped in time may still hold a thread: the stop already
+    // decided, so do not wait for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -147,13 +154,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let stop = service.shutdown_handle();
             tokio::spawn(async move {
                 wait_for_signal().await;
-                tracing::info!("signal received: stopping");
-                let _ = stop.send(true);
+                info!("signal received: stopping (a second signal exits at once)");
+                stop.send_replace(true);
+                wait_for_signal().await;
+                eprintln!("error: second signal: exiting without waiting for the stop");
+                std::process::exit(1);
             });
             let summary = service.wait().await?;
-            tracing::info!(
+            info!(
                 batches = summary.batches,
                 readings = summary.readings,
+                messages = summary.messages,
                 next_seq = summary.next_seq,
                 "stopped cleanly"
             );

@@ -1,34 +1,40 @@
-//! The running service: builds every stage from the pipeline file, wires them with bounded
-//! channels, and stops them in order on shutdown (ingest drains and seals its open batch, commit
-//! stores what is queued, output publishes what is queued).
+//! The running node: builds every stage from the pipeline file, wires them with bounded queues,
+//! supervises them, and stops them in order.
+//!
+//! Every stage is owned and joined. A stop, whether asked for (SIGTERM, SIGINT) or caused by a
+//! stage that ended, goes the same way: intake stops (health 503), the transport stops reading,
+//! ingest drains what was taken in and hands over its last batch, commit stores what is queued
+//! (retrying a failing store until shortly before the stop deadline), the transport sends the
+//! last acknowledgements and closes, output publishes what is queued. All of it within
+//! `stop_timeout`; whatever is left then was never acknowledged, and the stop reports it. A
+//! stop caused by a failure returns the failure, so the process exits non-zero with the reason.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::watch;
-use tracing::info;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
 
 use crate::alarm::AlarmEngine;
 use crate::config::PipelineConfig;
 use crate::model::metrics::Metrics;
-use crate::pipeline::commit::{Commit, CommitError, CommitSummary};
-use crate::pipeline::ingest::{Ingest, IngestSummary, PendingBatch, Route, RouteTable};
-use crate::pipeline::output;
-use crate::pipeline::Input;
-use crate::pipeline::{Acker, Publisher};
+use crate::pipeline::commit::{Commit, CommitError, CommitSummary, GiveUp};
+use crate::pipeline::health::Health;
+use crate::pipeline::ingest::{Ingest, IngestError, IngestSummary, PendingBatch};
+use crate::pipeline::input;
+use crate::pipeline::output::Output;
+use crate::pipeline::routes::{Route, RouteTable};
+use crate::pipeline::{disk, Acker, Publisher};
 use crate::seal::keys::{KeyError, NodeKeys};
 use crate::seal::Sealer;
 use crate::store::{SledStore, Store, StoreError};
-use crate::transport::embedded::LinkPublisher;
-use crate::transport::embedded::{BrokerError, EmbeddedBroker};
-use crate::transport::external::ClientPublisher;
+use crate::transport::broker::{BrokerError, EmbeddedBroker};
 use crate::transport::external::ExternalBroker;
-use crate::transport::http::{self, Health};
-use crate::transport::link::LinkInput;
+use crate::transport::http;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -52,10 +58,11 @@ pub enum ServiceError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("commit: {0}")]
-    Commit(#[from] CommitError),
-    #[error("a stage thread failed: {0}")]
-    Thread(String),
+    #[error("starting a stage: {0}")]
+    Spawn(std::io::Error),
+    /// The service stopped because of a failure, or could not stop cleanly.
+    #[error("{}", .0.join("; "))]
+    Stopped(Vec<String>),
 }
 
 /// Where the running service can be reached, ports resolved. Written to
@@ -71,17 +78,98 @@ pub struct Endpoints {
 
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
 
-/// A started service. Stop it with [`Service::shutdown`], then [`Service::wait`].
+/// The broker side of the node.
+enum Transport {
+    Embedded(EmbeddedBroker),
+    External(ExternalBroker),
+}
+
+impl Transport {
+    async fn stop_accepting(&mut self) {
+        match self {
+            Transport::Embedded(b) => b.stop_accepting().await,
+            Transport::External(b) => b.stop_accepting().await,
+        }
+    }
+
+    /// Sends the last acknowledgements and closes; false if it ran out of time.
+    async fn finish(self, deadline: Instant) -> bool {
+        match self {
+            Transport::Embedded(b) => b.finish(deadline).await == 0,
+            Transport::External(b) => b.finish(deadline).await,
+        }
+    }
+}
+
+/// A stage that ended, and how.
+type Ended = (&'static str, String);
+
+/// A stage thread: joined at stop; reports its end to the supervisor as soon as it happens
+/// (a panic included), so that a stage that dies early stops the service instead of leaving
+/// it half alive.
+struct Stage<T> {
+    name: &'static str,
+    join: JoinHandle<T>,
+}
+
+fn spawn_stage<T: Send + 'static>(
+    name: &'static str,
+    ended: &mpsc::UnboundedSender<Ended>,
+    describe: fn(&T) -> String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<Stage<T>, ServiceError> {
+    struct Report(&'static str, mpsc::UnboundedSender<Ended>, Option<String>);
+    impl Drop for Report {
+        fn drop(&mut self) {
+            let why = self.2.take().unwrap_or_else(|| "panicked".into());
+            let _ = self.1.send((self.0, why));
+        }
+    }
+    let ended = ended.clone();
+    let join = thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut report = Report(name, ended, None);
+            let out = f();
+            report.2 = Some(describe(&out));
+            out
+        })
+        .map_err(ServiceError::Spawn)?;
+    Ok(Stage { name, join })
+}
+
+impl<T: Send + 'static> Stage<T> {
+    /// Joins the thread, giving up at `deadline`.
+    async fn join(self, deadline: Instant) -> Result<T, String> {
+        let name = self.name;
+        let handle = tokio::task::spawn_blocking(move || self.join.join());
+        match tokio::time::timeout_at(deadline.into(), handle).await {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(_))) => Err(format!("{name} panicked")),
+            Ok(Err(e)) => Err(format!("{name}: {e}")),
+            Err(_) => Err(format!("{name} did not stop in time")),
+        }
+    }
+}
+
+/// A started service. Stop it with [`Service::shutdown`] (or a stage failing), then
+/// [`Service::wait`].
 pub struct Service {
     pub endpoints: Endpoints,
     pub metrics: Arc<Metrics>,
-    shutdown: watch::Sender<bool>,
-    ingest: JoinHandle<Result<IngestSummary, StoreError>>,
-    commit: JoinHandle<Result<CommitSummary, CommitError>>,
-    output: JoinHandle<()>,
-    http: tokio::task::JoinHandle<std::io::Result<()>>,
     health: Arc<Health>,
-    external: Option<rumqttc::Client>,
+    store: Arc<dyn Store>,
+    transport: Transport,
+    ingest: Stage<Result<IngestSummary, IngestError>>,
+    commit: Stage<Result<CommitSummary, CommitError>>,
+    output: Stage<()>,
+    ended: mpsc::UnboundedReceiver<Ended>,
+    give_up: GiveUp,
+    stop: watch::Sender<bool>,
+    http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    http_stop: watch::Sender<bool>,
+    disk: tokio::task::JoinHandle<()>,
+    stop_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -89,23 +177,19 @@ pub struct ServiceSummary {
     pub next_seq: u64,
     pub batches: u64,
     pub readings: u64,
-}
-
-fn join<T>(h: JoinHandle<T>, name: &str) -> Result<T, ServiceError> {
-    h.join()
-        .map_err(|_| ServiceError::Thread(format!("{name} panicked")))
+    pub messages: u64,
 }
 
 impl Service {
-    /// Starts every stage; returns once the service is ready.
+    /// Starts every stage; returns once the service is ready (the external broker may still
+    /// be connecting: `/healthz` says so).
     pub async fn start(config: PipelineConfig, data_dir: &Path) -> Result<Service, ServiceError> {
         std::fs::create_dir_all(data_dir).map_err(|source| ServiceError::DataDir {
             path: data_dir.to_owned(),
             source,
         })?;
         let metrics = Metrics::new();
-        let health = Arc::new(Health::default());
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let health = Health::new(metrics.clone());
 
         let http_listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -119,18 +203,12 @@ impl Service {
                 addr: config.http.listen,
                 source,
             })?;
-        let http = tokio::spawn(http::serve(
-            http_listener,
-            http::router(metrics.clone(), health.clone()),
-            shutdown_rx.clone(),
-        ));
 
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
         let keys = NodeKeys::load_or_create(
             &data_dir.join("keys"),
             &format!("iomt-edge/{}", config.site),
         )?;
-        health.store.store(true, Ordering::Release);
 
         let routes = config
             .routes
@@ -140,61 +218,137 @@ impl Service {
             .map_err(ServiceError::Pipeline)?;
         let filters: Vec<String> = routes.iter().map(|r| r.filter_text.clone()).collect();
 
-        let BrokerSide {
-            input,
-            publisher,
-            acker,
-            endpoints,
-            external,
-        } = connect_broker(&config, filters, http_addr, metrics.clone()).await?;
-        health.broker.store(true, Ordering::Release);
+        let (input_tx, input_rx) = input::queue(config.ingest.queue_bytes);
+        metrics.probe_queue_bytes("ingest", input_rx.probe());
+        let (transport, publisher, acker, endpoints): (
+            Transport,
+            Box<dyn Publisher>,
+            Box<dyn Acker>,
+            Endpoints,
+        ) = match &config.broker.external {
+            Some(url) => {
+                let client_id = config
+                    .broker
+                    .client_id
+                    .clone()
+                    .unwrap_or_else(|| format!("iomt-edge-{}", config.site));
+                let (b, publisher, acker) = ExternalBroker::start(
+                    url,
+                    &client_id,
+                    filters,
+                    &config.broker,
+                    input_tx,
+                    health.clone(),
+                )
+                .map_err(ServiceError::External)?;
+                let endpoints = Endpoints {
+                    mqtt: None,
+                    mqtt_v5: None,
+                    ws: None,
+                    external: Some(url.clone()),
+                    http: http_addr,
+                };
+                (
+                    Transport::External(b),
+                    Box::new(publisher),
+                    Box::new(acker),
+                    endpoints,
+                )
+            }
+            None => {
+                let (b, publisher, acker) = EmbeddedBroker::start(
+                    &config.broker,
+                    input_tx,
+                    health.intake(),
+                    metrics.clone(),
+                )
+                .await?;
+                let l = b.listeners;
+                let endpoints = Endpoints {
+                    mqtt: Some(l.mqtt),
+                    mqtt_v5: l.mqtt_v5,
+                    ws: l.ws,
+                    external: None,
+                    http: http_addr,
+                };
+                (
+                    Transport::Embedded(b),
+                    Box::new(publisher),
+                    Box::new(acker),
+                    endpoints,
+                )
+            }
+        };
 
-        let (output_handle, output_probe, output) =
-            output::spawn(config.site.clone(), publisher)
-                .map_err(|e| ServiceError::Thread(e.to_string()))?;
-        metrics.probe_queue("output", move || output_probe.len() as i64);
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let (output_handle, output_probe, output_join) = Output::new(
+            config.site.clone(),
+            publisher,
+            config.ingest.output_queue_bytes,
+        )
+        .spawn()
+        .map_err(ServiceError::Spawn)?;
+        metrics.probe_queue_bytes("output", output_probe);
+        // The output thread ends when ingest drops the last handle; it reports nothing.
+        let output = Stage {
+            name: "output",
+            join: output_join,
+        };
 
         let (commit_tx, commit_rx) =
             flume::bounded::<PendingBatch>(config.ingest.queue_batches.max(1));
         let probe = commit_rx.clone();
         metrics.probe_queue("commit", move || probe.len() as i64);
+        let give_up = GiveUp::default();
         let commit_stage = Commit::new(
             Sealer::new(keys.master),
             store.clone(),
             metrics.clone(),
+            health.clone(),
             acker,
+            give_up.clone(),
         )?;
-        let rx = shutdown_rx.clone();
-        let commit = thread::Builder::new()
-            .name("commit".into())
-            .spawn(move || commit_stage.run(commit_rx, rx))
-            .map_err(|e| ServiceError::Thread(e.to_string()))?;
+        let commit = spawn_stage(
+            "commit",
+            &ended_tx,
+            |r: &Result<CommitSummary, CommitError>| match r {
+                Ok(_) => "stopped".into(),
+                Err(e) => e.to_string(),
+            },
+            move || commit_stage.run(commit_rx),
+        )?;
 
-        let max_pending_acks = if config.broker.external.is_some() {
-            config.broker.inflight as usize
-        } else {
-            usize::MAX
-        };
         let ingest_stage = Ingest::new(
             RouteTable::new(routes),
             AlarmEngine::from_config(&config.rules),
             &config.ingest,
             &config.batch,
-            max_pending_acks,
             store.clone(),
+            health.clone(),
             metrics.clone(),
         )?;
-        let rx = shutdown_rx.clone();
-        let ingest_health = health.clone();
-        let ingest = thread::Builder::new()
-            .name("ingest".into())
-            .spawn(move || {
-                let r = ingest_stage.run(input, commit_tx, output_handle, rx);
-                ingest_health.pipeline.store(false, Ordering::Release);
-                r
-            })
-            .map_err(|e| ServiceError::Thread(e.to_string()))?;
-        health.pipeline.store(true, Ordering::Release);
+        let ingest = spawn_stage(
+            "ingest",
+            &ended_tx,
+            |r: &Result<IngestSummary, IngestError>| match r {
+                Ok(_) => "stopped".into(),
+                Err(e) => e.to_string(),
+            },
+            move || ingest_stage.run(input_rx, commit_tx, output_handle),
+        )?;
+
+        let disk = tokio::spawn(disk::watch(
+            data_dir.to_owned(),
+            config.store.min_free_bytes,
+            health.clone(),
+        ));
+
+        let (http_stop, http_stop_rx) = watch::channel(false);
+        let http = tokio::spawn(http::serve(
+            http_listener,
+            http::router(metrics.clone(), health.clone()),
+            http_stop_rx,
+        ));
 
         let text = serde_json::to_string_pretty(&endpoints).expect("endpoints serialise");
         let path = data_dir.join(ENDPOINTS_FILE);
@@ -202,136 +356,157 @@ impl Service {
         std::fs::write(&tmp, text)
             .and_then(|_| std::fs::rename(&tmp, &path))
             .map_err(|source| ServiceError::DataDir { path, source })?;
+        health.running();
         info!(?endpoints, site = %config.site, "iomt-edge ready");
+        let (stop, _) = watch::channel(false);
         Ok(Service {
             endpoints,
             metrics,
-            shutdown,
+            health,
+            store,
+            transport,
             ingest,
             commit,
             output,
-            http,
-            health,
-            external,
+            ended,
+            give_up,
+            stop,
+            http: Some(http),
+            http_stop,
+            disk,
+            stop_timeout: config.stop_timeout,
         })
     }
 
     /// A sender that stops the service when set to true (for signal handlers).
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
-        self.shutdown.clone()
+        self.stop.clone()
     }
 
     pub fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        self.stop.send_replace(true);
     }
 
-    /// Waits for every stage to finish after shutdown.
-    pub async fn wait(self) -> Result<ServiceSummary, ServiceError> {
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Runs until asked to stop or until a stage ends on its own (a failure), then stops
+    /// every stage in order. `Err` names the failure, or what could not be stopped cleanly.
+    pub async fn wait(mut self) -> Result<ServiceSummary, ServiceError> {
+        let mut stop = self.stop.subscribe();
+        let mut http = self.http.take().expect("wait runs once");
+        let failure = tokio::select! {
+            _ = stop.wait_for(|s| *s) => None,
+            Some((stage, why)) = self.ended.recv() => Some(format!("stage {stage} ended: {why}")),
+            r = &mut http => {
+                self.http = None;
+                Some(format!("the HTTP listener ended: {}", match r {
+                    Ok(Ok(())) => "stopped".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                }))
+            }
+        };
+        if failure.is_none() || !http.is_finished() {
+            self.http = Some(http);
+        }
+        match &failure {
+            Some(f) => self.health.fail(f),
+            None => {
+                info!("stopping: no new messages; draining what was taken in");
+                self.health.stopping();
+            }
+        }
+        self.stop_stages(failure).await
+    }
+
+    async fn stop_stages(self, failure: Option<String>) -> Result<ServiceSummary, ServiceError> {
         let Service {
+            health,
+            store,
+            mut transport,
             ingest,
             commit,
             output,
+            give_up,
             http,
-            health,
-            external,
+            http_stop,
+            disk,
+            stop_timeout,
             ..
         } = self;
-        let (ingest, commit, output) = tokio::task::spawn_blocking(move || {
-            let i = join(ingest, "ingest");
-            let c = join(commit, "commit");
-            let o = join(output, "output");
-            (i, c, o)
-        })
-        .await
-        .map_err(|e| ServiceError::Thread(e.to_string()))?;
-        health.pipeline.store(false, Ordering::Release);
-        if let Some(client) = external {
-            let _ = client.disconnect();
+        let started = Instant::now();
+        let deadline = started + stop_timeout;
+        // Commit gives up on a failing store early enough for the last acknowledgements of
+        // what it did store to go out before the deadline.
+        give_up.at(deadline - (stop_timeout / 4).min(Duration::from_secs(2)));
+        let mut problems: Vec<String> = failure.into_iter().collect();
+
+        transport.stop_accepting().await;
+        let ingest = ingest.join(deadline).await;
+        let commit = commit.join(deadline).await;
+        if !transport.finish(deadline).await {
+            problems.push("the last acknowledgements could not all be sent in time".into());
         }
-        let _ = http.await;
-        output?;
-        let ingest = ingest??;
-        let commit = commit??;
-        Ok(ServiceSummary {
-            next_seq: ingest.next_seq,
-            batches: commit.batches,
-            readings: commit.readings,
-        })
+        if let Err(e) = output.join(deadline).await {
+            problems.push(e);
+        }
+        disk.abort();
+
+        let mut summary = ServiceSummary {
+            next_seq: 0,
+            batches: 0,
+            readings: 0,
+            messages: 0,
+        };
+        match (&ingest, &commit) {
+            (Ok(Ok(i)), Ok(Ok(c))) => {
+                // Everything handed out is stored: the next run starts at the exact next seq.
+                // (After anything less, the reservation stays above every seq handed out.)
+                if let Err(e) = store.reserve_seq(i.next_seq) {
+                    warn!(error = %e, "could not record the next seq; the reservation stands");
+                }
+                summary = ServiceSummary {
+                    next_seq: i.next_seq,
+                    batches: c.batches,
+                    readings: c.readings,
+                    messages: i.messages,
+                };
+            }
+            _ => {
+                for r in [
+                    ingest.as_ref().err().cloned(),
+                    ingest
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.as_ref().err())
+                        .map(|e| format!("ingest: {e}")),
+                    commit.as_ref().err().cloned(),
+                    commit
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.as_ref().err())
+                        .map(|e| format!("commit: {e}")),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    if !problems.contains(&r) {
+                        problems.push(r);
+                    }
+                }
+            }
+        }
+        http_stop.send_replace(true);
+        if let Some(http) = http {
+            let _ = tokio::time::timeout_at(deadline.into(), http).await;
+        }
+        info!(elapsed = ?started.elapsed(), "stopped");
+        if problems.is_empty() && health.failure().is_none() {
+            Ok(summary)
+        } else {
+            Err(ServiceError::Stopped(problems))
+        }
     }
-}
-
-/// Ingest's input, output's publisher and commit's acker, from one broker or the other.
-struct BrokerSide {
-    input: Box<dyn Input>,
-    publisher: Box<dyn Publisher>,
-    acker: Option<Box<dyn Acker>>,
-    endpoints: Endpoints,
-    /// The external broker's client, disconnected at shutdown.
-    external: Option<rumqttc::Client>,
-}
-
-async fn connect_broker(
-    config: &PipelineConfig,
-    filters: Vec<String>,
-    http_addr: SocketAddr,
-    metrics: Arc<Metrics>,
-) -> Result<BrokerSide, ServiceError> {
-    Ok(match &config.broker.external {
-        Some(url) => {
-            let client_id = config
-                .broker
-                .client_id
-                .clone()
-                .unwrap_or_else(|| format!("iomt-edge-{}", config.site));
-            let ext = ExternalBroker::connect(
-                url,
-                &client_id,
-                filters,
-                config.broker.inflight,
-                config.broker.max_packet_bytes,
-            )
-            .map_err(ServiceError::External)?;
-            let endpoints = Endpoints {
-                mqtt: None,
-                mqtt_v5: None,
-                ws: None,
-                external: Some(url.clone()),
-                http: http_addr,
-            };
-            BrokerSide {
-                input: Box::new(ext.input),
-                publisher: Box::new(ClientPublisher(ext.client.clone())),
-                acker: Some(Box::new(ext.client.clone())),
-                endpoints,
-                external: Some(ext.client),
-            }
-        }
-        None => {
-            let broker_config = config.broker.clone();
-            let m = metrics;
-            let mut broker =
-                tokio::task::spawn_blocking(move || EmbeddedBroker::start(&broker_config, m))
-                    .await
-                    .map_err(|e| ServiceError::Thread(e.to_string()))??;
-            let input = LinkInput::new(broker.ingest.take().expect("ingest link"))
-                .map_err(|e| ServiceError::Pipeline(e.to_string()))?;
-            let publisher = LinkPublisher::new(broker.output.take().expect("output link"))
-                .map_err(|e| ServiceError::Thread(e.to_string()))?;
-            let l = broker.listeners;
-            let endpoints = Endpoints {
-                mqtt: Some(l.mqtt),
-                mqtt_v5: l.mqtt_v5,
-                ws: l.ws,
-                external: None,
-                http: http_addr,
-            };
-            BrokerSide {
-                input: Box::new(input),
-                publisher: Box::new(publisher),
-                acker: None,
-                endpoints,
-                external: None,
-            }
-        }
-    })
 }

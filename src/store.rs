@@ -29,6 +29,10 @@ pub enum StoreError {
 /// crash of the process or the machine.
 pub trait Store: Send + Sync + 'static {
     fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError>;
+    /// Stores several batches, durably, as one group.
+    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError> {
+        batches.iter().try_for_each(|b| self.put_batch(b))
+    }
     fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError>;
     /// Headers of every stored batch, by id.
     fn headers(&self) -> Result<Vec<BatchHeader>, StoreError>;

@@ -123,6 +123,134 @@ impl Template {
     }
 }
 
+/// Why a topic name a client published to is refused (MQTT 3.1.1 §4.7, MQTT 5 §4.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopicNameError {
+    #[error("the topic name is empty")]
+    Empty,
+    #[error("the topic name is not UTF-8")]
+    NotUtf8,
+    #[error("the topic name contains a wildcard (+ or #)")]
+    Wildcard,
+    #[error("the topic name contains U+0000")]
+    Nul,
+}
+
+impl TopicNameError {
+    /// A short label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopicNameError::Empty => "empty",
+            TopicNameError::NotUtf8 => "not_utf8",
+            TopicNameError::Wildcard => "wildcard",
+            TopicNameError::Nul => "nul",
+        }
+    }
+}
+
+/// Checks a topic name a client published to: filters' wildcards and NUL are not allowed in
+/// names, and a name is UTF-8 and not empty.
+pub fn check_topic_name(topic: &[u8]) -> Result<&str, TopicNameError> {
+    if topic.is_empty() {
+        return Err(TopicNameError::Empty);
+    }
+    let name = std::str::from_utf8(topic).map_err(|_| TopicNameError::NotUtf8)?;
+    if name.contains(['+', '#']) {
+        return Err(TopicNameError::Wildcard);
+    }
+    if name.contains('\0') {
+        return Err(TopicNameError::Nul);
+    }
+    Ok(name)
+}
+
+/// The longest topic level [`level`] writes, in bytes.
+pub const MAX_LEVEL_BYTES: usize = 128;
+
+/// Bytes that stand for themselves in a topic level built from an identifier; every other byte
+/// (including `%` and `~`) is percent-encoded.
+fn plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+/// Encodes an identifier (a subject, a source) as one topic level, so that no two identifiers
+/// share a level and none can break out of it.
+///
+/// - Bytes outside `A-Z a-z 0-9 - _ .` are percent-encoded as `%XX` (upper-case hex, RFC 3986),
+///   so `/`, `+`, `#`, NUL, control characters, `%` and `~` never appear raw: `ward7/bed3`
+///   becomes `ward7%2Fbed3`, distinct from `ward7_bed3`. A dashboard decodes the level with
+///   `decodeURIComponent`.
+/// - An identifier that is empty, or whose encoding is longer than [`MAX_LEVEL_BYTES`], becomes
+///   the longest whole-escape prefix of its encoding that fits, then `~`, then the first 32 hex
+///   digits (128 bits) of the SHA-256 of the identifier. Only such levels contain `~`, so they
+///   cannot collide with a plain one, and two of them only if SHA-256 collides in 128 bits.
+pub fn level(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for &b in id.as_bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        }
+    }
+    if !out.is_empty() && out.len() <= MAX_LEVEL_BYTES {
+        return out;
+    }
+    hashed(&out, id.as_bytes())
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// `prefix~hash`: see [`level`].
+fn hashed(encoded: &str, raw: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, raw);
+    const HASH_HEX: usize = 32;
+    let bytes = encoded.as_bytes();
+    let mut cut = (MAX_LEVEL_BYTES - 1 - HASH_HEX).min(bytes.len());
+    // Never cut a %XX escape in two: back off while one of the last two kept bytes opens one.
+    while (cut >= 1 && bytes[cut - 1] == b'%') || (cut >= 2 && bytes[cut - 2] == b'%') {
+        cut -= 1;
+    }
+    let mut out = encoded[..cut].to_owned();
+    out.push('~');
+    for b in &digest.as_ref()[..HASH_HEX / 2] {
+        out.push(HEX[(b >> 4) as usize].to_ascii_lowercase() as char);
+        out.push(HEX[(b & 0xf) as usize].to_ascii_lowercase() as char);
+    }
+    out
+}
+
+/// Whether `s` can stand as one level of the topics this service publishes (a site, a rule
+/// name): as [`level`] would write it, so it needs no encoding.
+pub fn is_plain_level(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_LEVEL_BYTES && s.bytes().all(plain)
+}
+
+/// `alarms/<site>/<subject>/<rule>`; the subject is encoded with [`level`]. `site` and `rule`
+/// are checked plain levels from the pipeline file.
+pub fn alarm_topic(site: &str, subject: &str, rule: &str) -> String {
+    format!("alarms/{site}/{}/{rule}", level(subject))
+}
+
+/// The prefix of the dead-letter topics.
+pub const DEAD_LETTER_PREFIX: &str = "edge/deadletter/";
+
+/// MQTT's limit on a topic name, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// `edge/deadletter/<original topic>`: the original topic name is a valid name (checked on
+/// receipt), so only its length needs care: one too long to fit under the prefix is replaced
+/// by its [`level`] hash form.
+pub fn dead_letter_topic(topic: &str) -> String {
+    if DEAD_LETTER_PREFIX.len() + topic.len() <= MAX_TOPIC_BYTES {
+        format!("{DEAD_LETTER_PREFIX}{topic}")
+    } else {
+        format!("{DEAD_LETTER_PREFIX}{}", hashed("", topic.as_bytes()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +288,98 @@ mod tests {
         for bad in ["{0}", "{x}", "a{1", "a}"] {
             assert!(Template::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn topic_names_refuse_wildcards_nul_and_non_utf8() {
+        assert_eq!(check_topic_name(b"ward/7/bed/3"), Ok("ward/7/bed/3"));
+        assert_eq!(check_topic_name(b"a//b/"), Ok("a//b/"));
+        assert_eq!(check_topic_name(b""), Err(TopicNameError::Empty));
+        assert_eq!(check_topic_name(b"ward/+"), Err(TopicNameError::Wildcard));
+        assert_eq!(check_topic_name(b"ward/#"), Err(TopicNameError::Wildcard));
+        assert_eq!(check_topic_name(b"bed4+"), Err(TopicNameError::Wildcard));
+        assert_eq!(check_topic_name(b"a\0b"), Err(TopicNameError::Nul));
+        assert_eq!(check_topic_name(b"a\xffb"), Err(TopicNameError::NotUtf8));
+    }
+
+    #[test]
+    fn levels_are_plain_where_they_can_be() {
+        assert_eq!(level("w7-b3"), "w7-b3");
+        assert_eq!(level("ward7/bed3"), "ward7%2Fbed3");
+        assert_eq!(level("ward7_bed3"), "ward7_bed3");
+        assert_eq!(level("a+b#c"), "a%2Bb%23c");
+        assert_eq!(level("nul\0"), "nul%00");
+        assert_eq!(level("50%"), "50%25");
+        assert_eq!(level("x~y"), "x%7Ey");
+        assert_eq!(level("é"), "%C3%A9");
+        assert_eq!(
+            alarm_topic("ward", "ward7/bed3", "spo2-low"),
+            "alarms/ward/ward7%2Fbed3/spo2-low"
+        );
+        // The empty subject gets a level of its own, not `alarms/ward//spo2-low`.
+        let empty = level("");
+        assert!(empty.starts_with('~') && empty.len() == 33, "{empty}");
+    }
+
+    #[test]
+    fn long_levels_are_bounded_and_still_distinct() {
+        let a = "x".repeat(1000);
+        let b = format!("{}y", "x".repeat(999));
+        let (la, lb) = (level(&a), level(&b));
+        assert!(la.len() <= MAX_LEVEL_BYTES && lb.len() <= MAX_LEVEL_BYTES);
+        assert_ne!(la, lb);
+        assert!(la.starts_with("xxxx") && la.contains('~'));
+        // A prefix cut never splits an escape.
+        let slashes = "/".repeat(200);
+        let l = level(&slashes);
+        let (prefix, _) = l.split_once('~').unwrap();
+        assert!(
+            prefix.len() % 3 == 0
+                && prefix.chars().filter(|&c| c == '%').count() == prefix.len() / 3,
+            "{l}"
+        );
+        // A hashed level cannot equal a plain one: plain levels never contain `~`.
+        assert!(!level("a~b").contains('~'));
+    }
+
+    #[test]
+    fn levels_are_injective_over_random_identifiers() {
+        use std::collections::HashMap;
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let alphabet: Vec<char> = "ab/_%~+#\0é -.".chars().collect();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 7) as usize + if x % 97 == 0 { 150 } else { 0 };
+            let id: String = (0..len)
+                .map(|i| alphabet[((x >> (i % 60)) as usize + i * 7) % alphabet.len()])
+                .collect();
+            let l = level(&id);
+            assert!(l.len() <= MAX_LEVEL_BYTES && !l.is_empty());
+            assert!(
+                check_topic_name(l.as_bytes()).is_ok() && !l.contains('/'),
+                "{l:?}"
+            );
+            if let Some(other) = seen.insert(l.clone(), id.clone()) {
+                assert_eq!(other, id, "{other:?} and {id:?} share level {l}");
+            }
+        }
+        assert!(
+            seen.len() > 500,
+            "the generator produced many distinct identifiers"
+        );
+    }
+
+    #[test]
+    fn dead_letter_topics_fit_mqtt() {
+        assert_eq!(
+            dead_letter_topic("ward/7/vitals"),
+            "edge/deadletter/ward/7/vitals"
+        );
+        let long = "t".repeat(MAX_TOPIC_BYTES - 3);
+        let dl = dead_letter_topic(&long);
+        assert!(dl.len() <= MAX_TOPIC_BYTES && dl.starts_with("edge/deadletter/~"));
     }
 }

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use iomt_edge::codec::{decode_to_readings, Message};
 use iomt_edge::config::PipelineConfig;
-use iomt_edge::pipeline::ingest::Route;
+use iomt_edge::pipeline::routes::Route;
 use iomt_edge::model::reading::ValueKind;
 
 fn routes() -> &'static [Route] {

@@ -82,6 +82,10 @@ pub trait Rule: Send + std::fmt::Debug {
     /// Looks at one trusted reading of a wanted metric; `subject` is the reading's subject, or
     /// its source when it has none.
     fn observe(&mut self, subject: &str, reading: &RowRef<'_>, out: &mut Vec<AlarmEvent>);
+    /// Readings of subjects this rule could not start tracking because it tracks its maximum.
+    fn subjects_untracked(&self) -> u64 {
+        0
+    }
 }
 
 /// Builds the rule a `[[rule]]` describes.
@@ -115,6 +119,11 @@ impl AlarmEngine {
 
     pub fn from_config(rules: &[RuleConfig]) -> Self {
         Self::new(rules.iter().map(build).collect())
+    }
+
+    /// Readings whose subject some rule could not track (bounded state), in total.
+    pub fn subjects_untracked(&self) -> u64 {
+        self.rules.iter().map(|r| r.subjects_untracked()).sum()
     }
 
     /// Looks at one reading; returns the alarm changes it caused.

@@ -23,8 +23,14 @@ pub struct ThresholdRule {
     for_us: i64,
     hysteresis: f64,
     priority: Priority,
+    /// Only subjects in breach or alarm: at most [`MAX_SUBJECTS`].
     subjects: HashMap<Box<str>, SubjectState>,
+    untracked: u64,
 }
+
+/// Subjects come from topics and payloads: a flood of new ones must not grow memory without
+/// bound. A ward has tens of subjects; a depot hundreds.
+pub const MAX_SUBJECTS: usize = 10_000;
 
 impl ThresholdRule {
     pub fn new(c: &RuleConfig) -> Self {
@@ -42,6 +48,7 @@ impl ThresholdRule {
             hysteresis: c.hysteresis,
             priority: c.priority,
             subjects: HashMap::new(),
+            untracked: 0,
         }
     }
 
@@ -83,6 +90,10 @@ impl Rule for ThresholdRule {
         &self.name
     }
 
+    fn subjects_untracked(&self) -> u64 {
+        self.untracked
+    }
+
     fn metrics(&self) -> &[Metric] {
         &self.metric
     }
@@ -107,6 +118,13 @@ impl Rule for ThresholdRule {
         }
         if state.active != before.active || state.breach_since != before.breach_since {
             if state.active || state.breach_since.is_some() {
+                if self.subjects.len() >= MAX_SUBJECTS && !self.subjects.contains_key(subject) {
+                    self.untracked += 1;
+                    // The event this reading produced (only a raise with a zero `for` can
+                    // happen here) would have no clear: withdraw it.
+                    out.retain(|e| e.subject != subject);
+                    return;
+                }
                 self.subjects.insert(subject.into(), state);
             } else {
                 self.subjects.remove(subject);
@@ -208,6 +226,26 @@ priority = "high"
         assert_eq!(ev[0].subject, "bed-1");
         assert_eq!(ev[0].priority, Priority::High);
         assert_eq!(ev[0].condition, "below");
+    }
+
+    #[test]
+    fn the_subjects_a_rule_tracks_are_bounded() {
+        let mut e = engine(SPO2_LOW);
+        for i in 0..MAX_SUBJECTS + 5 {
+            let subject = format!("bed-{i}");
+            let r = RowRef {
+                subject: Some(&subject),
+                ..reading(i as u64, 0, 80.0)
+            };
+            assert_eq!(e.observe(&r).count(), 0, "the 30 s delay has not passed");
+        }
+        assert_eq!(e.subjects_untracked(), 5);
+        // A tracked subject still raises its alarm.
+        let r = RowRef {
+            subject: Some("bed-3"),
+            ..reading(1, 40, 80.0)
+        };
+        assert_eq!(e.observe(&r).count(), 1);
     }
 
     #[test]

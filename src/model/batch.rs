@@ -35,6 +35,8 @@ pub struct Row<'a> {
 struct Dict {
     index: HashMap<Box<str>, i32>,
     values: Vec<Box<str>>,
+    /// Heap bytes of both copies of every value, with their bookkeeping.
+    bytes: usize,
 }
 
 impl Dict {
@@ -45,6 +47,7 @@ impl Dict {
         let k = self.values.len() as i32;
         self.values.push(s.into());
         self.index.insert(s.into(), k);
+        self.bytes += 2 * (s.len() + 32);
         k
     }
 
@@ -116,6 +119,14 @@ impl Columns {
 
     pub fn is_empty(&self) -> bool {
         self.seq.is_empty()
+    }
+
+    /// Roughly how many bytes the readings take: fixed-width columns, text, and the strings of
+    /// the source and subject dictionaries (twice: the index holds a copy). Bounds batches and
+    /// the queues that hold them in bytes.
+    pub fn approx_bytes(&self) -> usize {
+        const FIXED: usize = 8 + 8 + 8 + 4 + 4 + 1 + 8 + 1 + 4 + 1 + 2;
+        self.len() * FIXED + self.text_bytes.len() + self.source.bytes + self.subject.bytes
     }
 
     pub fn row(&self, i: usize) -> RowRef<'_> {

@@ -35,7 +35,8 @@ fn log_due(kind: &str) -> bool {
 }
 
 pub struct DecodeFailed<'a> {
-    pub topic: &'a str,
+    /// The route's topic filter, from the pipeline file: topics themselves may name patients.
+    pub route: &'a str,
     pub codec: &'static str,
     pub error: &'a DecodeError,
 }
@@ -47,14 +48,15 @@ impl InternalEvent for DecodeFailed<'_> {
             .with_label_values(&[self.codec, reason])
             .inc();
         if log_due(&format!("decode/{}/{reason}", self.codec)) {
-            warn!(topic = self.topic, codec = self.codec, reason, detail = %self.error.detail,
+            warn!(route = self.route, codec = self.codec, reason, detail = %self.error.detail,
                 "payload could not be decoded; sent to the dead-letter topic (logged once a minute per codec and reason)");
         }
     }
 }
 
 pub struct PayloadOversized<'a> {
-    pub topic: &'a str,
+    /// The route's topic filter, or where the message was refused (`broker`).
+    pub route: &'a str,
     pub size: usize,
     pub limit: usize,
 }
@@ -64,16 +66,17 @@ impl InternalEvent for PayloadOversized<'_> {
         m.payloads_oversized.inc();
         if log_due("oversized") {
             warn!(
-                topic = self.topic,
+                route = self.route,
                 size = self.size,
                 limit = self.limit,
-                "payload refused before decoding: too large (logged once a minute)"
+                "payload refused before decoding: too large; dead-lettered without its bytes (logged once a minute)"
             );
         }
     }
 }
 
 pub struct TopicUnrouted<'a> {
+    /// Logged at debug level only: topics may name patients.
     pub topic: &'a str,
 }
 
@@ -81,9 +84,24 @@ impl InternalEvent for TopicUnrouted<'_> {
     fn emit(self, m: &Metrics) {
         m.messages_unrouted.inc();
         if log_due("unrouted") {
-            info!(
-                topic = self.topic,
-                "message on a topic no route matches (logged once a minute)"
+            info!("a message arrived on a topic no route matches (logged once a minute; the topic at debug level)");
+        }
+        debug!(topic = self.topic, "unrouted message");
+    }
+}
+
+/// A client published to a topic name MQTT does not allow (wildcards, NUL, not UTF-8).
+pub struct TopicRefused {
+    pub reason: &'static str,
+}
+
+impl InternalEvent for TopicRefused {
+    fn emit(self, m: &Metrics) {
+        m.topics_refused.with_label_values(&[self.reason]).inc();
+        if log_due("topic-refused") {
+            warn!(
+                reason = self.reason,
+                "a client published to an invalid topic name: refused (logged once a minute)"
             );
         }
     }
@@ -160,6 +178,7 @@ impl InternalEvent for AlarmChanged<'_> {
 
 pub struct BrokerAlert<'a> {
     pub kind: &'a str,
+    /// Client ids may name a patient's device: logged at debug level only.
     pub client_id: &'a str,
     pub description: &'a str,
 }
@@ -168,16 +187,21 @@ impl InternalEvent for BrokerAlert<'_> {
     fn emit(self, m: &Metrics) {
         m.broker_alerts.with_label_values(&[self.kind]).inc();
         if self.kind == "cursor_jump" {
-            m.broker_messages_lost.inc();
-            tracing::error!(client = self.client_id, description = self.description,
-                "the embedded broker dropped messages before ingest read them: raise broker.backlog_bytes");
-        } else {
+            m.subscriber_messages_lost.inc();
+            if log_due("cursor-jump") {
+                warn!("a slow subscriber of the embedded broker missed messages (its backlog is bounded; logged once a minute)");
+            }
+        } else if log_due(&format!("alert/{}", self.kind)) {
             warn!(
                 kind = self.kind,
-                client = self.client_id,
-                description = self.description,
-                "broker alert"
+                "broker alert (logged once a minute per kind)"
             );
         }
+        debug!(
+            kind = self.kind,
+            client = self.client_id,
+            description = self.description,
+            "broker alert"
+        );
     }
 }

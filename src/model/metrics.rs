@@ -29,11 +29,17 @@ pub struct Metrics {
     pub alarms_active: IntGauge,
     pub stored_latency: Histogram,
     pub queue_depth: IntGaugeVec,
+    pub queue_bytes: IntGaugeVec,
     pub broker_alerts: IntCounterVec,
-    pub broker_messages_lost: IntCounter,
+    pub subscriber_messages_lost: IntCounter,
+    pub topics_refused: IntCounterVec,
+    pub connections: IntGauge,
     pub acks_sent: IntCounter,
     pub next_seq: IntGauge,
-    depth_probes: Mutex<Vec<(String, DepthProbe)>>,
+    pub healthy: IntGauge,
+    pub intake_open: IntGauge,
+    pub alarm_subjects_untracked: IntCounter,
+    depth_probes: Mutex<Vec<(String, bool, DepthProbe)>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -108,20 +114,46 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            queue_bytes: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "iomt_queue_bytes",
+                        "bytes waiting in front of a stage, by stage (each queue is bounded in bytes)",
+                    ),
+                    &["stage"],
+                )
+                .unwrap(),
+            ),
             broker_alerts: counter_vec(
                 "iomt_broker_alerts_total",
                 "alerts raised by the embedded broker, by kind",
                 &["kind"],
             ),
-            broker_messages_lost: counter(
-                "iomt_broker_messages_lost_total",
-                "times the embedded broker dropped messages ingest had not read (cursor jumps)",
+            subscriber_messages_lost: counter(
+                "iomt_subscriber_messages_lost_total",
+                "times a slow subscriber of the embedded broker missed messages (its backlog is bounded)",
             ),
+            topics_refused: counter_vec(
+                "iomt_topics_refused_total",
+                "publishes refused for an invalid topic name (wildcards, NUL, not UTF-8, empty), by reason",
+                &["reason"],
+            ),
+            connections: gauge("iomt_connections", "MQTT clients connected to the embedded broker"),
             acks_sent: counter(
                 "iomt_acks_sent_total",
-                "QoS 1 messages acknowledged to the external broker after their readings were stored",
+                "QoS 1/2 messages acknowledged to their sender after their readings were stored",
             ),
             next_seq: gauge("iomt_next_seq", "the seq the next reading will get"),
+            healthy: gauge("iomt_healthy", "1 while /healthz answers ok"),
+            intake_open: gauge(
+                "iomt_intake_open",
+                "1 while messages are taken in; 0 while they could not be stored (store failing, disk nearly full) or the service is not running",
+            ),
+            alarm_subjects_untracked: counter(
+                "iomt_alarm_subjects_untracked_total",
+                "readings of subjects a rule could not track because it already tracks its maximum",
+            ),
             depth_probes: Mutex::new(Vec::new()),
             registry,
         })
@@ -129,18 +161,31 @@ impl Metrics {
 
     /// Registers a stage queue whose depth is read at each scrape.
     pub fn probe_queue(&self, stage: &str, probe: impl Fn() -> i64 + Send + Sync + 'static) {
-        self.depth_probes
-            .lock()
-            .expect("probe lock")
-            .push((stage.to_owned(), Box::new(probe)));
+        self.depth_probes.lock().expect("probe lock").push((
+            stage.to_owned(),
+            false,
+            Box::new(probe),
+        ));
+    }
+
+    /// Registers a stage queue whose size in bytes is read at each scrape.
+    pub fn probe_queue_bytes(&self, stage: &str, probe: impl Fn() -> i64 + Send + Sync + 'static) {
+        self.depth_probes.lock().expect("probe lock").push((
+            stage.to_owned(),
+            true,
+            Box::new(probe),
+        ));
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        for (stage, probe) in self.depth_probes.lock().expect("probe lock").iter() {
-            self.queue_depth
-                .with_label_values(&[stage.as_str()])
-                .set(probe());
+        for (stage, bytes, probe) in self.depth_probes.lock().expect("probe lock").iter() {
+            let gauge = if *bytes {
+                &self.queue_bytes
+            } else {
+                &self.queue_depth
+            };
+            gauge.with_label_values(&[stage.as_str()]).set(probe());
         }
         let mut out = Vec::new();
         TextEncoder::new()

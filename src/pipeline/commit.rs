@@ -1,37 +1,72 @@
-//! The commit stage: seals each batch, stores it durably, and only then acknowledges its messages
-//! to the external broker and records how long its readings took from receipt to disk.
+//! The commit stage: seals batches, stores them durably, and only then acknowledges their
+//! messages to whoever sent them, and records how long their readings took from receipt to disk.
 //!
-//! A store that fails (disk full, I/O error) is retried with back-off rather than skipped: the
-//! queue in front fills and ingest waits, so no batch is ever dropped.
+//! Batches that queue up while the store is writing are committed together: one store
+//! transaction and one flush for the group (group commit), so a burst of small batches costs one
+//! disk sync, not one each.
+//!
+//! A store that fails (disk full, I/O error) is retried with back-off, never skipped: the health
+//! problem it raises pauses intake, the queue in front fills, ingest waits, and no message is
+//! acknowledged that is not stored. Once the service is stopping, retries end at the stop
+//! deadline: the batches left unstored were never acknowledged, so their senders still hold
+//! them.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-use tracing::{error, info};
-
+use super::health::{Health, Problem};
+use super::ingest::PendingBatch;
 use super::Acker;
 use crate::model::events::{BatchFailed, BatchStored, InternalEvent};
 use crate::model::metrics::Metrics;
 use crate::model::reading::now_micros;
-use crate::pipeline::ingest::PendingBatch;
-use crate::seal::{SealError, Sealer};
+use crate::seal::{SealError, SealedBatch, Sealer};
 use crate::store::{Store, StoreError};
+
+/// At most this many batches go into one group commit …
+const MAX_GROUP_BATCHES: usize = 64;
+/// … and at most about this many bytes of readings.
+const MAX_GROUP_BYTES: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    #[error("batch {id}: {source}")]
+    #[error("sealing batch {id}: {source}")]
     Seal { id: u64, source: SealError },
-    #[error("batch {id} could not be stored before shutdown: {source}")]
-    Store { id: u64, source: StoreError },
+    #[error("{batches} batches ({readings} readings) could not be stored before the stop deadline; their messages were not acknowledged: {source}")]
+    Store {
+        batches: usize,
+        readings: usize,
+        source: StoreError,
+    },
 }
 
+/// When the stage must give up retrying a failing store: unset while the service runs, set to
+/// the stop deadline once it stops.
+#[derive(Debug, Clone, Default)]
+pub struct GiveUp(Arc<Mutex<Option<Instant>>>);
+
+impl GiveUp {
+    pub fn at(&self, deadline: Instant) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(deadline);
+    }
+
+    fn due(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// The commit stage, built and ready to run.
 pub struct Commit {
     sealer: Sealer,
     store: Arc<dyn Store>,
     next_id: u64,
     metrics: Arc<Metrics>,
-    acker: Option<Box<dyn Acker>>,
+    health: Arc<Health>,
+    acker: Box<dyn Acker>,
+    give_up: GiveUp,
 }
 
 #[derive(Debug, Default)]
@@ -45,7 +80,9 @@ impl Commit {
         sealer: Sealer,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        acker: Option<Box<dyn Acker>>,
+        health: Arc<Health>,
+        acker: Box<dyn Acker>,
+        give_up: GiveUp,
     ) -> Result<Self, StoreError> {
         let next_id = store.last_header()?.map_or(0, |h| h.id + 1);
         Ok(Commit {
@@ -53,93 +90,108 @@ impl Commit {
             store,
             next_id,
             metrics,
+            health,
             acker,
+            give_up,
         })
     }
 
-    /// Commits batches until ingest drops its sender. `shutdown` only limits how long a failing
-    /// store is retried once the service is stopping.
-    pub fn run(
-        mut self,
-        rx: flume::Receiver<PendingBatch>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<CommitSummary, CommitError> {
+    /// Commits batches until ingest drops its sender and the queue is empty.
+    pub fn run(mut self, rx: flume::Receiver<PendingBatch>) -> Result<CommitSummary, CommitError> {
         let mut summary = CommitSummary::default();
-        for pending in rx.iter() {
-            if !pending.columns.is_empty() {
-                let rows = pending.columns.len();
-                let received = pending.columns.received.clone();
-                let id = self.next_id;
-                let sealed = self
-                    .sealer
-                    .seal(id, pending.columns)
-                    .map_err(|source| CommitError::Seal { id, source })?;
-                self.store_with_retry(&sealed, &shutdown)?;
-                self.next_id += 1;
-                let now = now_micros();
-                let latency = self.metrics.stored_latency.local();
-                for r in received {
-                    latency.observe((now - r).max(0) as f64 / 1e6);
-                }
-                latency.flush();
-                BatchStored {
-                    id,
-                    rows,
-                    bytes: sealed.envelope.ciphertext.len(),
-                }
-                .emit(&self.metrics);
-                self.metrics
-                    .store_size_bytes
-                    .set(self.store.size_on_disk() as i64);
-                summary.batches += 1;
-                summary.readings += rows as u64;
-            }
-            if let Some(acker) = self.acker.as_mut() {
-                for token in &pending.acks {
-                    if let Err(e) = acker.ack(token) {
-                        // The broker resends it next session; nothing is lost.
-                        error!(error = %e, "could not acknowledge a stored message");
+        while let Ok(first) = rx.recv() {
+            let mut bytes = first.columns.approx_bytes();
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP_BATCHES && bytes < MAX_GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        bytes += p.columns.approx_bytes();
+                        group.push(p);
                     }
+                    Err(_) => break,
                 }
-                self.metrics.acks_sent.inc_by(pending.acks.len() as u64);
+            }
+            let mut sealed = Vec::with_capacity(group.len());
+            let mut received = Vec::new();
+            let mut acks = Vec::new();
+            for pending in group {
+                acks.extend_from_slice(&pending.acks);
+                if pending.columns.is_empty() {
+                    continue;
+                }
+                received.extend_from_slice(&pending.columns.received);
+                let id = self.next_id + sealed.len() as u64;
+                sealed.push(
+                    self.sealer
+                        .seal(id, pending.columns)
+                        .map_err(|source| CommitError::Seal { id, source })?,
+                );
+            }
+            if !sealed.is_empty() {
+                self.store_with_retry(&sealed)?;
+                self.next_id += sealed.len() as u64;
+                self.stored(&sealed, &received, &mut summary);
+            }
+            if !acks.is_empty() {
+                self.acker.ack(&acks);
+                self.metrics.acks_sent.inc_by(acks.len() as u64);
             }
         }
-        info!(
-            batches = summary.batches,
-            readings = summary.readings,
-            "commit stage stopped"
-        );
         Ok(summary)
     }
 
-    fn store_with_retry(
-        &self,
-        sealed: &crate::seal::SealedBatch,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Result<(), CommitError> {
+    fn stored(&self, sealed: &[SealedBatch], received: &[i64], summary: &mut CommitSummary) {
+        let now = now_micros();
+        let latency = self.metrics.stored_latency.local();
+        for r in received {
+            latency.observe((now - r).max(0) as f64 / 1e6);
+        }
+        latency.flush();
+        for b in sealed {
+            BatchStored {
+                id: b.header.id,
+                rows: b.header.rows as usize,
+                bytes: b.envelope.ciphertext.len(),
+            }
+            .emit(&self.metrics);
+            summary.batches += 1;
+            summary.readings += u64::from(b.header.rows);
+        }
+        self.metrics
+            .store_size_bytes
+            .set(self.store.size_on_disk() as i64);
+    }
+
+    fn store_with_retry(&self, sealed: &[SealedBatch]) -> Result<(), CommitError> {
         let mut backoff = Duration::from_millis(50);
-        let mut attempts_after_shutdown = 0;
         loop {
-            match self.store.put_batch(sealed) {
-                Ok(()) => return Ok(()),
+            match self.store.put_batches(sealed) {
+                Ok(()) => {
+                    self.health.clear(Problem::Store);
+                    return Ok(());
+                }
                 Err(source) => {
+                    let rows = sealed.iter().map(|b| b.header.rows as usize).sum();
                     BatchFailed {
-                        id: sealed.header.id,
-                        rows: sealed.header.rows as usize,
+                        id: sealed[0].header.id,
+                        rows,
                         error: &source,
                     }
                     .emit(&self.metrics);
-                    if *shutdown.borrow() {
-                        attempts_after_shutdown += 1;
-                        if attempts_after_shutdown >= 5 {
-                            return Err(CommitError::Store {
-                                id: sealed.header.id,
-                                source,
-                            });
-                        }
+                    self.health.problem(Problem::Store, &source.to_string());
+                    if self.give_up.due() {
+                        return Err(CommitError::Store {
+                            batches: sealed.len(),
+                            readings: rows,
+                            source,
+                        });
                     }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // Sleep in short steps so that a stop deadline is noticed promptly.
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !self.give_up.due() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }

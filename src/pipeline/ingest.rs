@@ -1,20 +1,27 @@
-//! Ingest: takes MQTT messages from an [`Input`] (the embedded broker's in-process link, or an
-//! external broker's persistent session), finds each topic's route, decodes the payload into the
-//! open batch, feeds the new readings to the alarm engine, and hands full (or old enough)
-//! batches to the commit stage.
+//! Ingest: takes messages from the input queue, finds each topic's route, decodes the payload
+//! into the open batch, feeds the new readings to the alarm engine, and hands batches to the
+//! commit stage with the acknowledgements they release.
 //!
-//! It runs on its own thread: rumqttd's link blocks on bounded channels, which must stay off
-//! tokio's workers, and a plain loop is the fastest way through ~10^5 messages a second.
+//! It runs on its own thread (a plain loop is the fastest way through ~10^5 messages a second)
+//! until every transport sender is gone and the queue is empty, then hands over its last batch:
+//! stopping the transports is what stops ingest, so nothing taken in is left behind.
+//!
+//! Batches are cut when full (`batch.max_rows`, `batch.max_bytes`), when old (`batch.max_age`),
+//! and, when they hold messages waiting for their acknowledgement, as soon as the input has been
+//! quiet for `batch.linger`: a publisher whose window of unacknowledged messages is full sends
+//! nothing more until it is acknowledged, so waiting for more would only stall it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::debug;
 
-pub use super::routes::{Route, RouteTable};
-use super::{AckToken, Incoming, Input};
+use super::health::{Health, Phase, Problem};
+use super::input::{InputClosed, InputQueue};
+use super::output::{Outgoing, OutputHandle};
+use super::routes::{Route, RouteTable};
+use super::AckToken;
 use crate::alarm::AlarmEngine;
 use crate::codec::{DecodeError, Message, ReadingSink, Reason};
 use crate::config::{BatchConfig, IngestConfig};
@@ -24,14 +31,19 @@ use crate::model::events::{
 };
 use crate::model::metrics::Metrics;
 use crate::model::reading::now_micros;
-use crate::pipeline::output::{Outgoing, OutputHandle};
 use crate::store::{Store, StoreError};
 
-/// Topics this service publishes on itself; ingest ignores them when they come back.
+/// Topics this service publishes on itself. Messages there are not readings: ingest only
+/// carries their acknowledgement, in order with the others.
 pub const OWN_TOPIC_PREFIXES: &[&str] = &["alarms/", "edge/"];
 
-/// Seqs are reserved durably in blocks of this many, so a crash can never hand one out twice.
+/// Seqs are reserved durably in blocks of this many. A seq leaves ingest (in a batch, or named
+/// by an alarm) only once it lies below the durable reservation, so no crash can hand it out
+/// twice.
 const SEQ_BLOCK: u64 = 1 << 20;
+
+/// How long ingest waits for a message when it holds no open batch (only to be responsive).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
 
 /// A batch on its way to the commit stage, with the acknowledgements it releases.
 #[derive(Debug)]
@@ -40,21 +52,36 @@ pub struct PendingBatch {
     pub acks: Vec<AckToken>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the commit stage stopped before ingest")]
+    CommitStopped,
+    #[error("reserving seqs: {0}")]
+    Reserve(StoreError),
+}
+
+/// What an ingest run hands back when it stops.
+#[derive(Debug)]
+pub struct IngestSummary {
+    /// The seq the next reading would have got: every seq below it may have been handed out.
+    pub next_seq: u64,
+    pub messages: u64,
+}
+
 /// The ingest stage, built and ready to run.
 pub struct Ingest {
     routes: RouteTable,
     alarms: AlarmEngine,
     builder: BatchBuilder,
     batch: BatchConfig,
-    max_payload: usize,
-    dead_letter: bool,
-    /// Flush once this many acknowledgements wait, so an external broker's in-flight window
-    /// never stalls on a batch that is not full yet.
-    max_pending_acks: usize,
+    ingest: IngestConfig,
     store: Arc<dyn Store>,
+    health: Arc<Health>,
+    /// The first seq no process has handed out: every seq below it is durably reserved.
     seq_reserved: u64,
     metrics: Arc<Metrics>,
     route_counters: Vec<prometheus::IntCounter>,
+    alarm_subjects_untracked: u64,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -63,21 +90,14 @@ impl std::fmt::Debug for Ingest {
     }
 }
 
-/// What an ingest run hands back when it stops.
-#[derive(Debug)]
-pub struct IngestSummary {
-    pub next_seq: u64,
-}
-
 impl Ingest {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         routes: RouteTable,
         alarms: AlarmEngine,
         ingest: &IngestConfig,
         batch: &BatchConfig,
-        max_pending_acks: usize,
         store: Arc<dyn Store>,
+        health: Arc<Health>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
         let next_seq = store.seq_reserved()?;
@@ -96,84 +116,65 @@ impl Ingest {
             alarms,
             builder: BatchBuilder::new(next_seq, batch.max_rows.min(1 << 16)),
             batch: batch.clone(),
-            max_payload: ingest.max_payload_bytes,
-            dead_letter: ingest.dead_letter,
-            max_pending_acks: max_pending_acks.max(1),
+            ingest: ingest.clone(),
             seq_reserved: next_seq,
             store,
+            health,
             metrics,
             route_counters,
+            alarm_subjects_untracked: 0,
         })
     }
 
-    /// Runs until `shutdown` turns true or the input closes; then drains what the input already
-    /// acknowledged, seals the open batch and returns. Dropping `commit` and `output` on return
-    /// lets the later stages finish.
+    /// Runs until the input closes (every transport sender gone, the queue drained), then
+    /// hands the open batch to commit and returns. Dropping `commit` and `output` on return
+    /// lets those stages finish.
     pub fn run(
         mut self,
-        mut input: Box<dyn Input>,
+        input: InputQueue,
         commit: flume::Sender<PendingBatch>,
         output: OutputHandle,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<IngestSummary, StoreError> {
+    ) -> Result<IngestSummary, IngestError> {
         let mut acks: Vec<AckToken> = Vec::new();
         let mut opened: Option<Instant> = None;
-        // Wake at least this often to notice shutdown.
-        const TICK: Duration = Duration::from_millis(50);
-        // During shutdown, the input counts as drained after this long without a message.
-        const DRAIN_IDLE: Duration = Duration::from_millis(300);
-        let mut draining_since: Option<Instant> = None;
+        let mut last_message = Instant::now();
+        let mut messages = 0u64;
         loop {
-            let now = Instant::now();
-            if draining_since.is_none() && *shutdown.borrow() {
-                info!("ingest: stopping; draining messages the broker already acknowledged");
-                if !input.drain_on_shutdown() {
-                    break;
-                }
-                draining_since = Some(now);
-            }
-            let wait = if draining_since.is_some() {
-                DRAIN_IDLE
-            } else {
-                TICK
+            let deadline = match opened {
+                None => Instant::now() + IDLE_WAIT,
+                Some(o) if acks.is_empty() => o + self.batch.max_age,
+                Some(o) => (o + self.batch.max_age).min(last_message + self.batch.linger),
             };
-            let mut deadline = now + wait;
-            if let Some(o) = opened {
-                deadline = deadline.min(o + self.batch.max_age);
-            }
-            match input.recv(deadline) {
+            match input.recv_deadline(deadline) {
                 Ok(Some(msg)) => {
-                    if let Some(ack) = msg.ack.clone() {
+                    messages += 1;
+                    last_message = Instant::now();
+                    self.handle(&msg.topic, &msg.payload, &output)?;
+                    if let Some(ack) = msg.ack {
                         acks.push(ack);
                     }
-                    self.handle(&msg, &output)?;
                     if opened.is_none() && (!self.builder.is_empty() || !acks.is_empty()) {
-                        opened = Some(Instant::now());
+                        opened = Some(last_message);
                     }
                 }
-                Ok(None) => {
-                    if draining_since.is_some() && Instant::now() >= deadline {
-                        break;
-                    }
-                }
-                Err(closed) => {
-                    info!(reason = %closed, "ingest: input closed");
-                    break;
-                }
+                Ok(None) => {}
+                Err(InputClosed) => break,
             }
-            let full =
-                self.builder.len() >= self.batch.max_rows || acks.len() >= self.max_pending_acks;
-            let old = opened.is_some_and(|o| o.elapsed() >= self.batch.max_age);
-            if full || old {
+            let Some(o) = opened else { continue };
+            let now = Instant::now();
+            let full = self.builder.len() >= self.batch.max_rows
+                || self.builder.columns().approx_bytes() >= self.batch.max_bytes;
+            let old = now >= o + self.batch.max_age;
+            let lingered = !acks.is_empty() && now >= last_message + self.batch.linger;
+            if full || old || lingered {
                 self.flush(&commit, &mut acks)?;
                 opened = None;
             }
         }
         self.flush(&commit, &mut acks)?;
-        // A clean stop hands out no seq it did not use.
-        self.store.reserve_seq(self.builder.next_seq())?;
         Ok(IngestSummary {
             next_seq: self.builder.next_seq(),
+            messages,
         })
     }
 
@@ -181,7 +182,7 @@ impl Ingest {
         &mut self,
         commit: &flume::Sender<PendingBatch>,
         acks: &mut Vec<AckToken>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), IngestError> {
         if self.builder.is_empty() && acks.is_empty() {
             return Ok(());
         }
@@ -190,87 +191,109 @@ impl Ingest {
             acks: std::mem::take(acks),
         };
         // Blocks while the commit stage is behind: back-pressure, not loss.
-        if commit.send(pending).is_err() {
-            return Err(StoreError::Corrupt {
-                key: "commit stage".into(),
-                reason: "stopped before ingest".into(),
-            });
+        commit.send(pending).map_err(|_| IngestError::CommitStopped)
+    }
+
+    /// Makes sure every seq handed out so far lies below the durable reservation, before any of
+    /// them leaves ingest. A store that cannot write is retried while the service runs (intake
+    /// is paused meanwhile, by the health problem); once it stops, ingest gives up: the readings
+    /// of the open batch were never acknowledged, so their publishers still hold them.
+    fn reserve_seqs(&mut self) -> Result<(), IngestError> {
+        if self.builder.next_seq() <= self.seq_reserved {
+            return Ok(());
         }
-        Ok(())
+        let want = self.builder.next_seq() + SEQ_BLOCK;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store.reserve_seq(want) {
+                Ok(()) => {
+                    self.seq_reserved = want;
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.metrics.store_errors.inc();
+                    self.health.problem(Problem::Store, &e.to_string());
+                    if self.health.report().phase != Phase::Running {
+                        return Err(IngestError::Reserve(e));
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// Routes, decodes and checks one message.
-    fn handle(&mut self, msg: &Incoming, output: &OutputHandle) -> Result<(), StoreError> {
-        let Ok(topic) = std::str::from_utf8(&msg.topic) else {
-            TopicUnrouted {
-                topic: "<not UTF-8>",
-            }
-            .emit(&self.metrics);
+    fn handle(
+        &mut self,
+        topic: &Bytes,
+        payload: &Bytes,
+        output: &OutputHandle,
+    ) -> Result<(), IngestError> {
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            // Transports refuse such names; a message that slips through is not a reading.
+            TopicUnrouted { topic: "" }.emit(&self.metrics);
             return Ok(());
         };
         if OWN_TOPIC_PREFIXES.iter().any(|p| topic.starts_with(p)) {
             return Ok(());
         }
         let received = now_micros();
-        let dead_letters = DeadLetters {
-            enabled: self.dead_letter,
-            metrics: &self.metrics,
-            output,
-            topic,
-            received,
-        };
         let Some((route, resolved)) = self.routes.resolve(topic) else {
             TopicUnrouted { topic }.emit(&self.metrics);
             return Ok(());
         };
         self.route_counters[resolved.route].inc();
-        let codec = &route.codec;
-        if msg.payload.len() > self.max_payload {
+        let dead_letters = DeadLetters {
+            enabled: self.ingest.dead_letter,
+            metrics: &self.metrics,
+            output,
+            topic,
+            route,
+            received,
+        };
+        let max_payload = self.ingest.max_payload_bytes;
+        if payload.len() > max_payload {
             PayloadOversized {
-                topic,
-                size: msg.payload.len(),
-                limit: self.max_payload,
+                route: &route.filter_text,
+                size: payload.len(),
+                limit: max_payload,
             }
             .emit(&self.metrics);
             let err = DecodeError::new(
                 Reason::Oversized,
-                format!(
-                    "{} bytes, above the limit of {}",
-                    msg.payload.len(),
-                    self.max_payload
-                ),
+                format!("{} bytes, above the limit of {max_payload}", payload.len()),
             );
             // The payload itself is not republished: that would let one device double the load.
-            dead_letters.send(codec.name(), &err, None);
+            dead_letters.send(&err, None);
             return Ok(());
         }
         let message = Message {
             topic,
-            payload: &msg.payload,
+            payload,
             received,
             source: &resolved.source,
             subject: resolved.subject.as_deref(),
         };
         let mark = self.builder.len();
-        if self.builder.next_seq() + 4096 >= self.seq_reserved {
-            self.seq_reserved = self.builder.next_seq() + SEQ_BLOCK;
-            self.store.reserve_seq(self.seq_reserved)?;
-        }
+        let codec = route.codec.clone();
         let result = codec.decode(&message, &mut ReadingSink::new(&mut self.builder, &message));
         if let Err(err) = result {
             self.builder.rollback(mark);
             DecodeFailed {
-                topic,
+                route: &route.filter_text,
                 codec: codec.name(),
                 error: &err,
             }
             .emit(&self.metrics);
-            dead_letters.send(codec.name(), &err, Some(&msg.payload));
+            dead_letters.send(&err, Some(payload));
             return Ok(());
         }
         let added = self.builder.len() - mark;
         self.metrics.readings_decoded.inc_by(added as u64);
         self.metrics.next_seq.set(self.builder.next_seq() as i64);
+        // Alarms name their readings' seqs: those must be reserved first.
+        self.reserve_seqs()?;
         for i in mark..self.builder.len() {
             let row = self.builder.columns().row(i);
             for event in self.alarms.observe(&row) {
@@ -285,6 +308,13 @@ impl Ingest {
                 output.send(Outgoing::Alarm(event));
             }
         }
+        let untracked = self.alarms.subjects_untracked();
+        if untracked > self.alarm_subjects_untracked {
+            self.metrics
+                .alarm_subjects_untracked
+                .inc_by(untracked - self.alarm_subjects_untracked);
+            self.alarm_subjects_untracked = untracked;
+        }
         Ok(())
     }
 }
@@ -295,24 +325,25 @@ struct DeadLetters<'a> {
     metrics: &'a Metrics,
     output: &'a OutputHandle,
     topic: &'a str,
+    route: &'a Route,
     received: i64,
 }
 
 impl DeadLetters<'_> {
-    fn send(&self, codec: &'static str, err: &DecodeError, payload: Option<&Bytes>) {
+    fn send(&self, err: &DecodeError, payload: Option<&Bytes>) {
         if !self.enabled {
             return;
         }
         debug!(
             topic = self.topic,
-            codec,
+            codec = self.route.codec.name(),
             reason = err.reason.as_str(),
             "dead letter"
         );
         self.metrics.dead_letters.inc();
         self.output.send(Outgoing::DeadLetter {
             topic: self.topic.to_owned(),
-            codec,
+            codec: self.route.codec.name(),
             reason: err.reason.as_str(),
             detail: err.detail.clone(),
             payload: payload.cloned(),

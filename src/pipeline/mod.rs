@@ -1,47 +1,59 @@
 //! The pipeline stages (ingest → commit, output) and the seams they run through: where messages
-//! come from ([`Input`]), how they are acknowledged once stored ([`Acker`]), and where alarms and
-//! dead letters go ([`Publisher`]). Transports implement these traits; stages never name a
-//! transport.
-
-use std::time::Instant;
-
-use bytes::Bytes;
+//! come from ([`input`]), how they are acknowledged once stored ([`Acker`], [`AckToken`]), and
+//! where alarms and dead letters go ([`Publisher`]). Transports implement these; stages never
+//! name a transport. [`health`] is the state every stage reports into and `/healthz` reads.
 
 pub mod commit;
+pub mod disk;
+pub mod health;
 pub mod ingest;
+pub mod input;
 pub mod output;
 pub mod routes;
 
-/// How a message is acknowledged to the broker it came from, once its readings are stored.
-pub type AckToken = rumqttc::Publish;
+use bytes::Bytes;
 
-/// One message from the broker.
-#[derive(Debug)]
-pub struct Incoming {
-    pub topic: Bytes,
-    pub payload: Bytes,
-    pub ack: Option<AckToken>,
+/// Names one received message so that the transport it came from can acknowledge it once its
+/// readings are stored. Only the transport that issued a token reads its fields: to the stages
+/// it is an opaque, copyable value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AckToken {
+    session: u64,
+    packet_id: u16,
+    qos: u8,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the input closed: {0}")]
-pub struct InputClosed(pub String);
+impl AckToken {
+    /// A token for packet `packet_id`, received at `qos` (1 or 2) in the transport's `session`.
+    pub fn new(session: u64, packet_id: u16, qos: u8) -> Self {
+        AckToken {
+            session,
+            packet_id,
+            qos,
+        }
+    }
 
-/// Where messages come from.
-pub trait Input: Send {
-    /// The next message, waiting until `deadline`; `Ok(None)` when none came in time.
-    fn recv(&mut self, deadline: Instant) -> Result<Option<Incoming>, InputClosed>;
-    /// Whether messages already acknowledged to publishers may still be queued inside the
-    /// input, so that shutdown must drain it (the embedded broker acknowledges on receipt).
-    fn drain_on_shutdown(&self) -> bool;
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    pub fn packet_id(&self) -> u16 {
+        self.packet_id
+    }
+
+    pub fn qos(&self) -> u8 {
+        self.qos
+    }
 }
 
-/// Where the output stage publishes.
+/// Acknowledges messages to whoever sent them, once their readings are durably stored.
+pub trait Acker: Send {
+    /// Sends the acknowledgements; never blocks for long (the commit stage calls it). Tokens of
+    /// a session that has ended since are dropped: the sender resends those messages.
+    fn ack(&mut self, tokens: &[AckToken]);
+}
+
+/// Where the output stage publishes alarms and dead letters.
 pub trait Publisher: Send {
     fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String>;
-}
-
-/// Acknowledges messages to the broker they came from.
-pub trait Acker: Send {
-    fn ack(&mut self, token: &crate::pipeline::AckToken) -> Result<(), String>;
 }

@@ -1,18 +1,21 @@
 //! The output stage: publishes alarms (`alarms/<site>/<subject>/<rule>`, QoS 1, retained while
 //! active, cleared by an empty retained message) and dead letters (`edge/deadletter/<topic>`)
-//! through the embedded broker's link or the external broker's client, on a thread of its own.
+//! through whichever [`Publisher`] the transport gives it, on a thread of its own. Its queue is
+//! bounded in bytes: ingest waits when it is full (back-pressure), nothing is dropped.
 
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::json;
-use tracing::error;
+use tracing::{debug, error};
 
 use super::Publisher;
 use crate::alarm::AlarmEvent;
 use crate::model::reading::format_ts;
+use crate::topic::{alarm_topic, dead_letter_topic};
 
 /// Something to publish.
 #[derive(Debug)]
@@ -29,34 +32,122 @@ pub enum Outgoing {
     },
 }
 
-/// A cheap handle for queueing messages to publish. Sending blocks while the queue is full
-/// (back-pressure); nothing is dropped.
+impl Outgoing {
+    /// Roughly the bytes this message holds while queued.
+    fn bytes(&self) -> usize {
+        128 + match self {
+            Outgoing::Alarm(e) => e.rule.len() + e.subject.len(),
+            Outgoing::DeadLetter {
+                topic,
+                detail,
+                payload,
+                ..
+            } => topic.len() + detail.len() + payload.as_ref().map_or(0, Bytes::len),
+        }
+    }
+}
+
+/// Bytes queued, and a condition to wait on for room.
+#[derive(Debug)]
+struct Room {
+    used: Mutex<usize>,
+    freed: Condvar,
+    capacity: usize,
+}
+
+impl Room {
+    /// Waits until `n` more bytes fit (or the queue is empty: one message larger than the
+    /// whole queue still passes, alone).
+    fn take(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > self.capacity {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+
+    fn give(&self, n: usize) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    fn used(&self) -> usize {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A cheap handle for queueing messages to publish. Sending waits while the queue is full.
 #[derive(Debug, Clone)]
 pub struct OutputHandle {
-    tx: flume::Sender<Outgoing>,
+    tx: flume::Sender<(Outgoing, usize)>,
+    room: Arc<Room>,
 }
 
 impl OutputHandle {
     pub fn send(&self, o: Outgoing) {
-        if self.tx.send(o).is_err() {
+        let n = o.bytes();
+        self.room.take(n);
+        if self.tx.send((o, n)).is_err() {
+            self.room.give(n);
             error!("output stage has stopped; a message could not be published");
         }
     }
 }
 
-pub const QUEUE: usize = 4096;
-
-pub fn alarm_topic(site: &str, subject: &str, rule: &str) -> String {
-    // A subject is a topic level: characters MQTT gives a meaning are replaced.
-    let subject: String = subject
-        .chars()
-        .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
-        .collect();
-    format!("alarms/{site}/{subject}/{rule}")
+/// The output stage, built and ready to spawn.
+pub struct Output {
+    site: String,
+    publisher: Box<dyn Publisher>,
+    max_bytes: usize,
 }
 
-pub fn dead_letter_topic(topic: &str) -> String {
-    format!("edge/deadletter/{topic}")
+impl Output {
+    pub fn new(site: String, publisher: Box<dyn Publisher>, max_bytes: usize) -> Self {
+        Output {
+            site,
+            publisher,
+            max_bytes,
+        }
+    }
+
+    /// Starts the output thread; it ends once every handle is dropped and the queue is
+    /// drained. Also returns a probe of the queued bytes, for metrics.
+    pub fn spawn(
+        self,
+    ) -> std::io::Result<(OutputHandle, impl Fn() -> i64 + Send + Sync, JoinHandle<()>)> {
+        let Output {
+            site,
+            mut publisher,
+            max_bytes,
+        } = self;
+        let (tx, rx) = flume::unbounded::<(Outgoing, usize)>();
+        let room = Arc::new(Room {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            capacity: max_bytes.max(1),
+        });
+        let stage_room = room.clone();
+        let join = thread::Builder::new()
+            .name("output".into())
+            .spawn(move || {
+                for (o, n) in rx.iter() {
+                    let (topic, payload, retain) = encode(&site, &o);
+                    stage_room.give(n);
+                    if let Err(e) = publisher.publish(topic.clone(), payload, retain) {
+                        // The topic names a subject: only at debug level.
+                        error!(error = %e, "could not publish an alarm or dead letter");
+                        debug!(topic, "the message that could not be published");
+                    }
+                }
+            })?;
+        let probe_room = room.clone();
+        Ok((
+            OutputHandle { tx, room },
+            move || probe_room.used() as i64,
+            join,
+        ))
+    }
 }
 
 /// The topic, payload and retain flag of an outgoing message.
@@ -108,26 +199,6 @@ pub fn encode(site: &str, o: &Outgoing) -> (String, Bytes, bool) {
     }
 }
 
-/// Starts the output thread; it ends once every handle is dropped and the queue is empty.
-pub fn spawn(
-    site: String,
-    mut publisher: Box<dyn Publisher>,
-) -> std::io::Result<(OutputHandle, flume::Receiver<Outgoing>, JoinHandle<()>)> {
-    let (tx, rx) = flume::bounded::<Outgoing>(QUEUE);
-    let probe = rx.clone();
-    let join = thread::Builder::new()
-        .name("output".into())
-        .spawn(move || {
-            for o in rx.iter() {
-                let (topic, payload, retain) = encode(&site, &o);
-                if let Err(e) = publisher.publish(topic.clone(), payload, retain) {
-                    error!(topic = %topic, error = %e, "could not publish");
-                }
-            }
-        })?;
-    Ok((OutputHandle { tx }, probe, join))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,7 +220,7 @@ mod tests {
             since: 1_700_000_000_000_000,
         };
         let (topic, payload, retain) = encode("w", &Outgoing::Alarm(e.clone()));
-        assert_eq!(topic, "alarms/w/ward7_bed3/spo2-low");
+        assert_eq!(topic, "alarms/w/ward7%2Fbed3/spo2-low");
         assert!(retain);
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(v["seq"], 42);

@@ -38,13 +38,17 @@ pub struct Resolved {
     pub subject: Option<Box<str>>,
 }
 
-const CACHE_LIMIT: usize = 100_000;
+/// The route cache holds at most about this many bytes (topics can be 64 KiB long, and a
+/// device fleet's topics are few, so a full cache means someone publishes on ever new topics:
+/// starting over is the right answer).
+const CACHE_BYTES: usize = 8 << 20;
 
 /// Routes in pipeline-file order: the first matching route wins.
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Route>,
     cache: HashMap<Box<str>, Option<Resolved>>,
+    cache_bytes: usize,
 }
 
 impl RouteTable {
@@ -52,6 +56,7 @@ impl RouteTable {
         RouteTable {
             routes,
             cache: HashMap::new(),
+            cache_bytes: 0,
         }
     }
 
@@ -63,8 +68,9 @@ impl RouteTable {
     /// lacks a level the route's templates name.
     pub fn resolve(&mut self, topic: &str) -> Option<(&Route, &Resolved)> {
         if !self.cache.contains_key(topic) {
-            if self.cache.len() >= CACHE_LIMIT {
+            if self.cache_bytes >= CACHE_BYTES {
                 self.cache.clear();
+                self.cache_bytes = 0;
             }
             let resolved = self.routes.iter().enumerate().find_map(|(i, r)| {
                 if !r.filter.matches(topic) {
@@ -79,6 +85,11 @@ impl RouteTable {
                     },
                 })
             });
+            self.cache_bytes += 64
+                + topic.len()
+                + resolved.as_ref().map_or(0, |r| {
+                    r.source.len() + r.subject.as_ref().map_or(0, |s| s.len())
+                });
             self.cache.insert(topic.into(), resolved);
         }
         let resolved = self.cache.get(topic).and_then(Option::as_ref)?;

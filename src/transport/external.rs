@@ -1,141 +1,287 @@
-//! Input from an external broker: a persistent session (clean session off), QoS 1 subscriptions
-//! to every route's filter, and manual acknowledgements sent only after a message's readings
-//! are stored. A crash therefore loses nothing the broker considers delivered: it resends every
-//! unacknowledged message when the session resumes (so a reading may, rarely, be stored twice).
+//! The external broker (a hospital's MQTT broker): an MQTT 5 persistent session (clean start off,
+//! a session that never expires), QoS 1 subscriptions to every route's filter, and manual
+//! acknowledgements sent only once a message's readings are stored. A crash therefore loses
+//! nothing the broker considers delivered: it resends every unacknowledged message when the
+//! session resumes (so a reading may, rarely, be stored twice).
+//!
+//! The incoming window is MQTT 5's Receive Maximum (`broker.inflight`): the broker may send that
+//! many messages before the first is acknowledged, which covers the messages of a commit cycle.
+//! MQTT 3.1.1 has no such window (mosquitto's default is 20 messages), which is why this client
+//! speaks MQTT 5. `broker.max_packet_bytes` is announced as the Maximum Packet Size, so the
+//! broker withholds larger messages instead of sending something that would break the session;
+//! payloads above `ingest.max_payload_bytes` are dead-lettered and acknowledged by ingest.
+//!
+//! The connection runs as one task that polls rumqttc's event loop. While ingest's queue is full
+//! or intake is paused it stops polling, so nothing more is read (the broker keeps the messages;
+//! if the pause outlasts the keep-alive it drops the connection, and resends them all when the
+//! session resumes).
 
-use std::thread;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{Client, Connection, Event, MqttOptions, Packet, QoS};
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::parse_mqtt_url;
-use crate::pipeline::{Acker, Incoming, Input, InputClosed, Publisher};
-use bytes::Bytes;
+use crate::config::{parse_mqtt_url, BrokerConfig};
+use crate::pipeline::health::{Health, Problem};
+use crate::pipeline::input::{InputSender, Received};
+use crate::pipeline::{AckToken, Acker, Publisher};
 
-/// Enough for every packet id MQTT has, so the connection thread can never block on ingest
-/// (it must keep draining the acknowledgements the commit stage sends).
-const CHANNEL_CAPACITY: usize = 65_536;
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// A connection to the external broker: the client (cheap to clone; acks and publishes go
-/// through it) and its input.
+/// The running connection to the external broker.
 pub struct ExternalBroker {
-    pub client: Client,
-    pub input: ExternalInput,
+    client: AsyncClient,
+    stopping: watch::Sender<bool>,
+    finish: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-pub struct ExternalInput {
-    rx: flume::Receiver<Incoming>,
-}
-
-impl ExternalBroker {
-    /// Connects in the background and subscribes to `filters` at each (re)connection.
-    pub fn connect(
-        url: &str,
-        client_id: &str,
-        filters: Vec<String>,
-        inflight: u16,
-        max_packet_bytes: usize,
-    ) -> Result<Self, String> {
-        let (host, port) = parse_mqtt_url(url)?;
-        let mut opts = MqttOptions::new(client_id, host, port);
-        opts.set_clean_session(false)
-            .set_manual_acks(true)
-            .set_keep_alive(Duration::from_secs(15))
-            .set_inflight(inflight.max(1))
-            .set_max_packet_size(max_packet_bytes, max_packet_bytes);
-        let (client, connection) = Client::new(opts, 4096);
-        let (tx, rx) = flume::bounded(CHANNEL_CAPACITY);
-        let sub_client = client.clone();
-        thread::Builder::new()
-            .name("mqtt-external".into())
-            .spawn(move || run_connection(connection, sub_client, filters, tx))
-            .map_err(|e| e.to_string())?;
-        Ok(ExternalBroker {
-            client,
-            input: ExternalInput { rx },
-        })
+impl std::fmt::Debug for ExternalBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExternalBroker")
     }
 }
 
-fn run_connection(
-    mut connection: Connection,
-    client: Client,
-    filters: Vec<String>,
-    tx: flume::Sender<Incoming>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    for event in connection.iter() {
-        match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let incoming = Incoming {
-                    topic: p.topic.clone().into(),
-                    payload: p.payload.clone(),
-                    ack: Some(p),
-                };
-                if tx.send(incoming).is_err() {
-                    return;
-                }
+impl ExternalBroker {
+    /// Starts connecting in the background (health shows `broker` until the session is up and
+    /// every subscription accepted).
+    pub fn start(
+        url: &str,
+        client_id: &str,
+        filters: Vec<String>,
+        c: &BrokerConfig,
+        input: InputSender,
+        health: Arc<Health>,
+    ) -> Result<(Self, ClientPublisher, ClientAcker), String> {
+        let (host, port) = parse_mqtt_url(url)?;
+        let window = c.inflight.max(1);
+        let mut opts = MqttOptions::new(client_id, host, port);
+        opts.set_clean_start(false)
+            .set_session_expiry_interval(Some(u32::MAX))
+            .set_manual_acks(true)
+            .set_keep_alive(KEEP_ALIVE)
+            .set_receive_maximum(Some(window))
+            .set_max_packet_size(Some(c.max_packet_bytes.min(u32::MAX as usize) as u32));
+        // Every message of the window may need an acknowledgement, and alarms and dead letters
+        // go out through the same channel: it never fills.
+        let (client, eventloop) = AsyncClient::new(opts, usize::from(window) + 8192);
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (stopping, stopping_rx) = watch::channel(false);
+        let (finish, finish_rx) = watch::channel(false);
+        health.problem(Problem::Broker, &format!("connecting to {url}"));
+        let task = tokio::spawn(run(
+            eventloop,
+            client.clone(),
+            filters,
+            Some(input),
+            health,
+            epoch.clone(),
+            stopping_rx,
+            finish_rx,
+        ));
+        Ok((
+            ExternalBroker {
+                client: client.clone(),
+                stopping,
+                finish,
+                task,
+            },
+            ClientPublisher(client.clone()),
+            ClientAcker { client, epoch },
+        ))
+    }
+
+    /// Stops handing messages to ingest: those the broker sends from now on are left
+    /// unacknowledged, so it resends them next session.
+    pub async fn stop_accepting(&mut self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Every acknowledgement is queued: sends them, then DISCONNECT, and waits for the
+    /// connection task until `deadline`. False if it had to be abandoned.
+    pub async fn finish(self, deadline: Instant) -> bool {
+        self.finish.send_replace(true);
+        // Requests go out in order: every queued acknowledgement before the DISCONNECT.
+        let _ = self.client.try_disconnect();
+        let mut task = self.task;
+        match tokio::time::timeout_at(deadline.into(), &mut task).await {
+            Ok(_) => true,
+            Err(_) => {
+                task.abort();
+                false
             }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    filters: Vec<String>,
+    mut input: Option<InputSender>,
+    health: Arc<Health>,
+    epoch: Arc<AtomicU64>,
+    mut stopping: watch::Receiver<bool>,
+    mut finish: watch::Receiver<bool>,
+) {
+    let mut intake = health.intake();
+    let mut backoff = Duration::from_millis(100);
+    let mut subscriptions_pending = 0usize;
+    let mut subscription_refused = false;
+    loop {
+        if *stopping.borrow() {
+            input = None;
+        }
+        let event = tokio::select! {
+            e = eventloop.poll() => e,
+            _ = stopping.wait_for(|s| *s), if input.is_some() => continue,
+        };
+        match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                epoch.fetch_add(1, Ordering::AcqRel);
+                backoff = Duration::from_millis(100);
                 info!(
                     session_present = ack.session_present,
                     "connected to the external broker"
                 );
-                backoff = Duration::from_millis(100);
+                if *finish.borrow() {
+                    continue;
+                }
+                subscriptions_pending = filters.len();
+                subscription_refused = false;
                 for f in &filters {
                     if let Err(e) = client.try_subscribe(f.as_str(), QoS::AtLeastOnce) {
-                        warn!(filter = %f, error = %e, "cannot subscribe");
+                        health.problem(Problem::Broker, &format!("cannot subscribe: {e}"));
                     }
+                }
+                if filters.is_empty() {
+                    health.clear(Problem::Broker);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| !matches!(c, SubscribeReasonCode::Success(_)));
+                subscriptions_pending = subscriptions_pending.saturating_sub(1);
+                if refused {
+                    subscription_refused = true;
+                    health.problem(
+                        Problem::Broker,
+                        "the external broker refused a subscription (check its ACL for this client)",
+                    );
+                } else if subscriptions_pending == 0 && !subscription_refused {
+                    health.clear(Problem::Broker);
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some(sender) = input.as_ref() else {
+                    // Stopping: left unacknowledged, resent next session.
+                    continue;
+                };
+                let ack = match p.qos {
+                    QoS::AtMostOnce => None,
+                    QoS::AtLeastOnce => {
+                        Some(AckToken::new(epoch.load(Ordering::Acquire), p.pkid, 1))
+                    }
+                    QoS::ExactlyOnce => {
+                        Some(AckToken::new(epoch.load(Ordering::Acquire), p.pkid, 2))
+                    }
+                };
+                let received = Received::new(p.topic, p.payload, ack);
+                // Not polling while this waits: nothing more is read, the broker keeps it.
+                tokio::select! {
+                    r = async {
+                        let _ = intake.wait_for(|open| *open).await;
+                        sender.send(received).await
+                    } => if r.is_err() { input = None },
+                    _ = stopping.wait_for(|s| *s) => input = None,
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                info!("disconnecting from the external broker");
-            }
-            Ok(_) => {}
-            Err(rumqttc::ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                if tx.is_disconnected() {
+                if *finish.borrow() {
+                    // Let the event loop write the DISCONNECT out.
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
                     return;
                 }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if *finish.borrow() {
+                    return;
+                }
+                health.problem(Problem::Broker, &format!("external broker: {e}"));
                 warn!(error = %e, retry_in = ?backoff, "external broker connection failed");
-                thread::sleep(backoff);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = finish.wait_for(|f| *f) => return,
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
 }
 
-impl Input for ExternalInput {
-    fn recv(&mut self, deadline: Instant) -> Result<Option<Incoming>, InputClosed> {
-        match self.rx.recv_deadline(deadline) {
-            Ok(m) => Ok(Some(m)),
-            Err(flume::RecvTimeoutError::Timeout) => Ok(None),
-            Err(flume::RecvTimeoutError::Disconnected) => {
-                Err(InputClosed("external broker connection ended".into()))
-            }
-        }
-    }
+/// Acknowledges stored messages to the external broker. Tokens of an earlier connection are
+/// dropped: the broker resends those messages on the resumed session.
+#[derive(Debug, Clone)]
+pub struct ClientAcker {
+    client: AsyncClient,
+    epoch: Arc<AtomicU64>,
+}
 
-    fn drain_on_shutdown(&self) -> bool {
-        // Unacknowledged messages stay with the broker, which resends them next session.
-        false
+impl Acker for ClientAcker {
+    fn ack(&mut self, tokens: &[AckToken]) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        for t in tokens {
+            if t.session() != epoch {
+                continue;
+            }
+            let mut p = Publish::new(
+                "",
+                if t.qos() == 2 {
+                    QoS::ExactlyOnce
+                } else {
+                    QoS::AtLeastOnce
+                },
+                Bytes::new(),
+                None,
+            );
+            p.pkid = t.packet_id();
+            // The request channel holds a whole window: it cannot be full.
+            let _ = self.client.try_ack(&p);
+        }
     }
 }
 
-/// Publishes through the external broker's client, at QoS 1.
-pub struct ClientPublisher(pub rumqttc::Client);
+/// Publishes alarms and dead letters through the external broker, at QoS 1.
+pub struct ClientPublisher(pub AsyncClient);
 
 impl Publisher for ClientPublisher {
     fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String> {
-        self.0
-            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.to_vec())
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl Acker for rumqttc::Client {
-    fn ack(&mut self, token: &crate::pipeline::AckToken) -> Result<(), String> {
-        rumqttc::Client::ack(self, token).map_err(|e| e.to_string())
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            match self
+                .0
+                .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload.clone())
+            {
+                Ok(()) => return Ok(()),
+                Err(rumqttc::v5::ClientError::TryRequest(_))
+                    if backoff < Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 }

@@ -1,7 +1,6 @@
-//! HTTP: `/metrics` (Prometheus text format) and `/healthz` (200 once broker, pipeline and store
-//! are up, 503 before and after).
+//! HTTP: `/metrics` (Prometheus text format) and `/healthz` (200 with `"status":"ok"` while the
+//! service runs with no problem; 503 with the phase and the problems otherwise).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -9,26 +8,10 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
 use tokio::sync::watch;
 
 use crate::model::metrics::Metrics;
-
-/// What `/healthz` reports; each part sets its flag when it is up.
-#[derive(Debug, Default)]
-pub struct Health {
-    pub broker: AtomicBool,
-    pub pipeline: AtomicBool,
-    pub store: AtomicBool,
-}
-
-impl Health {
-    pub fn ok(&self) -> bool {
-        self.broker.load(Ordering::Acquire)
-            && self.pipeline.load(Ordering::Acquire)
-            && self.store.load(Ordering::Acquire)
-    }
-}
+use crate::pipeline::health::Health;
 
 #[derive(Clone)]
 struct AppState {
@@ -47,19 +30,13 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
-    let h = &s.health;
-    let body = json!({
-        "status": if h.ok() { "ok" } else { "unavailable" },
-        "broker": h.broker.load(Ordering::Acquire),
-        "pipeline": h.pipeline.load(Ordering::Acquire),
-        "store": h.store.load(Ordering::Acquire),
-    });
-    let code = if h.ok() {
+    let report = s.health.report();
+    let code = if report.ok() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(body))
+    (code, Json(report))
 }
 
 pub fn router(metrics_: Arc<Metrics>, health: Arc<Health>) -> Router {

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use iomt_edge::config::{CodecName, PipelineConfig};
-use iomt_edge::pipeline::ingest::{Route, RouteTable};
+use iomt_edge::pipeline::routes::{Route, RouteTable};
 use iomt_edge::replay::load_fixture;
 use serde_json::Value;
 

@@ -291,6 +291,30 @@ pub async fn publish_all(port: u16, messages: &[(String, Vec<u8>)]) {
     let _ = client.disconnect().await;
 }
 
+/// Publishes every message at QoS 0, then disconnects cleanly (so all of them were sent).
+pub async fn publish_all_qos0(port: u16, messages: &[(String, Vec<u8>)]) {
+    let (client, mut ev) = client(port, &format!("pub0-{}", rand::random::<u32>()));
+    let poll = tokio::spawn(async move {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    for (topic, payload) in messages {
+        client
+            .publish(topic.clone(), QoS::AtMostOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    client.disconnect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), poll)
+        .await
+        .expect("all sent")
+        .unwrap();
+}
+
 /// Subscribes to `filter` and returns a receiver of (topic, payload, retain).
 pub async fn subscribe(
     port: u16,

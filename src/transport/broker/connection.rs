@@ -1,0 +1,741 @@
+//! One client of the embedded broker, from CONNECT to close.
+//!
+//! A device's publish goes straight to ingest, carrying an ack token; its PUBACK (PUBREC for
+//! QoS 2) is written only when the commit stage says its readings are stored. So every
+//! acknowledgement a device holds stands for stored readings, whatever happens to this process
+//! afterwards. Everything else (subscriptions, deliveries to subscribers and their acks,
+//! retained messages) goes through rumqttd's router on the client's own link, and the router
+//! also gets a device's publish when some subscription may want it or it is retained.
+//!
+//! Two tasks serve a connection: the reader parses what the client sends and may wait (for room
+//! in ingest's queue, or for intake to reopen) without ever holding up the writer, which sends
+//! acknowledgements, deliveries and pings back.
+//!
+//! When the broker stops, readers stop reading at once (nothing new is taken), and writers keep
+//! sending acknowledgements until the commit stage has stored what was taken; then they send
+//! MQTT 5 clients a DISCONNECT (server shutting down) and close.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
+    Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
+    PublishProperties,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::sessions::Acks;
+use super::wire::{frame, publish_head, Proto, PublishHead, WireError};
+use super::Shared;
+use crate::model::events::{InternalEvent, TopicRefused};
+use crate::pipeline::input::{InputSender, Received};
+use crate::pipeline::AckToken;
+use crate::topic::check_topic_name;
+
+/// What the reader asks the writer to send.
+#[derive(Debug)]
+enum Control {
+    Packet(Box<Packet>),
+    /// The reader is done: flush and close.
+    Close,
+}
+
+/// How a connection ended, for the will and the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client sent DISCONNECT: no will.
+    Clean,
+    /// The client sent DISCONNECT asking for its will (MQTT 5).
+    CleanWithWill,
+    /// The network failed, keep-alive expired, or the client broke the protocol: the will.
+    Abnormal,
+    /// The router closed the session (another connection took it over).
+    TakenOver,
+    /// The broker stopped.
+    Stopped,
+}
+
+/// Serves one accepted connection until it ends.
+pub async fn serve<S>(stream: S, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(4096);
+    let connect = tokio::time::timeout(
+        shared.connect_timeout,
+        read_connect(&mut rd, &mut buf, shared.max_packet),
+    )
+    .await;
+    let (proto, packet) = match connect {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "connection refused before CONNECT");
+            if let WireError::Level(_) = e {
+                let _ = refuse(
+                    &mut wr,
+                    &Proto::V4(rumqttd::protocol::v4::V4),
+                    ConnectReturnCode::RefusedProtocolVersion,
+                )
+                .await;
+            }
+            return;
+        }
+        Err(_) => {
+            debug!("no CONNECT within the connection timeout");
+            return;
+        }
+    };
+    let Packet::Connect(connect, _props, will, _will_props, _login) = packet else {
+        return;
+    };
+    let mut client_id = connect.client_id.clone();
+    let mut assigned = None;
+    if client_id.is_empty() {
+        if !connect.clean_session {
+            let _ = refuse(&mut wr, &proto, ConnectReturnCode::ClientIdentifierNotValid).await;
+            return;
+        }
+        client_id = format!("iomt-auto-{}", shared.next_auto_id());
+        assigned = Some(client_id.clone());
+    }
+    // A stopping broker takes no new clients.
+    let Some(input) = shared.input() else {
+        let _ = refuse(&mut wr, &proto, ConnectReturnCode::ServiceUnavailable).await;
+        return;
+    };
+    let router = shared.router.clone();
+    let (id, clean) = (client_id.clone(), connect.clean_session);
+    let link = tokio::task::spawn_blocking(move || router.link(&id, clean)).await;
+    let (link_tx, link_rx, connack) = match link {
+        Ok(Ok(l)) => l,
+        _ => {
+            let _ = refuse(&mut wr, &proto, ConnectReturnCode::ServiceUnavailable).await;
+            return;
+        }
+    };
+    let Some(Packet::ConnAck(ack, _)) = Option::<Packet>::from(connack) else {
+        let _ = refuse(&mut wr, &proto, ConnectReturnCode::ServiceUnavailable).await;
+        return;
+    };
+    if ack.code != ConnectReturnCode::Success {
+        let code = ack.code;
+        let _ = refuse(&mut wr, &proto, code).await;
+        disconnect_router(link_tx).await;
+        return;
+    }
+    if connect.clean_session {
+        // The router forgot this client's old subscriptions; so does the index.
+        shared.subscriptions.forget(&client_id);
+    }
+    let props = proto.is_v5().then(|| ConnAckProperties {
+        max_packet_size: Some(shared.max_packet.min(u32::MAX as usize) as u32),
+        assigned_client_identifier: assigned,
+        // Aliases would have to be resolved before routing; clients must send full topics.
+        topic_alias_max: Some(0),
+        ..ConnAckProperties::default()
+    });
+    let mut out = BytesMut::new();
+    if proto.write(Packet::ConnAck(ack, props), &mut out).is_err()
+        || wr.write_all(&out).await.is_err()
+    {
+        disconnect_router(link_tx).await;
+        return;
+    }
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+
+    shared.metrics.connections.inc();
+    let (session, acks_rx) = shared.sessions.open();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (writer_done_tx, writer_done) = watch::channel(None::<End>);
+    let writer = tokio::spawn(write_loop(
+        wr,
+        proto.clone(),
+        link_rx,
+        acks_rx,
+        control_rx,
+        shared.finish.clone(),
+        writer_done_tx,
+    ));
+    let mut reader = Reader {
+        rd,
+        buf,
+        proto,
+        shared: shared.clone(),
+        input: Some(input),
+        link_tx,
+        control: control_tx,
+        session,
+        client_id: client_id.clone(),
+        keep_alive,
+        qos2_pending: HashSet::new(),
+        skip: 0,
+    };
+    let end = reader.run(writer_done.clone()).await;
+    let Reader {
+        mut link_tx,
+        control,
+        ..
+    } = reader;
+    if matches!(end, End::Abnormal | End::CleanWithWill) {
+        if let Some(will) = will {
+            publish_will(&mut link_tx, will).await;
+        }
+    }
+    // A session the router took over is already gone from it (and its connection number may
+    // already name the new one).
+    if end != End::TakenOver {
+        disconnect_router(link_tx).await;
+    }
+    let _ = control.send(Control::Close);
+    let _ = writer.await;
+    shared.sessions.close(session);
+    shared.metrics.connections.dec();
+    if connect.clean_session {
+        shared.subscriptions.forget(&client_id);
+    }
+    debug!(session, ?end, "connection closed");
+}
+
+/// Reads until a whole CONNECT is buffered; returns the protocol it announces and the packet.
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<(Proto, Packet), WireError> {
+    loop {
+        if let Some(mut proto) = Proto::detect(buf)? {
+            if let Some(f) = frame(buf)? {
+                if f.len() > max {
+                    return Err(WireError::TooLarge {
+                        kind: "CONNECT",
+                        size: f.len(),
+                        limit: max,
+                    });
+                }
+                if buf.len() >= f.len() {
+                    let packet = proto.read(buf, max)?;
+                    return Ok((proto, packet));
+                }
+            }
+        }
+        let n = rd
+            .read_buf(buf)
+            .await
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        if n == 0 {
+            return Err(WireError::Malformed("closed before CONNECT".into()));
+        }
+    }
+}
+
+/// A CONNACK refusing the connection, in a form the client's version understands.
+async fn refuse<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    proto: &Proto,
+    code: ConnectReturnCode,
+) -> std::io::Result<()> {
+    use ConnectReturnCode as C;
+    // MQTT 3.1.1 has six return codes; rumqttd's writer panics on the others.
+    let code = match (proto.is_v5(), code) {
+        (true, c) => c,
+        (
+            false,
+            c @ (C::Success
+            | C::RefusedProtocolVersion
+            | C::ClientIdentifierNotValid
+            | C::ServiceUnavailable
+            | C::BadUserNamePassword
+            | C::NotAuthorized),
+        ) => c,
+        (false, _) => C::ServiceUnavailable,
+    };
+    let mut out = BytesMut::new();
+    let ack = ConnAck {
+        session_present: false,
+        code,
+    };
+    if proto.write(Packet::ConnAck(ack, None), &mut out).is_ok() {
+        wr.write_all(&out).await?;
+    }
+    wr.shutdown().await
+}
+
+/// Tells the router the client is gone, so it drops the link (a dropped link alone stays
+/// registered in rumqttd).
+async fn disconnect_router(mut link_tx: LinkTx) {
+    let d = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    let _ = link_tx.send(Packet::Disconnect(d, None)).await;
+}
+
+/// Publishes the client's will (at QoS 0: the router delivers it at each subscription's QoS).
+/// MQTT 5's will delay is not honoured: the will goes out when the connection ends.
+async fn publish_will(link_tx: &mut LinkTx, will: LastWill) {
+    let p = Publish::new(will.topic, will.message, will.retain);
+    let _ = link_tx.send(Packet::Publish(p, None)).await;
+}
+
+struct Reader<R> {
+    rd: R,
+    buf: BytesMut,
+    proto: Proto,
+    shared: Arc<Shared>,
+    /// `None` once the broker stops: nothing more goes to ingest.
+    input: Option<InputSender>,
+    link_tx: LinkTx,
+    control: mpsc::UnboundedSender<Control>,
+    session: u64,
+    client_id: String,
+    keep_alive: Duration,
+    /// QoS 2 packet ids taken in and not yet released: a duplicate is not taken twice.
+    qos2_pending: HashSet<u16>,
+    /// Bytes of an oversized publish still to be thrown away as they arrive.
+    skip: usize,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    async fn run(&mut self, mut writer_done: watch::Receiver<Option<End>>) -> End {
+        let mut stopping = self.shared.stopping.clone();
+        let mut last_packet = Instant::now();
+        loop {
+            match self.drain_buffer(&mut stopping, &mut writer_done).await {
+                Ok(true) => last_packet = Instant::now(),
+                Ok(false) => {}
+                Err(end) => return self.finish(end, &mut writer_done).await,
+            }
+            if *stopping.borrow() {
+                return self.finish(End::Stopped, &mut writer_done).await;
+            }
+            // MQTT: the server closes a client silent for 1.5 keep-alive periods (0: never).
+            let expiry = (!self.keep_alive.is_zero())
+                .then(|| last_packet + self.keep_alive + self.keep_alive / 2);
+            let wake = tokio::select! {
+                n = self.rd.read_buf(&mut self.buf) => Wake::Read(n.map_or(0, |n| n)),
+                _ = sleep_until_opt(expiry) => Wake::Expired,
+                _ = raised(&mut stopping) => Wake::Stopping,
+                end = ended(&mut writer_done) => Wake::WriterDone(end),
+            };
+            match wake {
+                Wake::Read(0) => return self.finish(End::Abnormal, &mut writer_done).await,
+                Wake::Read(_) => {
+                    if self.skip > 0 {
+                        let n = self.skip.min(self.buf.len());
+                        self.buf.advance(n);
+                        self.skip -= n;
+                        last_packet = Instant::now();
+                    }
+                }
+                Wake::Expired => {
+                    debug!(session = self.session, "keep-alive expired");
+                    return self.finish(End::Abnormal, &mut writer_done).await;
+                }
+                Wake::Stopping => return self.finish(End::Stopped, &mut writer_done).await,
+                Wake::WriterDone(end) => return end,
+            }
+        }
+    }
+
+    /// On a stop, waits (without reading) until the writer has sent the last
+    /// acknowledgements and closed.
+    async fn finish(&mut self, end: End, writer_done: &mut watch::Receiver<Option<End>>) -> End {
+        self.input = None;
+        if end == End::Stopped {
+            ended(writer_done).await;
+        }
+        end
+    }
+
+    /// Handles every whole packet in the buffer. `Ok(true)` if it handled at least one.
+    async fn drain_buffer(
+        &mut self,
+        stopping: &mut watch::Receiver<bool>,
+        writer_done: &mut watch::Receiver<Option<End>>,
+    ) -> Result<bool, End> {
+        let max = self.shared.max_packet;
+        let mut handled = false;
+        while self.skip == 0 {
+            let f = match frame(&self.buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(self.protocol_error(&e)),
+            };
+            if f.len() > max {
+                if !f.is_publish() {
+                    return Err(self.protocol_error(&WireError::TooLarge {
+                        kind: "non-PUBLISH",
+                        size: f.len(),
+                        limit: max,
+                    }));
+                }
+                let head = match publish_head(&self.buf, &f) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.protocol_error(&e)),
+                };
+                // Throw the payload away as it arrives: it is never buffered whole.
+                let size = f.len() - head.head_len;
+                let have = self.buf.len().min(f.len());
+                self.buf.advance(have);
+                self.skip = f.len() - have;
+                handled = true;
+                self.publish(head, Bytes::new(), size, None, stopping, writer_done)
+                    .await?;
+                continue;
+            }
+            if self.buf.len() < f.len() {
+                self.buf.reserve(f.len() - self.buf.len());
+                break;
+            }
+            let head = if f.is_publish() {
+                match publish_head(&self.buf, &f) {
+                    Ok(h) => h,
+                    Err(e) => return Err(self.protocol_error(&e)),
+                }
+            } else {
+                None
+            };
+            let packet = match self.proto.read(&mut self.buf, max) {
+                Ok(p) => p,
+                Err(e) => return Err(self.protocol_error(&e)),
+            };
+            handled = true;
+            self.handle(packet, head, stopping, writer_done).await?;
+        }
+        Ok(handled)
+    }
+
+    fn protocol_error(&self, e: &WireError) -> End {
+        debug!(session = self.session, error = %e, "protocol error: closing the connection");
+        let code = match e {
+            WireError::TooLarge { .. } => DisconnectReasonCode::PacketTooLarge,
+            _ => DisconnectReasonCode::ProtocolError,
+        };
+        self.send_disconnect(code);
+        End::Abnormal
+    }
+
+    /// MQTT 5 clients are told why the server closes.
+    fn send_disconnect(&self, reason_code: DisconnectReasonCode) {
+        if self.proto.is_v5() {
+            let _ = self
+                .control
+                .send(Control::Packet(Box::new(Packet::Disconnect(
+                    Disconnect { reason_code },
+                    None,
+                ))));
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        packet: Packet,
+        head: Option<PublishHead>,
+        stopping: &mut watch::Receiver<bool>,
+        writer_done: &mut watch::Receiver<Option<End>>,
+    ) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish, props) => {
+                let Some(head) = head else {
+                    return Err(self.protocol_error(&WireError::Malformed("publish".into())));
+                };
+                let size = publish.payload.len();
+                self.publish(head, publish.payload, size, props, stopping, writer_done)
+                    .await
+            }
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                // Acknowledgements of the router's deliveries to this client.
+                let _ = self.link_tx.send(p).await;
+                Ok(())
+            }
+            Packet::PubRel(rel, _) => {
+                let reason = if self.qos2_pending.remove(&rel.pkid) {
+                    PubCompReason::Success
+                } else {
+                    PubCompReason::PacketIdentifierNotFound
+                };
+                let comp = PubComp {
+                    pkid: rel.pkid,
+                    reason,
+                };
+                let _ = self
+                    .control
+                    .send(Control::Packet(Box::new(Packet::PubComp(comp, None))));
+                Ok(())
+            }
+            Packet::Subscribe(sub, props) => {
+                for f in &sub.filters {
+                    self.shared
+                        .subscriptions
+                        .subscribe(&self.client_id, &f.path);
+                }
+                let _ = self.link_tx.send(Packet::Subscribe(sub, props)).await;
+                Ok(())
+            }
+            Packet::Unsubscribe(unsub, props) => {
+                for f in &unsub.filters {
+                    self.shared.subscriptions.unsubscribe(&self.client_id, f);
+                }
+                let _ = self.link_tx.send(Packet::Unsubscribe(unsub, props)).await;
+                Ok(())
+            }
+            Packet::PingReq(_) => {
+                let _ = self
+                    .control
+                    .send(Control::Packet(Box::new(Packet::PingResp(PingResp))));
+                Ok(())
+            }
+            Packet::Disconnect(d, _) => Err(
+                if d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                    End::CleanWithWill
+                } else {
+                    End::Clean
+                },
+            ),
+            _ => Err(self.protocol_error(&WireError::Malformed(
+                "a packet a client does not send".into(),
+            ))),
+        }
+    }
+
+    /// A device's publish: checked, offered to the router if anyone may want it, and queued
+    /// for ingest with its ack token (once intake is open and ingest's queue has room).
+    async fn publish(
+        &mut self,
+        head: PublishHead,
+        payload: Bytes,
+        size: usize,
+        props: Option<PublishProperties>,
+        stopping: &mut watch::Receiver<bool>,
+        writer_done: &mut watch::Receiver<Option<End>>,
+    ) -> Result<(), End> {
+        let topic = match check_topic_name(&head.topic) {
+            Ok(t) => t.to_owned(),
+            Err(e) => {
+                TopicRefused { reason: e.as_str() }.emit(&self.shared.metrics);
+                if self.proto.is_v5() && head.qos > 0 {
+                    // MQTT 5 can refuse one message and keep the connection.
+                    let p = if head.qos == 1 {
+                        Packet::PubAck(
+                            PubAck {
+                                pkid: head.packet_id,
+                                reason: PubAckReason::TopicNameInvalid,
+                            },
+                            None,
+                        )
+                    } else {
+                        Packet::PubRec(
+                            PubRec {
+                                pkid: head.packet_id,
+                                reason: PubRecReason::TopicNameInvalid,
+                            },
+                            None,
+                        )
+                    };
+                    let _ = self.control.send(Control::Packet(Box::new(p)));
+                    return Ok(());
+                }
+                // MQTT 3.1.1 §4.7.3: the server closes the connection.
+                return Err(self.protocol_error(&WireError::Malformed(e.to_string())));
+            }
+        };
+        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+            self.send_disconnect(DisconnectReasonCode::TopicAliasInvalid);
+            return Err(End::Abnormal);
+        }
+        if head.qos == 2 && !self.qos2_pending.insert(head.packet_id) {
+            // A duplicate of a message already taken in: its PUBREC comes when it is stored.
+            return Ok(());
+        }
+        if size == payload.len() && (head.retain || self.shared.subscriptions.wanted(&topic)) {
+            let p = Publish::new(head.topic.clone(), payload.clone(), head.retain);
+            let props = props.map(|mut p| {
+                p.topic_alias = None;
+                p.subscription_identifiers.clear();
+                p
+            });
+            let _ = self.link_tx.send(Packet::Publish(p, props)).await;
+        }
+        let ack = (head.qos > 0).then(|| AckToken::new(self.session, head.packet_id, head.qos));
+        let received = Received {
+            topic: head.topic,
+            payload,
+            payload_size: size,
+            ack,
+        };
+        // Wait for intake to be open (store healthy, disk not full) and for room in ingest's
+        // queue, without reading on: the client's further packets wait in TCP.
+        let mut intake = self.shared.intake.clone();
+        let Some(input) = self.input.as_ref() else {
+            return Err(End::Stopped);
+        };
+        tokio::select! {
+            r = async {
+                raised(&mut intake).await;
+                input.send(received).await
+            } => match r {
+                Ok(()) => Ok(()),
+                Err(_) => Err(End::Stopped),
+            },
+            _ = raised(stopping) => Err(End::Stopped),
+            end = ended(writer_done) => Err(end),
+        }
+    }
+}
+
+/// What woke the reader.
+enum Wake {
+    /// Bytes read; 0 at end of stream or on an error.
+    Read(usize),
+    Expired,
+    Stopping,
+    WriterDone(End),
+}
+
+/// Waits until the flag turns true (forever if its sender is gone). Never holds the watch's
+/// lock across an await, unlike a `wait_for` result kept in a `select!`.
+pub(super) async fn raised(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Waits until the writer reports how it ended.
+async fn ended(rx: &mut watch::Receiver<Option<End>>) -> End {
+    match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.unwrap_or(End::Abnormal),
+        Err(_) => End::Abnormal,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes everything the client gets: acknowledgements from commit, the router's deliveries and
+/// acks, the reader's pings and refusals. Ends when the reader closes, the router closes the
+/// session, the socket fails, or, when the broker stops, once the last acknowledgements are out.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    proto: Proto,
+    mut link_rx: LinkRx,
+    mut acks: mpsc::UnboundedReceiver<Acks>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    mut finish: watch::Receiver<bool>,
+    done: watch::Sender<Option<End>>,
+) {
+    let mut out = BytesMut::with_capacity(4096);
+    let end = loop {
+        let mut closing = None;
+        tokio::select! {
+            biased;
+            c = control.recv() => match c {
+                Some(Control::Packet(p)) => encode(&proto, *p, &mut out),
+                Some(Control::Close) | None => closing = Some(End::Clean),
+            },
+            a = acks.recv() => {
+                if let Some(a) = a {
+                    encode_acks(&proto, a, &mut out);
+                }
+            }
+            n = link_rx.next() => match n {
+                Ok(Some(Notification::Unschedule)) => {
+                    // The router paused deliveries until this client catches up: it has.
+                    if link_rx.wake().await.is_err() {
+                        closing = Some(End::Abnormal);
+                    }
+                }
+                Ok(Some(Notification::Disconnect(d, props))) => {
+                    if proto.is_v5() {
+                        encode(&proto, Packet::Disconnect(d, props), &mut out);
+                    }
+                    closing = Some(End::TakenOver);
+                }
+                Ok(Some(n)) => {
+                    if let Some(p) = Option::<Packet>::from(n) {
+                        encode(&proto, p, &mut out);
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => closing = Some(End::TakenOver),
+            },
+            _ = raised(&mut finish) => {
+                while let Ok(a) = acks.try_recv() {
+                    encode_acks(&proto, a, &mut out);
+                }
+                if proto.is_v5() {
+                    let d = Disconnect { reason_code: DisconnectReasonCode::ServerShuttingDown };
+                    encode(&proto, Packet::Disconnect(d, None), &mut out);
+                }
+                closing = Some(End::Stopped);
+            }
+        }
+        // Take whatever else is ready, so one write carries many packets.
+        if closing.is_none() {
+            while let Ok(a) = acks.try_recv() {
+                encode_acks(&proto, a, &mut out);
+            }
+            while let Ok(c) = control.try_recv() {
+                match c {
+                    Control::Packet(p) => encode(&proto, *p, &mut out),
+                    Control::Close => {
+                        closing = Some(End::Clean);
+                        break;
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                break End::Abnormal;
+            }
+            out.clear();
+        }
+        if let Some(end) = closing {
+            break end;
+        }
+    };
+    let _ = wr.shutdown().await;
+    let _ = done.send(Some(end));
+}
+
+fn encode(proto: &Proto, p: Packet, out: &mut BytesMut) {
+    if let Err(e) = proto.write(p, out) {
+        debug!(error = %e, "a packet could not be encoded");
+    }
+}
+
+fn encode_acks(proto: &Proto, acks: Acks, out: &mut BytesMut) {
+    for (pkid, qos) in acks {
+        let p = if qos == 2 {
+            Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            )
+        } else {
+            Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )
+        };
+        encode(proto, p, out);
+    }
+}

@@ -1,0 +1,315 @@
+//! The embedded MQTT broker: this service's own listeners (MQTT 3.1.1 and 5 on the same port,
+//! told apart by each CONNECT; MQTT over websockets), its own connection handling, and
+//! rumqttd's router for subscriptions and retained messages.
+//!
+//! Device data does not pass through rumqttd's in-memory logs: a connection hands each publish
+//! to ingest and acknowledges it only once the commit stage has stored its readings (see
+//! `connection.rs`). That is what makes every PUBACK a device holds mean "stored", even if this
+//! process is killed the next instant; and it is what lets the broker stop taking messages (a
+//! stop, a failing store, a full disk) without dropping any it acknowledged.
+//!
+//! The listeners are bound here, before the service reports ready: a port another process holds
+//! is an error at start, not a silent split of the devices between two brokers.
+
+mod connection;
+mod router;
+mod sessions;
+mod subscriptions;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tracing::debug;
+
+use crate::config::BrokerConfig;
+use crate::model::metrics::Metrics;
+use crate::pipeline::input::InputSender;
+pub use router::{LinkPublisher, Router};
+pub use sessions::SessionAcker;
+use sessions::Sessions;
+use subscriptions::Subscriptions;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Router(String),
+}
+
+/// Where the embedded broker listens, ports resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listeners {
+    pub mqtt: SocketAddr,
+    pub mqtt_v5: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+}
+
+/// A client has this long to send its CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection of the broker shares.
+pub struct Shared {
+    router: Router,
+    sessions: Arc<Sessions>,
+    subscriptions: Subscriptions,
+    /// Ingest's queue; taken away when the broker stops, so new and stopping connections
+    /// cannot hand anything more in.
+    input: Mutex<Option<InputSender>>,
+    max_packet: usize,
+    connect_timeout: Duration,
+    metrics: Arc<Metrics>,
+    /// True while messages may be taken in.
+    intake: watch::Receiver<bool>,
+    /// Turns true when the broker stops: readers stop reading, listeners close.
+    stopping: watch::Receiver<bool>,
+    /// Turns true once the last acknowledgements are queued: writers send them and close.
+    finish: watch::Receiver<bool>,
+    next_auto_id: AtomicU64,
+}
+
+impl Shared {
+    fn input(&self) -> Option<InputSender> {
+        self.input.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn next_auto_id(&self) -> u64 {
+        self.next_auto_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Counts running connection tasks, so that a stop can wait for the last one.
+#[derive(Debug, Default)]
+struct Tracker {
+    running: AtomicUsize,
+    idle: Notify,
+}
+
+struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    fn track(self: &Arc<Self>) -> Tracked {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.clone())
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The running broker.
+pub struct EmbeddedBroker {
+    pub listeners: Listeners,
+    shared: Arc<Shared>,
+    stopping: watch::Sender<bool>,
+    finish: watch::Sender<bool>,
+    tracker: Arc<Tracker>,
+    accept_loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError> {
+    let bind_err = |source| BrokerError::Bind { addr, source };
+    let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = l.local_addr().map_err(bind_err)?;
+    Ok((l, local))
+}
+
+impl EmbeddedBroker {
+    /// Binds the listeners and starts the router. Connections are served from now on, but
+    /// nothing is taken in until `intake` turns true.
+    pub async fn start(
+        c: &BrokerConfig,
+        input: InputSender,
+        intake: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, LinkPublisher, SessionAcker), BrokerError> {
+        let (mqtt, mqtt_addr) = bind(c.listen).await?;
+        let v5 = match c.listen_v5 {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let ws = match c.listen_ws {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let router = Router::start(c).map_err(BrokerError::Router)?;
+        let publisher = LinkPublisher::new(&router).map_err(BrokerError::Router)?;
+        let (stopping_tx, stopping) = watch::channel(false);
+        let (finish_tx, finish) = watch::channel(false);
+        let sessions = Arc::new(Sessions::default());
+        let shared = Arc::new(Shared {
+            router,
+            sessions: sessions.clone(),
+            subscriptions: Subscriptions::default(),
+            input: Mutex::new(Some(input)),
+            max_packet: c.max_packet_bytes,
+            connect_timeout: CONNECT_TIMEOUT,
+            metrics,
+            intake,
+            stopping,
+            finish,
+            next_auto_id: AtomicU64::new(0),
+        });
+        let tracker = Arc::new(Tracker::default());
+        let listeners = Listeners {
+            mqtt: mqtt_addr,
+            mqtt_v5: v5.as_ref().map(|(_, a)| *a),
+            ws: ws.as_ref().map(|(_, a)| *a),
+        };
+        let mut accept_loops = vec![tokio::spawn(accept_loop(
+            mqtt,
+            false,
+            shared.clone(),
+            tracker.clone(),
+        ))];
+        if let Some((l, _)) = v5 {
+            accept_loops.push(tokio::spawn(accept_loop(
+                l,
+                false,
+                shared.clone(),
+                tracker.clone(),
+            )));
+        }
+        if let Some((l, _)) = ws {
+            accept_loops.push(tokio::spawn(accept_loop(
+                l,
+                true,
+                shared.clone(),
+                tracker.clone(),
+            )));
+        }
+        Ok((
+            EmbeddedBroker {
+                listeners,
+                shared,
+                stopping: stopping_tx,
+                finish: finish_tx,
+                tracker,
+                accept_loops,
+            },
+            publisher,
+            SessionAcker(sessions),
+        ))
+    }
+
+    /// Stops taking anything in: the listeners close and every connection stops reading. Once
+    /// the connections have let go of it, ingest's queue closes (ingest then drains it).
+    pub async fn stop_accepting(&mut self) {
+        self.stopping.send_replace(true);
+        self.shared
+            .input
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        for l in self.accept_loops.drain(..) {
+            let _ = l.await;
+        }
+    }
+
+    /// Every acknowledgement is queued (the commit stage has finished): connections send them,
+    /// close, and are waited for until `deadline`. Returns how many were still open then.
+    pub async fn finish(self, deadline: Instant) -> usize {
+        self.finish.send_replace(true);
+        let wait = self.tracker.wait_idle();
+        let left = tokio::time::timeout_at(deadline.into(), wait).await;
+        match left {
+            Ok(()) => 0,
+            Err(_) => self.tracker.running.load(Ordering::Acquire),
+        }
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.sessions.count()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    websocket: bool,
+    shared: Arc<Shared>,
+    tracker: Arc<Tracker>,
+) {
+    let mut stopping = shared.stopping.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = connection::raised(&mut stopping) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        debug!(%peer, websocket, "accepted");
+        let guard = tracker.track();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if websocket {
+                serve_websocket(stream, shared).await;
+            } else {
+                connection::serve(stream, shared).await;
+            }
+        });
+    }
+}
+
+/// MQTT over websockets: the upgrade answers with the `mqtt` subprotocol, then the byte stream
+/// inside is served like any other connection.
+// The handshake callback's error type is tungstenite's HTTP response.
+#[allow(clippy::result_large_err)]
+async fn serve_websocket(stream: TcpStream, shared: Arc<Shared>) {
+    use async_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use async_tungstenite::tungstenite::http::HeaderValue;
+    let callback = |_req: &Request, mut resp: Response| {
+        resp.headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+        Ok(resp)
+    };
+    let upgrade = tokio::time::timeout(
+        shared.connect_timeout,
+        async_tungstenite::tokio::accept_hdr_async(stream, callback),
+    )
+    .await;
+    match upgrade {
+        Ok(Ok(ws)) => connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared).await,
+        Ok(Err(e)) => debug!(error = %e, "websocket handshake failed"),
+        Err(_) => debug!("websocket handshake timed out"),
+    }
+}
