@@ -136,8 +136,21 @@ impl Edge {
             endpoints,
             stderr,
         };
-        let (code, _) = edge.get("/healthz");
-        assert_eq!(code, 200);
+        // Ready (endpoints written) is not yet healthy: an external broker may still be
+        // connecting.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = edge.get("/healthz");
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not healthy: {body}\n{}",
+                edge.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         edge
     }
 
