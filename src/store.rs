@@ -5,11 +5,14 @@
 //! - `headers`: batch id → the header as JSON, to list batches without reading ciphertext;
 //! - `meta`: `seq_reserved` → u64, the first seq no process has handed out yet.
 //!
-//! A batch and its header are written in one transaction and flushed before `put_batch` returns.
+//! Batches and their headers are written in one transaction and flushed before `put_batches`
+//! returns. Every read checks the bindings a copy or a lost write would break: the header sealed
+//! inside a batch names the id it is stored under, and the `headers` entry equals it.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
 use crate::seal::crypt::Envelope;
@@ -25,15 +28,34 @@ pub enum StoreError {
     Duplicate(u64),
 }
 
-/// Durable storage of sealed batches. `put_batch` returns only once the batch would survive a
-/// crash of the process or the machine.
+/// Durable storage of sealed batches. `put_batches` returns only once the batches would survive
+/// a crash of the process or the machine.
 pub trait Store: Send + Sync + 'static {
-    fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError>;
+    /// Stores every batch and its header in one transaction, then flushes once. A batch already
+    /// stored with the same bytes is not an error, so a call whose transaction committed but
+    /// whose flush failed is completed by calling again with the same batches; a batch id stored
+    /// with other bytes is [`StoreError::Duplicate`], and then nothing of the call is stored.
+    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError>;
+    fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError> {
+        self.put_batches(std::slice::from_ref(batch))
+    }
+    /// The batch stored under `id`, checked against its key and its `headers` entry.
     fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError>;
-    /// Headers of every stored batch, by id.
+    /// Headers of every stored batch, by id. Reads only the headers: a batch that is missing or
+    /// unpaired is found by [`Store::scan`].
     fn headers(&self) -> Result<Vec<BatchHeader>, StoreError>;
     /// The header of the batch with the highest id.
     fn last_header(&self) -> Result<Option<BatchHeader>, StoreError>;
+    /// Reads every batch in id order, checks that each is paired with an equal header and each
+    /// header with a batch, and hands each batch to `each` until it breaks. Returns the number
+    /// of batches handed over; the first inconsistency is an error naming the batch. `each` must
+    /// not call the store.
+    fn scan(&self, each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>)
+        -> Result<u64, StoreError>;
+    /// [`Store::scan`] without looking at the batches: the number of batches, all consistent.
+    fn check(&self) -> Result<u64, StoreError> {
+        self.scan(&mut |_| ControlFlow::Continue(()))
+    }
     /// The first seq that was never handed out.
     fn seq_reserved(&self) -> Result<u64, StoreError>;
     /// Durably records that seqs below `next` may have been handed out.
@@ -45,7 +67,7 @@ pub trait Store: Send + Sync + 'static {
 const VALUE_VERSION: u8 = 1;
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
     batches: sled::Tree,
@@ -75,6 +97,10 @@ fn corrupt(key: impl std::fmt::Display, reason: impl Into<String>) -> StoreError
     }
 }
 
+fn corrupt_batch(id: u64, reason: impl Into<String>) -> StoreError {
+    corrupt(format!("batch {id}"), reason)
+}
+
 /// `[version u8][header json len u32][header json][wrapped key len u16][wrapped key]
 /// [key nonce 12][nonce 12][ciphertext …]`
 fn encode(b: &SealedBatch) -> Vec<u8> {
@@ -94,20 +120,26 @@ fn encode(b: &SealedBatch) -> Vec<u8> {
     out
 }
 
+/// Decodes the value stored under batch `id`, refusing one whose sealed header names another
+/// id: the AEAD binds the ciphertext to its header, not the header to the key it is stored
+/// under, so a record copied under another id would otherwise open cleanly.
 fn decode(id: u64, v: &[u8]) -> Result<SealedBatch, StoreError> {
-    let short = || corrupt(format!("batch {id}"), "truncated");
+    let short = || corrupt_batch(id, "truncated");
     let (&version, rest) = v.split_first().ok_or_else(short)?;
     if version != VALUE_VERSION {
-        return Err(corrupt(
-            format!("batch {id}"),
-            format!("unknown version {version}"),
-        ));
+        return Err(corrupt_batch(id, format!("unknown version {version}")));
     }
     let (len, rest) = rest.split_first_chunk::<4>().ok_or_else(short)?;
     let len = u32::from_be_bytes(*len) as usize;
     let header = rest.get(..len).ok_or_else(short)?;
-    let header: BatchHeader = serde_json::from_slice(header)
-        .map_err(|e| corrupt(format!("batch {id}"), e.to_string()))?;
+    let header: BatchHeader =
+        serde_json::from_slice(header).map_err(|e| corrupt_batch(id, e.to_string()))?;
+    if header.id != id {
+        return Err(corrupt_batch(
+            id,
+            format!("it holds the sealed header of batch {}", header.id),
+        ));
+    }
     let rest = &rest[len..];
     let (klen, rest) = rest.split_first_chunk::<2>().ok_or_else(short)?;
     let klen = u16::from_be_bytes(*klen) as usize;
@@ -132,26 +164,107 @@ fn id_of(key: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| corrupt(format!("{key:?}"), "key is not a u64"))
 }
 
-fn parse_header(key: &[u8], v: &[u8]) -> Result<BatchHeader, StoreError> {
-    serde_json::from_slice(v).map_err(|e| corrupt(format!("header {key:?}"), e.to_string()))
+/// The `headers` entry stored under `id`, refusing one that describes another batch.
+fn parse_header(id: u64, v: &[u8]) -> Result<BatchHeader, StoreError> {
+    let header: BatchHeader = serde_json::from_slice(v)
+        .map_err(|e| corrupt_batch(id, format!("its header entry: {e}")))?;
+    if header.id != id {
+        return Err(corrupt_batch(
+            id,
+            format!("its header entry is the header of batch {}", header.id),
+        ));
+    }
+    Ok(header)
+}
+
+/// Checks that the `headers` entry of batch `id` equals the header sealed with it.
+fn check_header_entry(
+    id: u64,
+    sealed: &BatchHeader,
+    entry: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let entry = entry.ok_or_else(|| corrupt_batch(id, "it has no header entry"))?;
+    if parse_header(id, entry)? != *sealed {
+        return Err(corrupt_batch(
+            id,
+            "its header entry differs from the header sealed with it",
+        ));
+    }
+    Ok(())
+}
+
+fn next_entry(it: &mut sled::Iter) -> Result<Option<(u64, sled::IVec)>, StoreError> {
+    it.next()
+        .transpose()?
+        .map(|(k, v)| Ok((id_of(&k)?, v)))
+        .transpose()
+}
+
+/// One batch of a `put_batches` call, encoded before the transaction, which sled may rerun.
+struct Record<'a> {
+    batch: &'a SealedBatch,
+    key: [u8; 8],
+    value: Vec<u8>,
+    header: Vec<u8>,
+}
+
+fn put_record(
+    batches: &TransactionalTree,
+    headers: &TransactionalTree,
+    r: &Record<'_>,
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    let id = r.batch.header.id;
+    match batches.get(r.key)? {
+        None => {
+            batches.insert(&r.key, r.value.as_slice())?;
+            headers.insert(&r.key, r.header.as_slice())?;
+        }
+        Some(stored) if stored == r.value.as_slice() => {
+            // The retry of a call whose transaction committed and whose flush failed: the
+            // batch is there already. Its header must be too, or the store is damaged.
+            let entry = headers.get(r.key)?;
+            check_header_entry(id, &r.batch.header, entry.as_deref())
+                .map_err(ConflictableTransactionError::Abort)?;
+        }
+        Some(_) => {
+            return Err(ConflictableTransactionError::Abort(StoreError::Duplicate(
+                id,
+            )))
+        }
+    }
+    Ok(())
+}
+
+impl SledStore {
+    fn unpaired_header(&self, id: u64) -> Result<SealedBatch, StoreError> {
+        self.batch(id)?
+            .ok_or_else(|| corrupt_batch(id, "it has a header entry but no batch"))
+    }
 }
 
 impl Store for SledStore {
-    fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError> {
-        let key = batch.header.id.to_be_bytes();
-        let value = encode(batch);
-        let header = serde_json::to_vec(&batch.header).expect("header serialises");
+    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<Record<'_>> = batches
+            .iter()
+            .map(|b| Record {
+                batch: b,
+                key: b.header.id.to_be_bytes(),
+                value: encode(b),
+                header: serde_json::to_vec(&b.header).expect("header serialises"),
+            })
+            .collect();
         let result = (&self.batches, &self.headers).transaction(|(batches, headers)| {
-            if batches.get(key)?.is_some() {
-                return Err(ConflictableTransactionError::Abort(()));
+            for r in &records {
+                put_record(batches, headers, r)?;
             }
-            batches.insert(&key, value.as_slice())?;
-            headers.insert(&key, header.as_slice())?;
             Ok(())
         });
         match result {
             Ok(()) => {}
-            Err(TransactionError::Abort(())) => return Err(StoreError::Duplicate(batch.header.id)),
+            Err(TransactionError::Abort(e)) => return Err(e),
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         }
         self.db.flush()?;
@@ -159,10 +272,23 @@ impl Store for SledStore {
     }
 
     fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError> {
-        self.batches
-            .get(id.to_be_bytes())?
-            .map(|v| decode(id, &v))
-            .transpose()
+        let key = id.to_be_bytes();
+        // One transaction, so a batch being written is seen with its header or not at all.
+        let (value, entry) = (&self.batches, &self.headers)
+            .transaction(|(batches, headers)| Ok((batches.get(key)?, headers.get(key)?)))
+            .map_err(|e: TransactionError<()>| match e {
+                TransactionError::Storage(e) => StoreError::from(e),
+                TransactionError::Abort(()) => unreachable!("the read never aborts"),
+            })?;
+        match (value, entry) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(corrupt_batch(id, "it has a header entry but no batch")),
+            (Some(v), entry) => {
+                let sealed = decode(id, &v)?;
+                check_header_entry(id, &sealed.header, entry.as_deref())?;
+                Ok(Some(sealed))
+            }
+        }
     }
 
     fn headers(&self) -> Result<Vec<BatchHeader>, StoreError> {
@@ -170,8 +296,7 @@ impl Store for SledStore {
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
-                id_of(&k)?;
-                parse_header(&k, &v)
+                parse_header(id_of(&k)?, &v)
             })
             .collect()
     }
@@ -179,8 +304,51 @@ impl Store for SledStore {
     fn last_header(&self) -> Result<Option<BatchHeader>, StoreError> {
         self.headers
             .last()?
-            .map(|(k, v)| parse_header(&k, &v))
+            .map(|(k, v)| parse_header(id_of(&k)?, &v))
             .transpose()
+    }
+
+    fn scan(
+        &self,
+        each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let mut batches = self.batches.iter();
+        let mut headers = self.headers.iter();
+        let mut b = next_entry(&mut batches)?;
+        let mut h = next_entry(&mut headers)?;
+        let mut n = 0;
+        loop {
+            let (sealed, advance_batches, advance_headers) = match (&b, &h) {
+                (None, None) => return Ok(n),
+                (Some((bid, v)), Some((hid, entry))) if bid == hid => {
+                    let sealed = decode(*bid, v)?;
+                    check_header_entry(*bid, &sealed.header, Some(entry))?;
+                    (sealed, true, true)
+                }
+                // An unpaired id is damage, or a batch written after one iterator had passed
+                // its id: the consistent read of that one id tells which.
+                (Some((bid, _)), Some((hid, _))) if bid > hid => {
+                    (self.unpaired_header(*hid)?, false, true)
+                }
+                (None, Some((hid, _))) => (self.unpaired_header(*hid)?, false, true),
+                (Some((bid, _)), _) => {
+                    let sealed = self
+                        .batch(*bid)?
+                        .ok_or_else(|| corrupt_batch(*bid, "it vanished while being read"))?;
+                    (sealed, true, false)
+                }
+            };
+            n += 1;
+            if each(sealed).is_break() {
+                return Ok(n);
+            }
+            if advance_batches {
+                b = next_entry(&mut batches)?;
+            }
+            if advance_headers {
+                h = next_entry(&mut headers)?;
+            }
+        }
     }
 
     fn seq_reserved(&self) -> Result<u64, StoreError> {
@@ -232,6 +400,28 @@ mod tests {
         }
     }
 
+    /// Batch `id` with other contents than [`sealed`].
+    fn other(id: u64) -> SealedBatch {
+        let mut b = sealed(id);
+        b.envelope.ciphertext[0] = 9;
+        b
+    }
+
+    /// Asserts that `result` failed with an error that names batch `id`.
+    fn fails_naming<T: std::fmt::Debug>(result: Result<T, StoreError>, id: u64) -> String {
+        let text = result.expect_err("must fail").to_string();
+        assert!(text.contains(&format!("batch {id} ")), "{text}");
+        text
+    }
+
+    fn raw_put(tree: &sled::Tree, id: u64, value: Vec<u8>) {
+        tree.insert(id.to_be_bytes(), value).unwrap();
+    }
+
+    fn header_json(h: &BatchHeader) -> Vec<u8> {
+        serde_json::to_vec(h).unwrap()
+    }
+
     #[test]
     fn batches_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -239,8 +429,9 @@ mod tests {
             let s = SledStore::open(dir.path()).unwrap();
             s.put_batch(&sealed(0)).unwrap();
             s.put_batch(&sealed(1)).unwrap();
+            s.put_batch(&sealed(1)).unwrap();
             assert!(matches!(
-                s.put_batch(&sealed(1)),
+                s.put_batch(&other(1)),
                 Err(StoreError::Duplicate(1))
             ));
             s.reserve_seq(5).unwrap();
@@ -263,5 +454,142 @@ mod tests {
             assert!(decode(7, &v[..cut]).is_err(), "cut at {cut}");
         }
         assert_eq!(decode(7, &v).unwrap(), sealed(7));
+    }
+
+    #[test]
+    fn a_batch_copied_under_another_id_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1), sealed(2)]).unwrap();
+        // Batch 1's record and header entry, copied over batch 2's.
+        let one = s.batches.get(1u64.to_be_bytes()).unwrap().unwrap();
+        raw_put(&s.batches, 2, one.to_vec());
+        raw_put(&s.headers, 2, header_json(&sealed(1).header));
+        let text = fails_naming(s.batch(2), 2);
+        assert!(text.contains("sealed header of batch 1"), "{text}");
+        fails_naming(s.check(), 2);
+        assert!(decode(8, &encode(&sealed(7))).is_err());
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+    }
+
+    #[test]
+    fn a_header_entry_must_equal_the_sealed_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1), sealed(2)]).unwrap();
+        let mut h = sealed(2).header;
+        h.rows = 1_000;
+        raw_put(&s.headers, 2, header_json(&h));
+        let text = fails_naming(s.batch(2), 2);
+        assert!(text.contains("differs from the header sealed"), "{text}");
+        fails_naming(s.check(), 2);
+
+        // A header entry that describes another batch is refused even by the header listing.
+        raw_put(&s.headers, 2, header_json(&sealed(1).header));
+        let text = fails_naming(s.headers(), 2);
+        assert!(text.contains("header of batch 1"), "{text}");
+        fails_naming(s.last_header(), 2);
+    }
+
+    #[test]
+    fn unpaired_batches_and_headers_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1), sealed(2), sealed(3)]).unwrap();
+        assert_eq!(s.check().unwrap(), 3);
+
+        s.headers.remove(2u64.to_be_bytes()).unwrap();
+        let text = fails_naming(s.batch(2), 2);
+        assert!(text.contains("no header entry"), "{text}");
+        fails_naming(s.check(), 2);
+        raw_put(&s.headers, 2, header_json(&sealed(2).header));
+        assert_eq!(s.check().unwrap(), 3);
+
+        // The last batch lost, its header kept: the end of the walk is checked too.
+        s.batches.remove(3u64.to_be_bytes()).unwrap();
+        let text = fails_naming(s.batch(3), 3);
+        assert!(text.contains("header entry but no batch"), "{text}");
+        fails_naming(s.check(), 3);
+        s.headers.remove(3u64.to_be_bytes()).unwrap();
+        // And a batch with no header after the last header.
+        raw_put(&s.batches, 4, encode(&sealed(4)));
+        fails_naming(s.check(), 4);
+    }
+
+    #[test]
+    fn scan_hands_over_batches_in_order_until_told_to_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(3), sealed(1), sealed(2)]).unwrap();
+        let mut seen = Vec::new();
+        let n = s
+            .scan(&mut |b| {
+                seen.push(b);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!((n, seen), (3, vec![sealed(1), sealed(2), sealed(3)]));
+        let n = s.scan(&mut |_| ControlFlow::Break(())).unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_group_is_stored_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        let err = s
+            .put_batches(&[sealed(2), other(1), sealed(3)])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Duplicate(1)), "{err}");
+        assert_eq!(s.batch(2).unwrap(), None);
+        assert_eq!(s.batch(3).unwrap(), None);
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+        // The same id twice in one call: the same bytes are one batch, others a duplicate.
+        s.put_batches(&[sealed(2), sealed(2)]).unwrap();
+        assert!(matches!(
+            s.put_batches(&[sealed(4), other(4)]),
+            Err(StoreError::Duplicate(4))
+        ));
+        assert_eq!(s.check().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_call_whose_flush_failed_is_completed_by_calling_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = [sealed(1), sealed(2), sealed(3)];
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.put_batches(&group[..1]).unwrap();
+            // What a committed transaction leaves when the flush after it fails: every batch
+            // of the group and its header, not yet known to be durable.
+            (&s.batches, &s.headers)
+                .transaction(|(batches, headers)| {
+                    for b in &group[1..] {
+                        let key = b.header.id.to_be_bytes();
+                        batches.insert(&key, encode(b))?;
+                        headers.insert(&key, header_json(&b.header))?;
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                })
+                .unwrap();
+            // The caller's retry of the whole group.
+            s.put_batches(&group).unwrap();
+            s.put_batch(&group[2]).unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        for b in &group {
+            assert_eq!(s.batch(b.header.id).unwrap().as_ref(), Some(b));
+        }
+        assert_eq!(s.check().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_retry_with_a_damaged_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        s.headers.remove(1u64.to_be_bytes()).unwrap();
+        fails_naming(s.put_batches(&[sealed(1)]), 1);
     }
 }
