@@ -10,18 +10,21 @@
 //! inside a batch names the id it is stored under, and the `headers` entry equals it.
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
+use tracing::warn;
 
 use crate::seal::crypt::Envelope;
 use crate::seal::{BatchHeader, SealedBatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
+    #[error("store {}: {source}", path.display())]
+    Sled { path: PathBuf, source: sled::Error },
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("batch {0} is already stored")]
@@ -67,26 +70,165 @@ pub trait Store: Send + Sync + 'static {
 const VALUE_VERSION: u8 = 1;
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
 
-#[derive(Debug)]
+/// The sled store of a data directory. Not `Clone`: the sled handles live only inside it, so
+/// that dropping them after an I/O error really closes the database and the next call opens it
+/// afresh (see [`SledStore::open`]). Share it as `Arc<dyn Store>`.
 pub struct SledStore {
+    path: PathBuf,
+    /// `None` after an I/O error: the next call reopens.
+    trees: RwLock<Option<Trees>>,
+    /// Numbers each opening, so an error seen on one never closes the next.
+    openings: AtomicU64,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The handles of one opening of the database. Borrowed only under [`SledStore`]'s lock and
+/// never cloned out of it.
+struct Trees {
+    opening: u64,
     db: sled::Db,
     batches: sled::Tree,
     headers: sled::Tree,
     meta: sled::Tree,
 }
 
+/// What an operation on the open trees can fail with: sled's errors are kept apart so that
+/// [`SledStore::with`] can tell an I/O error, which poisons the open database, from the rest.
+enum Failure {
+    Sled(sled::Error),
+    Store(StoreError),
+}
+
+impl From<sled::Error> for Failure {
+    fn from(e: sled::Error) -> Self {
+        Failure::Sled(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+impl<E: Into<Failure>> From<TransactionError<E>> for Failure {
+    fn from(e: TransactionError<E>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e.into(),
+            TransactionError::Storage(e) => Failure::Sled(e),
+        }
+    }
+}
+
+impl From<std::convert::Infallible> for Failure {
+    fn from(e: std::convert::Infallible) -> Self {
+        match e {}
+    }
+}
+
 impl SledStore {
+    /// Opens (or creates) the store at `path`.
+    ///
+    /// After an I/O error (a full disk, a failed write) sled 0.34 records a global error in the
+    /// open database and fails every later operation with it, for good: only a new opening
+    /// clears it. So an operation that fails with an I/O error drops the handles, and the next
+    /// call opens the database again; if that fails, the call returns why, and the one after
+    /// tries again.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let store = SledStore {
+            path: path.to_owned(),
+            trees: RwLock::new(None),
+            openings: AtomicU64::new(0),
+        };
+        let trees = store.open_trees()?;
+        *store.write() = Some(trees);
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn open_trees(&self) -> Result<Trees, StoreError> {
+        let sled = |source| StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        };
+        // A new Config each time: clones of one share its global error.
         let db = sled::Config::new()
-            .path(path)
+            .path(&self.path)
             .cache_capacity(64 << 20)
-            .open()?;
-        Ok(SledStore {
-            batches: db.open_tree("batches")?,
-            headers: db.open_tree("headers")?,
-            meta: db.open_tree("meta")?,
+            .open()
+            .map_err(sled)?;
+        Ok(Trees {
+            opening: self.openings.fetch_add(1, Ordering::Relaxed),
+            batches: db.open_tree("batches").map_err(sled)?,
+            headers: db.open_tree("headers").map_err(sled)?,
+            meta: db.open_tree("meta").map_err(sled)?,
             db,
         })
+    }
+
+    // A panic while the lock was held leaves the handles as sound as sled left them.
+    fn read(&self) -> RwLockReadGuard<'_, Option<Trees>> {
+        self.trees.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Option<Trees>> {
+        self.trees.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `op` on the open trees, opening them first if an I/O error closed them.
+    fn with<T>(&self, op: impl FnOnce(&Trees) -> Result<T, Failure>) -> Result<T, StoreError> {
+        let (result, opening) = {
+            let guard = self.read();
+            match guard.as_ref() {
+                Some(trees) => (op(trees), trees.opening),
+                None => {
+                    drop(guard);
+                    let mut guard = self.write();
+                    if guard.is_none() {
+                        *guard = Some(self.open_trees()?);
+                    }
+                    let trees = guard.as_ref().expect("opened just now");
+                    (op(trees), trees.opening)
+                }
+            }
+        };
+        result.map_err(|failure| match failure {
+            Failure::Store(e) => e,
+            Failure::Sled(source) => {
+                if matches!(source, sled::Error::Io(_)) {
+                    self.close(opening, &source);
+                }
+                StoreError::Sled {
+                    path: self.path.clone(),
+                    source,
+                }
+            }
+        })
+    }
+
+    /// Drops the handles of `opening` (unless another call already reopened): the last handle
+    /// dropped closes the database and releases its file lock.
+    fn close(&self, opening: u64, error: &sled::Error) {
+        let mut guard = self.write();
+        if guard.as_ref().is_some_and(|t| t.opening == opening) {
+            warn!(store = %self.path.display(), %error, "I/O error: the store reopens on its next use");
+            *guard = None;
+        }
+    }
+
+    #[cfg(test)]
+    fn with_trees<T>(&self, op: impl FnOnce(&Trees) -> T) -> T {
+        op(self.read().as_ref().expect("store open"))
     }
 }
 
@@ -193,11 +335,11 @@ fn check_header_entry(
     Ok(())
 }
 
-fn next_entry(it: &mut sled::Iter) -> Result<Option<(u64, sled::IVec)>, StoreError> {
-    it.next()
-        .transpose()?
-        .map(|(k, v)| Ok((id_of(&k)?, v)))
-        .transpose()
+fn next_entry(it: &mut sled::Iter) -> Result<Option<(u64, sled::IVec)>, Failure> {
+    match it.next().transpose()? {
+        Some((k, v)) => Ok(Some((id_of(&k)?, v))),
+        None => Ok(None),
+    }
 }
 
 /// One batch of a `put_batches` call, encoded before the transaction, which sled may rerun.
@@ -235,54 +377,30 @@ fn put_record(
     Ok(())
 }
 
-impl SledStore {
-    fn unpaired_header(&self, id: u64) -> Result<SealedBatch, StoreError> {
-        self.batch(id)?
-            .ok_or_else(|| corrupt_batch(id, "it has a header entry but no batch"))
-    }
-}
-
-impl Store for SledStore {
-    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError> {
-        if batches.is_empty() {
-            return Ok(());
-        }
-        let records: Vec<Record<'_>> = batches
-            .iter()
-            .map(|b| Record {
-                batch: b,
-                key: b.header.id.to_be_bytes(),
-                value: encode(b),
-                header: serde_json::to_vec(&b.header).expect("header serialises"),
-            })
-            .collect();
-        let result = (&self.batches, &self.headers).transaction(|(batches, headers)| {
-            for r in &records {
+impl Trees {
+    fn put_batches(&self, records: &[Record<'_>]) -> Result<(), Failure> {
+        (&self.batches, &self.headers).transaction(|(batches, headers)| {
+            for r in records {
                 put_record(batches, headers, r)?;
             }
             Ok(())
-        });
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
-        }
+        })?;
         self.db.flush()?;
         Ok(())
     }
 
-    fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError> {
+    fn batch(&self, id: u64) -> Result<Option<SealedBatch>, Failure> {
         let key = id.to_be_bytes();
         // One transaction, so a batch being written is seen with its header or not at all.
-        let (value, entry) = (&self.batches, &self.headers)
-            .transaction(|(batches, headers)| Ok((batches.get(key)?, headers.get(key)?)))
-            .map_err(|e: TransactionError<()>| match e {
-                TransactionError::Storage(e) => StoreError::from(e),
-                TransactionError::Abort(()) => unreachable!("the read never aborts"),
-            })?;
+        let (value, entry) = (&self.batches, &self.headers).transaction(|(batches, headers)| {
+            Ok::<_, ConflictableTransactionError<std::convert::Infallible>>((
+                batches.get(key)?,
+                headers.get(key)?,
+            ))
+        })?;
         match (value, entry) {
             (None, None) => Ok(None),
-            (None, Some(_)) => Err(corrupt_batch(id, "it has a header entry but no batch")),
+            (None, Some(_)) => Err(corrupt_batch(id, "it has a header entry but no batch").into()),
             (Some(v), entry) => {
                 let sealed = decode(id, &v)?;
                 check_header_entry(id, &sealed.header, entry.as_deref())?;
@@ -291,27 +409,28 @@ impl Store for SledStore {
         }
     }
 
-    fn headers(&self) -> Result<Vec<BatchHeader>, StoreError> {
-        self.headers
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                parse_header(id_of(&k)?, &v)
-            })
-            .collect()
+    fn unpaired_header(&self, id: u64) -> Result<SealedBatch, Failure> {
+        self.batch(id)?
+            .ok_or_else(|| corrupt_batch(id, "it has a header entry but no batch").into())
     }
 
-    fn last_header(&self) -> Result<Option<BatchHeader>, StoreError> {
-        self.headers
-            .last()?
-            .map(|(k, v)| parse_header(id_of(&k)?, &v))
-            .transpose()
+    fn headers(&self) -> Result<Vec<BatchHeader>, Failure> {
+        let mut out = Vec::new();
+        for kv in self.headers.iter() {
+            let (k, v) = kv?;
+            out.push(parse_header(id_of(&k)?, &v)?);
+        }
+        Ok(out)
     }
 
-    fn scan(
-        &self,
-        each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>,
-    ) -> Result<u64, StoreError> {
+    fn last_header(&self) -> Result<Option<BatchHeader>, Failure> {
+        match self.headers.last()? {
+            Some((k, v)) => Ok(Some(parse_header(id_of(&k)?, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan(&self, each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>) -> Result<u64, Failure> {
         let mut batches = self.batches.iter();
         let mut headers = self.headers.iter();
         let mut b = next_entry(&mut batches)?;
@@ -351,7 +470,7 @@ impl Store for SledStore {
         }
     }
 
-    fn seq_reserved(&self) -> Result<u64, StoreError> {
+    fn seq_reserved(&self) -> Result<u64, Failure> {
         let stored = match self.meta.get(SEQ_RESERVED)? {
             Some(v) => id_of(&v)?,
             None => 0,
@@ -361,14 +480,59 @@ impl Store for SledStore {
         Ok(stored.max(after_last))
     }
 
-    fn reserve_seq(&self, next: u64) -> Result<(), StoreError> {
+    fn reserve_seq(&self, next: u64) -> Result<(), Failure> {
         self.meta.insert(SEQ_RESERVED, &next.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }
+}
+
+impl Store for SledStore {
+    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<Record<'_>> = batches
+            .iter()
+            .map(|b| Record {
+                batch: b,
+                key: b.header.id.to_be_bytes(),
+                value: encode(b),
+                header: serde_json::to_vec(&b.header).expect("header serialises"),
+            })
+            .collect();
+        self.with(|t| t.put_batches(&records))
+    }
+
+    fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError> {
+        self.with(|t| t.batch(id))
+    }
+
+    fn headers(&self) -> Result<Vec<BatchHeader>, StoreError> {
+        self.with(|t| t.headers())
+    }
+
+    fn last_header(&self) -> Result<Option<BatchHeader>, StoreError> {
+        self.with(|t| t.last_header())
+    }
+
+    fn scan(
+        &self,
+        each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        self.with(|t| t.scan(each))
+    }
+
+    fn seq_reserved(&self) -> Result<u64, StoreError> {
+        self.with(|t| t.seq_reserved())
+    }
+
+    fn reserve_seq(&self, next: u64) -> Result<(), StoreError> {
+        self.with(|t| t.reserve_seq(next))
+    }
 
     fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.with(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0)
     }
 }
 
@@ -414,8 +578,20 @@ mod tests {
         text
     }
 
-    fn raw_put(tree: &sled::Tree, id: u64, value: Vec<u8>) {
-        tree.insert(id.to_be_bytes(), value).unwrap();
+    /// Writes straight into one of the store's trees, as damage or an old version would.
+    fn raw_put(s: &SledStore, tree: &str, id: u64, value: Vec<u8>) {
+        s.with_trees(|t| {
+            t.db.open_tree(tree)
+                .unwrap()
+                .insert(id.to_be_bytes(), value)
+        })
+        .unwrap();
+    }
+
+    fn raw_remove(s: &SledStore, tree: &str, id: u64) {
+        s.with_trees(|t| t.db.open_tree(tree).unwrap().remove(id.to_be_bytes()))
+            .unwrap()
+            .expect("was there");
     }
 
     fn header_json(h: &BatchHeader) -> Vec<u8> {
@@ -462,9 +638,8 @@ mod tests {
         let s = SledStore::open(dir.path()).unwrap();
         s.put_batches(&[sealed(1), sealed(2)]).unwrap();
         // Batch 1's record and header entry, copied over batch 2's.
-        let one = s.batches.get(1u64.to_be_bytes()).unwrap().unwrap();
-        raw_put(&s.batches, 2, one.to_vec());
-        raw_put(&s.headers, 2, header_json(&sealed(1).header));
+        raw_put(&s, "batches", 2, encode(&sealed(1)));
+        raw_put(&s, "headers", 2, header_json(&sealed(1).header));
         let text = fails_naming(s.batch(2), 2);
         assert!(text.contains("sealed header of batch 1"), "{text}");
         fails_naming(s.check(), 2);
@@ -479,13 +654,13 @@ mod tests {
         s.put_batches(&[sealed(1), sealed(2)]).unwrap();
         let mut h = sealed(2).header;
         h.rows = 1_000;
-        raw_put(&s.headers, 2, header_json(&h));
+        raw_put(&s, "headers", 2, header_json(&h));
         let text = fails_naming(s.batch(2), 2);
         assert!(text.contains("differs from the header sealed"), "{text}");
         fails_naming(s.check(), 2);
 
         // A header entry that describes another batch is refused even by the header listing.
-        raw_put(&s.headers, 2, header_json(&sealed(1).header));
+        raw_put(&s, "headers", 2, header_json(&sealed(1).header));
         let text = fails_naming(s.headers(), 2);
         assert!(text.contains("header of batch 1"), "{text}");
         fails_naming(s.last_header(), 2);
@@ -498,21 +673,21 @@ mod tests {
         s.put_batches(&[sealed(1), sealed(2), sealed(3)]).unwrap();
         assert_eq!(s.check().unwrap(), 3);
 
-        s.headers.remove(2u64.to_be_bytes()).unwrap();
+        raw_remove(&s, "headers", 2);
         let text = fails_naming(s.batch(2), 2);
         assert!(text.contains("no header entry"), "{text}");
         fails_naming(s.check(), 2);
-        raw_put(&s.headers, 2, header_json(&sealed(2).header));
+        raw_put(&s, "headers", 2, header_json(&sealed(2).header));
         assert_eq!(s.check().unwrap(), 3);
 
         // The last batch lost, its header kept: the end of the walk is checked too.
-        s.batches.remove(3u64.to_be_bytes()).unwrap();
+        raw_remove(&s, "batches", 3);
         let text = fails_naming(s.batch(3), 3);
         assert!(text.contains("header entry but no batch"), "{text}");
         fails_naming(s.check(), 3);
-        s.headers.remove(3u64.to_be_bytes()).unwrap();
+        raw_remove(&s, "headers", 3);
         // And a batch with no header after the last header.
-        raw_put(&s.batches, 4, encode(&sealed(4)));
+        raw_put(&s, "batches", 4, encode(&sealed(4)));
         fails_naming(s.check(), 4);
     }
 
@@ -563,8 +738,8 @@ mod tests {
             s.put_batches(&group[..1]).unwrap();
             // What a committed transaction leaves when the flush after it fails: every batch
             // of the group and its header, not yet known to be durable.
-            (&s.batches, &s.headers)
-                .transaction(|(batches, headers)| {
+            s.with_trees(|t| {
+                (&t.batches, &t.headers).transaction(|(batches, headers)| {
                     for b in &group[1..] {
                         let key = b.header.id.to_be_bytes();
                         batches.insert(&key, encode(b))?;
@@ -572,7 +747,8 @@ mod tests {
                     }
                     Ok::<_, ConflictableTransactionError<()>>(())
                 })
-                .unwrap();
+            })
+            .unwrap();
             // The caller's retry of the whole group.
             s.put_batches(&group).unwrap();
             s.put_batch(&group[2]).unwrap();
@@ -589,7 +765,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
         s.put_batches(&[sealed(1)]).unwrap();
-        s.headers.remove(1u64.to_be_bytes()).unwrap();
+        raw_remove(&s, "headers", 1);
         fails_naming(s.put_batches(&[sealed(1)]), 1);
     }
 }

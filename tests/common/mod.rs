@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod formats;
+pub mod tmpfs;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use iomt_edge::model::batch::BatchView;
-use iomt_edge::model::reading::Reading;
+use iomt_edge::model::batch::{BatchBuilder, BatchView, Row};
+use iomt_edge::model::reading::{Metric, Reading};
 use iomt_edge::seal::keys::NodeKeys;
-use iomt_edge::seal::Sealer;
+use iomt_edge::seal::{SealedBatch, Sealer};
 use iomt_edge::store::{SledStore, Store};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
@@ -254,6 +255,27 @@ pub fn stored_readings(data: &Path) -> Vec<Reading> {
         out.extend(BatchView::new(&batch).unwrap().readings().unwrap());
     }
     out
+}
+
+/// Batch `id`: `rows` heart rates of bed w7-b1, seqs from `id * rows`, one a second from
+/// 2023-11-14T22:13:20Z, values 60 + id + row / 100.
+pub fn seal_batch(sealer: &Sealer, id: u64, rows: usize) -> SealedBatch {
+    let first_seq = id * rows as u64;
+    let mut b = BatchBuilder::new(first_seq, rows);
+    for i in 0..rows as u64 {
+        let ts = 1_700_000_000_000_000 + (first_seq + i) as i64 * 1_000_000;
+        b.push(Row {
+            ts,
+            received: ts + 500,
+            source: "w7-b1-mon",
+            subject: Some("w7-b1"),
+            metric: Metric::HeartRate,
+            value: Some(60.0 + id as f64 + i as f64 / 100.0),
+            text: None,
+            flags: 0,
+        });
+    }
+    sealer.seal(id, b.take()).unwrap()
 }
 
 /// An MQTT client connected to `port`, with its event loop.
