@@ -20,9 +20,9 @@ use crate::pipeline::ingest::{Ingest, IngestSummary, PendingBatch, Route, RouteT
 use crate::pipeline::output;
 use crate::pipeline::Input;
 use crate::pipeline::{Acker, Publisher};
-use crate::seal::keys::{KeyError, NodeKeys};
+use crate::seal::keys::KeyError;
 use crate::seal::Sealer;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{open_node_keys, KeyMode, SledStore, Store, StoreError};
 use crate::transport::embedded::LinkPublisher;
 use crate::transport::embedded::{BrokerError, EmbeddedBroker};
 use crate::transport::external::ClientPublisher;
@@ -126,9 +126,11 @@ impl Service {
         ));
 
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
-        let keys = NodeKeys::load_or_create(
+        let keys = open_node_keys(
+            store.as_ref(),
             &data_dir.join("keys"),
             &format!("iomt-edge/{}", config.site),
+            KeyMode::CreateIfFresh,
         )?;
         health.store.store(true, Ordering::Release);
 

@@ -3,7 +3,9 @@
 //! sled trees and their keys:
 //! - `batches`: batch id (u64 big-endian, so keys sort by id) → the encoded [`SealedBatch`];
 //! - `headers`: batch id → the header as JSON, to list batches without reading ciphertext;
-//! - `meta`: `seq_reserved` → u64, the first seq no process has handed out yet.
+//! - `meta`: `seq_reserved` → u64, the first seq no process has handed out yet;
+//!   `master_key_check` → the check value of the master key that seals the batches
+//!   ([`open_node_keys`] records it and refuses any other key).
 //!
 //! Batches and their headers are written in one transaction and flushed before `put_batches`
 //! returns. Every read checks the bindings a copy or a lost write would break: the header sealed
@@ -18,7 +20,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 use tracing::warn;
 
-use crate::seal::crypt::Envelope;
+use crate::seal::crypt::{Envelope, CHECK_LEN};
+use crate::seal::keys::{KeyError, NodeKeys, MASTER_KEY_FILE};
 use crate::seal::{BatchHeader, SealedBatch};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,39 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("batch {0} is already stored")]
     Duplicate(u64),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("{}", key_missing(path, *batches))]
+    KeyMissing { path: PathBuf, batches: usize },
+    #[error("{}", wrong_key(path, *batches))]
+    WrongKey { path: PathBuf, batches: usize },
+    #[error(
+        "{} does not open batch {id}, the last one stored: it is not the key that sealed the \
+         store, or that batch is damaged",
+        path.display()
+    )]
+    KeyDoesNotOpen { path: PathBuf, id: u64 },
+}
+
+fn key_missing(path: &Path, batches: usize) -> String {
+    let holds = match batches {
+        0 => "the store was started with it".to_owned(),
+        1 => "the store holds 1 batch sealed with it".to_owned(),
+        n => format!("the store holds {n} batches sealed with it"),
+    };
+    format!(
+        "{} is missing, but {holds}: restore it from backup (a new key could not open them)",
+        path.display()
+    )
+}
+
+fn wrong_key(path: &Path, batches: usize) -> String {
+    let sealed = match batches {
+        0 => "the key this store was started with".to_owned(),
+        1 => "the key that sealed the 1 stored batch".to_owned(),
+        n => format!("the key that sealed the {n} stored batches"),
+    };
+    format!("{} is not {sealed}", path.display())
 }
 
 /// Durable storage of sealed batches. `put_batches` returns only once the batches would survive
@@ -63,12 +99,17 @@ pub trait Store: Send + Sync + 'static {
     fn seq_reserved(&self) -> Result<u64, StoreError>;
     /// Durably records that seqs below `next` may have been handed out.
     fn reserve_seq(&self, next: u64) -> Result<(), StoreError>;
+    /// The check value of the master key that seals this store's batches, once recorded.
+    fn key_check_value(&self) -> Result<Option<[u8; CHECK_LEN]>, StoreError>;
+    /// Durably records the master key's check value; refuses to replace another one.
+    fn record_key_check_value(&self, check: &[u8; CHECK_LEN]) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> u64;
 }
 
 const VALUE_VERSION: u8 = 1;
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
+const KEY_CHECK: &[u8] = b"master_key_check";
 
 /// The sled store of a data directory. Not `Clone`: the sled handles live only inside it, so
 /// that dropping them after an I/O error really closes the database and the next call opens it
@@ -485,6 +526,31 @@ impl Trees {
         self.db.flush()?;
         Ok(())
     }
+
+    fn key_check_value(&self) -> Result<Option<[u8; CHECK_LEN]>, Failure> {
+        match self.meta.get(KEY_CHECK)? {
+            None => Ok(None),
+            Some(v) => match <[u8; CHECK_LEN]>::try_from(v.as_ref()) {
+                Ok(check) => Ok(Some(check)),
+                Err(_) => Err(corrupt("master_key_check", "not 16 bytes").into()),
+            },
+        }
+    }
+
+    fn record_key_check_value(&self, check: &[u8; CHECK_LEN]) -> Result<(), Failure> {
+        match self
+            .meta
+            .compare_and_swap(KEY_CHECK, None::<&[u8]>, Some(&check[..]))?
+        {
+            Ok(()) => {}
+            Err(e) if e.current.as_deref() == Some(&check[..]) => {}
+            Err(_) => {
+                return Err(corrupt("master_key_check", "it records another master key").into())
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
 impl Store for SledStore {
@@ -531,14 +597,94 @@ impl Store for SledStore {
         self.with(|t| t.reserve_seq(next))
     }
 
+    fn key_check_value(&self) -> Result<Option<[u8; CHECK_LEN]>, StoreError> {
+        self.with(|t| t.key_check_value())
+    }
+
+    fn record_key_check_value(&self, check: &[u8; CHECK_LEN]) -> Result<(), StoreError> {
+        self.with(|t| t.record_key_check_value(check))
+    }
+
     fn size_on_disk(&self) -> u64 {
         self.with(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0)
+    }
+}
+
+/// Whether [`open_node_keys`] may create keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMode {
+    /// The service: a fresh store (no batches, no recorded key) gets new keys.
+    CreateIfFresh,
+    /// Commands that inspect a data directory, and tests: never creates or records anything.
+    ReadOnly,
+}
+
+/// Loads the node's keys from `keys_dir` and makes sure the master key is the one that sealed
+/// `store`. A store that holds batches, or has recorded a key, never gets a new key: a missing
+/// `master.key` or another key is an error naming the file. A fresh store takes the keys there
+/// are, or, with [`KeyMode::CreateIfFresh`], new ones; and records the master key's check value.
+/// A store written before check values were recorded gets one once the key opens its last batch.
+pub fn open_node_keys(
+    store: &dyn Store,
+    keys_dir: &Path,
+    node_name: &str,
+    mode: KeyMode,
+) -> Result<NodeKeys, StoreError> {
+    let master_path = keys_dir.join(MASTER_KEY_FILE);
+    let record = |keys: &NodeKeys| match mode {
+        KeyMode::CreateIfFresh => store.record_key_check_value(&keys.master.check_value()),
+        KeyMode::ReadOnly => Ok(()),
+    };
+    let batches = || store.headers().map(|h| h.len());
+    let existing_keys = || match NodeKeys::load(keys_dir) {
+        Err(KeyError::Missing { path }) if path == master_path => Err(StoreError::KeyMissing {
+            path,
+            batches: batches()?,
+        }),
+        keys => Ok(keys?),
+    };
+    match (store.key_check_value()?, store.last_header()?) {
+        (None, None) => {
+            let keys = match mode {
+                KeyMode::CreateIfFresh => NodeKeys::load_or_create(keys_dir, node_name)?,
+                KeyMode::ReadOnly => NodeKeys::load(keys_dir)?,
+            };
+            record(&keys)?;
+            Ok(keys)
+        }
+        (Some(check), _) => {
+            let keys = existing_keys()?;
+            if check != keys.master.check_value() {
+                return Err(StoreError::WrongKey {
+                    path: master_path,
+                    batches: batches()?,
+                });
+            }
+            Ok(keys)
+        }
+        // Written before check values were recorded: the key must open the last batch.
+        (None, Some(last)) => {
+            let keys = existing_keys()?;
+            let sealed = store
+                .batch(last.id)?
+                .ok_or_else(|| corrupt_batch(last.id, "it has a header entry but no batch"))?;
+            keys.master
+                .open(&sealed.envelope, &sealed.header.aad())
+                .map_err(|_| StoreError::KeyDoesNotOpen {
+                    path: master_path.clone(),
+                    id: last.id,
+                })?;
+            record(&keys)?;
+            Ok(keys)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn sealed(id: u64) -> SealedBatch {
         SealedBatch {
@@ -767,5 +913,164 @@ mod tests {
         s.put_batches(&[sealed(1)]).unwrap();
         raw_remove(&s, "headers", 1);
         fails_naming(s.put_batches(&[sealed(1)]), 1);
+    }
+
+    /// A store in `dir`/store with `n` batches really sealed with key file `dir`/keys, written as
+    /// an older version would: no key check value recorded.
+    fn sealed_store(dir: &Path, n: u64) -> SledStore {
+        use crate::model::batch::{BatchBuilder, Row};
+        use crate::model::reading::Metric;
+        let keys = NodeKeys::load_or_create(&dir.join("keys"), "iomt-edge/t").unwrap();
+        let sealer = crate::seal::Sealer::new(keys.master);
+        let store = SledStore::open(&dir.join("store")).unwrap();
+        let mut b = BatchBuilder::new(0, 1);
+        for id in 0..n {
+            b.push(Row {
+                ts: id as i64,
+                received: 0,
+                source: "d",
+                subject: None,
+                metric: Metric::HeartRate,
+                value: Some(60.0),
+                text: None,
+                flags: 0,
+            });
+            store
+                .put_batch(&sealer.seal(id, b.take()).unwrap())
+                .unwrap();
+        }
+        store
+    }
+
+    fn other_key(dir: &Path) -> PathBuf {
+        let other = dir.join("other-keys");
+        NodeKeys::load_or_create(&other, "iomt-edge/t").unwrap();
+        other.join(MASTER_KEY_FILE)
+    }
+
+    #[test]
+    fn a_fresh_store_gets_keys_and_records_the_check_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        let keys_dir = dir.path().join("keys");
+        let err = open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Keys(KeyError::Missing { .. })),
+            "{err}"
+        );
+        assert!(!keys_dir.exists());
+        assert_eq!(store.key_check_value().unwrap(), None);
+
+        let keys =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        assert_eq!(
+            store.key_check_value().unwrap(),
+            Some(keys.master.check_value())
+        );
+        let again = open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap();
+        assert_eq!(again.master.check_value(), keys.master.check_value());
+    }
+
+    #[test]
+    fn a_store_with_batches_never_gets_a_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_dir = dir.path().join("keys");
+        let store = sealed_store(dir.path(), 3);
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        let master = keys_dir.join(MASTER_KEY_FILE);
+        let saved = fs::read(&master).unwrap();
+        fs::remove_file(&master).unwrap();
+        for mode in [KeyMode::CreateIfFresh, KeyMode::ReadOnly] {
+            let err = open_node_keys(&store, &keys_dir, "iomt-edge/t", mode).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{} is missing, but the store holds 3 batches sealed with it: restore it from \
+                     backup (a new key could not open them)",
+                    master.display()
+                )
+            );
+            assert!(!master.exists(), "{mode:?} created a key");
+        }
+
+        fs::rename(other_key(dir.path()), &master).unwrap();
+        let err =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is not the key that sealed the 3 stored batches",
+                master.display()
+            )
+        );
+
+        fs::remove_file(&master).unwrap();
+        fs::write(&master, saved).unwrap();
+        fs::set_permissions(&master, fs::Permissions::from_mode(0o600)).unwrap();
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap();
+    }
+
+    #[test]
+    fn a_recorded_key_is_required_even_before_the_first_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_dir = dir.path().join("keys");
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        let master = keys_dir.join(MASTER_KEY_FILE);
+        fs::remove_file(&master).unwrap();
+        let err =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap_err();
+        assert!(
+            matches!(err, StoreError::KeyMissing { batches: 0, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("the store was started with it"),
+            "{err}"
+        );
+        assert!(!master.exists());
+    }
+
+    #[test]
+    fn an_older_store_records_the_key_that_opens_its_last_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_dir = dir.path().join("keys");
+        let store = sealed_store(dir.path(), 2);
+        let master = keys_dir.join(MASTER_KEY_FILE);
+        let saved = fs::read(&master).unwrap();
+
+        fs::remove_file(&master).unwrap();
+        fs::rename(other_key(dir.path()), &master).unwrap();
+        let err =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap_err();
+        assert!(
+            matches!(err, StoreError::KeyDoesNotOpen { id: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("does not open batch 1"), "{err}");
+        assert_eq!(store.key_check_value().unwrap(), None);
+
+        fs::write(&master, saved).unwrap();
+        let keys = open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap();
+        assert_eq!(
+            store.key_check_value().unwrap(),
+            None,
+            "read-only records nothing"
+        );
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        assert_eq!(
+            store.key_check_value().unwrap(),
+            Some(keys.master.check_value())
+        );
+    }
+
+    #[test]
+    fn a_recorded_check_value_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.record_key_check_value(&[1; CHECK_LEN]).unwrap();
+        s.record_key_check_value(&[1; CHECK_LEN]).unwrap();
+        assert!(s.record_key_check_value(&[2; CHECK_LEN]).is_err());
+        assert_eq!(s.key_check_value().unwrap(), Some([1; CHECK_LEN]));
     }
 }

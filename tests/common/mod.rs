@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use iomt_edge::model::batch::{BatchBuilder, BatchView, Row};
 use iomt_edge::model::reading::{Metric, Reading};
-use iomt_edge::seal::keys::NodeKeys;
 use iomt_edge::seal::{SealedBatch, Sealer};
-use iomt_edge::store::{SledStore, Store};
+use iomt_edge::store::{open_node_keys, KeyMode, SledStore, Store};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 pub const SITE: &str = "test-ward";
@@ -247,7 +246,13 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
 /// Every stored reading, decrypted, in seq order. The service must be stopped.
 pub fn stored_readings(data: &Path) -> Vec<Reading> {
     let store = SledStore::open(&data.join("store")).unwrap();
-    let keys = NodeKeys::load_or_create(&data.join("keys"), &format!("iomt-edge/{SITE}")).unwrap();
+    let keys = open_node_keys(
+        &store,
+        &data.join("keys"),
+        &format!("iomt-edge/{SITE}"),
+        KeyMode::ReadOnly,
+    )
+    .unwrap();
     let sealer = Sealer::new(keys.master);
     let mut out = Vec::new();
     for h in store.headers().unwrap() {
