@@ -22,7 +22,7 @@ use crate::pipeline::Input;
 use crate::pipeline::{Acker, Publisher};
 use crate::seal::keys::KeyError;
 use crate::seal::Sealer;
-use crate::store::{open_node_keys, KeyMode, SledStore, Store, StoreError};
+use crate::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store, StoreError};
 use crate::transport::embedded::LinkPublisher;
 use crate::transport::embedded::{BrokerError, EmbeddedBroker};
 use crate::transport::external::ClientPublisher;
@@ -82,6 +82,8 @@ pub struct Service {
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     health: Arc<Health>,
     external: Option<rumqttc::Client>,
+    /// Held while the service lives: one process per data directory.
+    _data_dir_lock: DataDirLock,
 }
 
 #[derive(Debug)]
@@ -103,6 +105,7 @@ impl Service {
             path: data_dir.to_owned(),
             source,
         })?;
+        let data_dir_lock = DataDirLock::acquire(data_dir)?;
         let metrics = Metrics::new();
         let health = Arc::new(Health::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -215,6 +218,7 @@ impl Service {
             http,
             health,
             external,
+            _data_dir_lock: data_dir_lock,
         })
     }
 

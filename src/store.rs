@@ -11,7 +11,11 @@
 //! returns. Every read checks the bindings a copy or a lost write would break: the header sealed
 //! inside a batch names the id it is stored under, and the `headers` entry equals it.
 
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::ops::ControlFlow;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -44,6 +48,20 @@ pub enum StoreError {
         path.display()
     )]
     KeyDoesNotOpen { path: PathBuf, id: u64 },
+    #[error("{}", locked(dir, *pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
+    #[error("{}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn locked(dir: &Path, pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("another iomt-edge (pid {pid}) is using {}", dir.display()),
+        None => format!("another iomt-edge is using {}", dir.display()),
+    }
 }
 
 fn key_missing(path: &Path, batches: usize) -> String {
@@ -610,6 +628,56 @@ impl Store for SledStore {
     }
 }
 
+/// The data directory's lock: `<data>/LOCK`, held with `flock` by the one process that uses the
+/// directory (the service, or `dump`), and holding its pid. Taken before sled opens the store,
+/// so a second process is told who has the directory instead of failing on sled's own lock.
+/// The kernel releases it when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+pub const LOCK_FILE: &str = "LOCK";
+
+impl DataDirLock {
+    /// Takes the lock of `data_dir`, which must exist, or says which process holds it.
+    pub fn acquire(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join(LOCK_FILE);
+        let lock_error = |source| StoreError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(lock_error)?;
+        // SAFETY: flock only acts on the descriptor, which `file` keeps open for the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(lock_error(e));
+            }
+            // The holder may not have written its pid yet: then the message goes without it.
+            let mut text = String::new();
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(StoreError::Locked {
+                dir: data_dir.to_owned(),
+                pid,
+            });
+        }
+        file.set_len(0).map_err(lock_error)?;
+        writeln!(file, "{}", std::process::id()).map_err(lock_error)?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
 /// Whether [`open_node_keys`] may create keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyMode {
@@ -643,7 +711,14 @@ pub fn open_node_keys(
         }),
         keys => Ok(keys?),
     };
-    match (store.key_check_value()?, store.last_header()?) {
+    let recorded = store.key_check_value()?;
+    // With a recorded value the batches are not consulted, so one damaged header does not stop
+    // `dump` from printing the batches before it.
+    let last = match recorded {
+        Some(_) => None,
+        None => store.last_header()?,
+    };
+    match (recorded, last) {
         (None, None) => {
             let keys = match mode {
                 KeyMode::CreateIfFresh => NodeKeys::load_or_create(keys_dir, node_name)?,
@@ -1072,5 +1147,36 @@ mod tests {
         s.record_key_check_value(&[1; CHECK_LEN]).unwrap();
         assert!(s.record_key_check_value(&[2; CHECK_LEN]).is_err());
         assert_eq!(s.key_check_value().unwrap(), Some([1; CHECK_LEN]));
+    }
+
+    #[test]
+    fn one_lock_holder_per_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = DataDirLock::acquire(dir.path()).unwrap();
+        let pid = std::process::id();
+        assert_eq!(
+            fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(),
+            format!("{pid}\n")
+        );
+        // flock locks belong to the open file, so a second open in this process is refused
+        // just as another process would be.
+        let err = DataDirLock::acquire(dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another iomt-edge (pid {pid}) is using {}",
+                dir.path().display()
+            )
+        );
+        drop(held);
+        DataDirLock::acquire(dir.path()).unwrap();
+
+        let missing = dir.path().join("missing");
+        let err = DataDirLock::acquire(&missing).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: ", missing.join(LOCK_FILE).display())),
+            "{err}"
+        );
     }
 }
