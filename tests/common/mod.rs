@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use iomt_edge::model::batch::{BatchBuilder, BatchView, Row};
 use iomt_edge::model::reading::{Metric, Reading};
+use iomt_edge::seal::keys::NodeKeys;
 use iomt_edge::seal::{SealedBatch, Sealer};
 use iomt_edge::store::{open_node_keys, KeyMode, SledStore, Store};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -281,6 +282,23 @@ pub fn seal_batch(sealer: &Sealer, id: u64, rows: usize) -> SealedBatch {
         });
     }
     sealer.seal(id, b.take()).unwrap()
+}
+
+/// A data directory with `n` batches of `rows` readings ([`seal_batch`]) written through the
+/// library, keys created under the test site. With `record_check`, as the service does; without,
+/// as a version that did not record the master key's check value yet.
+pub fn write_store(data: &Path, n: u64, rows: usize, record_check: bool) {
+    let store = SledStore::open(&data.join("store")).unwrap();
+    let keys_dir = data.join("keys");
+    let name = format!("iomt-edge/{SITE}");
+    let keys = if record_check {
+        open_node_keys(&store, &keys_dir, &name, KeyMode::CreateIfFresh).unwrap()
+    } else {
+        NodeKeys::load_or_create(&keys_dir, &name).unwrap()
+    };
+    let sealer = Sealer::new(keys.master);
+    let batches: Vec<_> = (0..n).map(|id| seal_batch(&sealer, id, rows)).collect();
+    store.put_batches(&batches).unwrap();
 }
 
 /// An MQTT client connected to `port`, with its event loop.
