@@ -67,11 +67,11 @@ fn locked(dir: &Path, pid: Option<u32>) -> String {
 fn key_missing(path: &Path, batches: usize) -> String {
     let holds = match batches {
         0 => "the store was started with it".to_owned(),
-        1 => "the store holds 1 batch sealed with it".to_owned(),
-        n => format!("the store holds {n} batches sealed with it"),
+        1 => "the store holds 1 batch sealed with it: a new key could not open it".to_owned(),
+        n => format!("the store holds {n} batches sealed with it: a new key could not open them"),
     };
     format!(
-        "{} is missing, but {holds}: restore it from backup (a new key could not open them)",
+        "{} is missing, but {holds}; restore it from backup",
         path.display()
     )
 }
@@ -93,6 +93,7 @@ pub trait Store: Send + Sync + 'static {
     /// whose flush failed is completed by calling again with the same batches; a batch id stored
     /// with other bytes is [`StoreError::Duplicate`], and then nothing of the call is stored.
     fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError>;
+    /// [`Store::put_batches`] of one batch.
     fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError> {
         self.put_batches(std::slice::from_ref(batch))
     }
@@ -109,7 +110,8 @@ pub trait Store: Send + Sync + 'static {
     /// not call the store.
     fn scan(&self, each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>)
         -> Result<u64, StoreError>;
-    /// [`Store::scan`] without looking at the batches: the number of batches, all consistent.
+    /// [`Store::scan`] handing nothing over: the number of batches, once each is found paired
+    /// and consistent. Reads every batch.
     fn check(&self) -> Result<u64, StoreError> {
         self.scan(&mut |_| ControlFlow::Continue(()))
     }
@@ -211,10 +213,6 @@ impl SledStore {
         Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn open_trees(&self) -> Result<Trees, StoreError> {
         let sled = |source| StoreError::Sled {
             path: self.path.clone(),
@@ -280,7 +278,11 @@ impl SledStore {
     fn close(&self, opening: u64, error: &sled::Error) {
         let mut guard = self.write();
         if guard.as_ref().is_some_and(|t| t.opening == opening) {
-            warn!(store = %self.path.display(), %error, "I/O error: the store reopens on its next use");
+            warn!(
+                store = %self.path.display(),
+                %error,
+                "I/O error: the store reopens on its next use"
+            );
             *guard = None;
         }
     }
@@ -1060,8 +1062,8 @@ mod tests {
             assert_eq!(
                 err.to_string(),
                 format!(
-                    "{} is missing, but the store holds 3 batches sealed with it: restore it from \
-                     backup (a new key could not open them)",
+                    "{} is missing, but the store holds 3 batches sealed with it: a new key could \
+                     not open them; restore it from backup",
                     master.display()
                 )
             );

@@ -105,8 +105,8 @@ fn a_missing_key_is_an_error_and_none_is_created() {
         &dump(&data),
         "",
         &format!(
-            "{} is missing, but the store holds 2 batches sealed with it: restore it from backup \
-             (a new key could not open them)",
+            "{} is missing, but the store holds 2 batches sealed with it: a new key could not \
+             open them; restore it from backup",
             master.display()
         ),
     );

@@ -75,8 +75,8 @@ fn the_service_never_replaces_the_key_of_a_store_with_batches() {
     assert_refused(
         &run_refused(&data),
         &format!(
-            "error: store: {} is missing, but the store holds 2 batches sealed with it: restore \
-             it from backup (a new key could not open them)",
+            "error: store: {} is missing, but the store holds 2 batches sealed with it: a new \
+             key could not open them; restore it from backup",
             master.display()
         ),
     );
