@@ -1,7 +1,8 @@
 //! The `iomt-edge` command line.
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -13,10 +14,9 @@ use iomt_edge::config::{CodecName, PipelineConfig};
 use iomt_edge::decode::{self, DecodeCommandError, DecodeRequest, InputEncoding};
 use iomt_edge::model::batch::BatchView;
 use iomt_edge::replay::{self, Speed};
-use iomt_edge::seal::keys::NodeKeys;
-use iomt_edge::seal::Sealer;
+use iomt_edge::seal::{SealedBatch, Sealer};
 use iomt_edge::service::Service;
-use iomt_edge::store::{SledStore, Store};
+use iomt_edge::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store};
 
 #[derive(Parser)]
 #[command(
@@ -75,7 +75,12 @@ enum Command {
         #[arg(long, requires = "pipeline")]
         route: Option<usize>,
     },
-    /// Print the stored readings as JSON lines (the service must be stopped: sled locks its store).
+    /// Print the stored readings as JSON lines (the service must be stopped: one process per
+    /// data directory).
+    ///
+    /// Batch by batch, in order: the first batch that cannot be read or opened ends the dump
+    /// with an error naming it, exit status 1, after the readings of every batch before it.
+    /// Creates nothing: a data directory without a store, or a missing key, is an error.
     Dump {
         #[arg(long, default_value = "data")]
         data: PathBuf,
@@ -136,7 +141,7 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     };
@@ -191,26 +196,77 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Decode { .. } => unreachable!("handled before the runtime starts"),
-        Command::Dump { data, site } => {
-            let store = SledStore::open(&data.join("store")).context("opening the store")?;
-            let keys = NodeKeys::load_or_create(&data.join("keys"), &format!("iomt-edge/{site}"))?;
-            let sealer = Sealer::new(keys.master);
-            let mut out = std::io::stdout().lock();
-            for header in store.headers()? {
-                let sealed = store
-                    .batch(header.id)?
-                    .with_context(|| format!("batch {} has a header but no body", header.id))?;
-                let batch = sealer.open(&sealed)?;
-                for r in BatchView::new(&batch)?.readings()? {
-                    let mut line = serde_json::to_value(r.canonical_json())?;
-                    line["seq"] = r.seq.into();
-                    line["batch"] = header.id.into();
-                    writeln!(out, "{line}")?;
-                }
+        Command::Dump { data, site } => dump(&data, &site),
+    }
+}
+
+/// `dump`: streams the readings of each batch as it is read, so that a batch that does not open
+/// ends the dump with an error naming it after every batch before it has been printed. Creates
+/// nothing but the data directory's LOCK file: no store (checked before sled would make one),
+/// no keys.
+fn dump(data: &Path, site: &str) -> anyhow::Result<()> {
+    let store_dir = data.join("store");
+    match std::fs::metadata(&store_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => anyhow::bail!("{}: not a directory", store_dir.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "{}: no iomt-edge data here (no store/ directory)",
+            data.display()
+        ),
+        Err(e) => return Err(anyhow::Error::new(e).context(store_dir.display().to_string())),
+    }
+    let _lock = DataDirLock::acquire(data)?;
+    let store = SledStore::open(&store_dir)?;
+    let keys = open_node_keys(
+        &store,
+        &data.join("keys"),
+        &format!("iomt-edge/{site}"),
+        KeyMode::ReadOnly,
+    )?;
+    let sealer = Sealer::new(keys.master);
+    let mut out = std::io::stdout().lock();
+    let mut failure = None;
+    store.scan(
+        &mut |sealed| match print_batch(&mut out, &sealer, &sealed) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
             }
-            Ok(())
+        },
+    )?;
+    failure.map_or(Ok(()), Err)
+}
+
+/// One JSON line per reading of `sealed`.
+fn print_batch(out: &mut impl Write, sealer: &Sealer, sealed: &SealedBatch) -> anyhow::Result<()> {
+    let id = sealed.header.id;
+    let batch = sealer.open(sealed).with_context(|| format!("batch {id}"))?;
+    let readings = BatchView::new(&batch)
+        .and_then(|v| v.readings())
+        .with_context(|| format!("batch {id}"))?;
+    for r in readings {
+        let mut line = serde_json::to_value(r.canonical_json())?;
+        line["seq"] = r.seq.into();
+        line["batch"] = id.into();
+        writeln!(out, "{line}").context("standard output")?;
+    }
+    Ok(())
+}
+
+/// The error and its causes on one line, each cause once: the crate's errors already end their
+/// message with their source's, which `{:#}` would repeat after it (three times over for a sled
+/// error wrapped in a store error wrapped in a service error).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
         }
     }
+    text
 }
 
 fn decode_command(req: &DecodeRequest<'_>) -> ExitCode {

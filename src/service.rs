@@ -29,9 +29,9 @@ use crate::pipeline::input;
 use crate::pipeline::output::Output;
 use crate::pipeline::routes::{Route, RouteTable};
 use crate::pipeline::{disk, Acker, Publisher};
-use crate::seal::keys::{KeyError, NodeKeys};
+use crate::seal::keys::KeyError;
 use crate::seal::Sealer;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store, StoreError};
 use crate::transport::broker::{BrokerError, EmbeddedBroker};
 use crate::transport::external::ExternalBroker;
 use crate::transport::http;
@@ -170,6 +170,8 @@ pub struct Service {
     http_stop: watch::Sender<bool>,
     disk: tokio::task::JoinHandle<()>,
     stop_timeout: Duration,
+    /// Held until the stop is over: one process per data directory.
+    data_dir_lock: DataDirLock,
 }
 
 #[derive(Debug)]
@@ -188,6 +190,7 @@ impl Service {
             path: data_dir.to_owned(),
             source,
         })?;
+        let data_dir_lock = DataDirLock::acquire(data_dir)?;
         let metrics = Metrics::new();
         let health = Health::new(metrics.clone());
 
@@ -205,9 +208,11 @@ impl Service {
             })?;
 
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
-        let keys = NodeKeys::load_or_create(
+        let keys = open_node_keys(
+            store.as_ref(),
             &data_dir.join("keys"),
             &format!("iomt-edge/{}", config.site),
+            KeyMode::CreateIfFresh,
         )?;
 
         let routes = config
@@ -375,6 +380,7 @@ impl Service {
             http_stop,
             disk,
             stop_timeout: config.stop_timeout,
+            data_dir_lock,
         })
     }
 
@@ -434,6 +440,7 @@ impl Service {
             http_stop,
             disk,
             stop_timeout,
+            data_dir_lock,
             ..
         } = self;
         let started = Instant::now();
@@ -503,6 +510,7 @@ impl Service {
             let _ = tokio::time::timeout_at(deadline.into(), http).await;
         }
         info!(elapsed = ?started.elapsed(), "stopped");
+        drop(data_dir_lock);
         if problems.is_empty() && health.failure().is_none() {
             Ok(summary)
         } else {

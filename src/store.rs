@@ -3,72 +3,293 @@
 //! sled trees and their keys:
 //! - `batches`: batch id (u64 big-endian, so keys sort by id) → the encoded [`SealedBatch`];
 //! - `headers`: batch id → the header as JSON, to list batches without reading ciphertext;
-//! - `meta`: `seq_reserved` → u64, the first seq no process has handed out yet.
+//! - `meta`: `seq_reserved` → u64, the first seq no process has handed out yet;
+//!   `master_key_check` → the check value of the master key that seals the batches
+//!   ([`open_node_keys`] records it and refuses any other key).
 //!
-//! A batch and its header are written in one transaction and flushed before `put_batch` returns.
+//! Batches and their headers are written in one transaction and flushed before `put_batches`
+//! returns. Every read checks the bindings a copy or a lost write would break: the header sealed
+//! inside a batch names the id it is stored under, and the `headers` entry equals it.
 
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::ops::ControlFlow;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
+use tracing::warn;
 
-use crate::seal::crypt::Envelope;
+use crate::seal::crypt::{Envelope, CHECK_LEN};
+use crate::seal::keys::{KeyError, NodeKeys, MASTER_KEY_FILE};
 use crate::seal::{BatchHeader, SealedBatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
+    #[error("store {}: {source}", path.display())]
+    Sled { path: PathBuf, source: sled::Error },
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("batch {0} is already stored")]
     Duplicate(u64),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("{}", key_missing(path, *batches))]
+    KeyMissing { path: PathBuf, batches: usize },
+    #[error("{}", wrong_key(path, *batches))]
+    WrongKey { path: PathBuf, batches: usize },
+    #[error(
+        "{} does not open batch {id}, the last one stored: it is not the key that sealed the \
+         store, or that batch is damaged",
+        path.display()
+    )]
+    KeyDoesNotOpen { path: PathBuf, id: u64 },
+    #[error("{}", locked(dir, *pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
+    #[error("{}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// Durable storage of sealed batches. `put_batch` returns only once the batch would survive a
-/// crash of the process or the machine.
-pub trait Store: Send + Sync + 'static {
-    fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError>;
-    /// Stores several batches, durably, as one group.
-    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError> {
-        batches.iter().try_for_each(|b| self.put_batch(b))
+fn locked(dir: &Path, pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("another iomt-edge (pid {pid}) is using {}", dir.display()),
+        None => format!("another iomt-edge is using {}", dir.display()),
     }
+}
+
+fn key_missing(path: &Path, batches: usize) -> String {
+    let holds = match batches {
+        0 => "the store was started with it".to_owned(),
+        1 => "the store holds 1 batch sealed with it: a new key could not open it".to_owned(),
+        n => format!("the store holds {n} batches sealed with it: a new key could not open them"),
+    };
+    format!(
+        "{} is missing, but {holds}; restore it from backup",
+        path.display()
+    )
+}
+
+fn wrong_key(path: &Path, batches: usize) -> String {
+    let sealed = match batches {
+        0 => "the key this store was started with".to_owned(),
+        1 => "the key that sealed the 1 stored batch".to_owned(),
+        n => format!("the key that sealed the {n} stored batches"),
+    };
+    format!("{} is not {sealed}", path.display())
+}
+
+/// Durable storage of sealed batches. `put_batches` returns only once the batches would survive
+/// a crash of the process or the machine.
+pub trait Store: Send + Sync + 'static {
+    /// Stores every batch and its header in one transaction, then flushes once. A batch already
+    /// stored with the same bytes is not an error, so a call whose transaction committed but
+    /// whose flush failed is completed by calling again with the same batches; a batch id stored
+    /// with other bytes is [`StoreError::Duplicate`], and then nothing of the call is stored.
+    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError>;
+    /// [`Store::put_batches`] of one batch.
+    fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError> {
+        self.put_batches(std::slice::from_ref(batch))
+    }
+    /// The batch stored under `id`, checked against its key and its `headers` entry.
     fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError>;
-    /// Headers of every stored batch, by id.
+    /// Headers of every stored batch, by id. Reads only the headers: a batch that is missing or
+    /// unpaired is found by [`Store::scan`].
     fn headers(&self) -> Result<Vec<BatchHeader>, StoreError>;
     /// The header of the batch with the highest id.
     fn last_header(&self) -> Result<Option<BatchHeader>, StoreError>;
+    /// Reads every batch in id order, checks that each is paired with an equal header and each
+    /// header with a batch, and hands each batch to `each` until it breaks. Returns the number
+    /// of batches handed over; the first inconsistency is an error naming the batch. `each` must
+    /// not call the store.
+    fn scan(&self, each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>)
+        -> Result<u64, StoreError>;
+    /// [`Store::scan`] handing nothing over: the number of batches, once each is found paired
+    /// and consistent. Reads every batch.
+    fn check(&self) -> Result<u64, StoreError> {
+        self.scan(&mut |_| ControlFlow::Continue(()))
+    }
     /// The first seq that was never handed out.
     fn seq_reserved(&self) -> Result<u64, StoreError>;
     /// Durably records that seqs below `next` may have been handed out.
     fn reserve_seq(&self, next: u64) -> Result<(), StoreError>;
+    /// The check value of the master key that seals this store's batches, once recorded.
+    fn key_check_value(&self) -> Result<Option<[u8; CHECK_LEN]>, StoreError>;
+    /// Durably records the master key's check value; refuses to replace another one.
+    fn record_key_check_value(&self, check: &[u8; CHECK_LEN]) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> u64;
 }
 
 const VALUE_VERSION: u8 = 1;
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
+const KEY_CHECK: &[u8] = b"master_key_check";
 
-#[derive(Debug, Clone)]
+/// The sled store of a data directory. Not `Clone`: the sled handles live only inside it, so
+/// that dropping them after an I/O error really closes the database and the next call opens it
+/// afresh (see [`SledStore::open`]). Share it as `Arc<dyn Store>`.
 pub struct SledStore {
+    path: PathBuf,
+    /// `None` after an I/O error: the next call reopens.
+    trees: RwLock<Option<Trees>>,
+    /// Numbers each opening, so an error seen on one never closes the next.
+    openings: AtomicU64,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The handles of one opening of the database. Borrowed only under [`SledStore`]'s lock and
+/// never cloned out of it.
+struct Trees {
+    opening: u64,
     db: sled::Db,
     batches: sled::Tree,
     headers: sled::Tree,
     meta: sled::Tree,
 }
 
+/// What an operation on the open trees can fail with: sled's errors are kept apart so that
+/// [`SledStore::with`] can tell an I/O error, which poisons the open database, from the rest.
+enum Failure {
+    Sled(sled::Error),
+    Store(StoreError),
+}
+
+impl From<sled::Error> for Failure {
+    fn from(e: sled::Error) -> Self {
+        Failure::Sled(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+impl<E: Into<Failure>> From<TransactionError<E>> for Failure {
+    fn from(e: TransactionError<E>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e.into(),
+            TransactionError::Storage(e) => Failure::Sled(e),
+        }
+    }
+}
+
+impl From<std::convert::Infallible> for Failure {
+    fn from(e: std::convert::Infallible) -> Self {
+        match e {}
+    }
+}
+
 impl SledStore {
+    /// Opens (or creates) the store at `path`.
+    ///
+    /// After an I/O error (a full disk, a failed write) sled 0.34 records a global error in the
+    /// open database and fails every later operation with it, for good: only a new opening
+    /// clears it. So an operation that fails with an I/O error drops the handles, and the next
+    /// call opens the database again; if that fails, the call returns why, and the one after
+    /// tries again.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let store = SledStore {
+            path: path.to_owned(),
+            trees: RwLock::new(None),
+            openings: AtomicU64::new(0),
+        };
+        let trees = store.open_trees()?;
+        *store.write() = Some(trees);
+        Ok(store)
+    }
+
+    fn open_trees(&self) -> Result<Trees, StoreError> {
+        let sled = |source| StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        };
+        // A new Config each time: clones of one share its global error.
         let db = sled::Config::new()
-            .path(path)
+            .path(&self.path)
             .cache_capacity(64 << 20)
-            .open()?;
-        Ok(SledStore {
-            batches: db.open_tree("batches")?,
-            headers: db.open_tree("headers")?,
-            meta: db.open_tree("meta")?,
+            .open()
+            .map_err(sled)?;
+        Ok(Trees {
+            opening: self.openings.fetch_add(1, Ordering::Relaxed),
+            batches: db.open_tree("batches").map_err(sled)?,
+            headers: db.open_tree("headers").map_err(sled)?,
+            meta: db.open_tree("meta").map_err(sled)?,
             db,
         })
+    }
+
+    // A panic while the lock was held leaves the handles as sound as sled left them.
+    fn read(&self) -> RwLockReadGuard<'_, Option<Trees>> {
+        self.trees.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Option<Trees>> {
+        self.trees.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `op` on the open trees, opening them first if an I/O error closed them.
+    fn with<T>(&self, op: impl FnOnce(&Trees) -> Result<T, Failure>) -> Result<T, StoreError> {
+        let (result, opening) = {
+            let guard = self.read();
+            match guard.as_ref() {
+                Some(trees) => (op(trees), trees.opening),
+                None => {
+                    drop(guard);
+                    let mut guard = self.write();
+                    if guard.is_none() {
+                        *guard = Some(self.open_trees()?);
+                    }
+                    let trees = guard.as_ref().expect("opened just now");
+                    (op(trees), trees.opening)
+                }
+            }
+        };
+        result.map_err(|failure| match failure {
+            Failure::Store(e) => e,
+            Failure::Sled(source) => {
+                if matches!(source, sled::Error::Io(_)) {
+                    self.close(opening, &source);
+                }
+                StoreError::Sled {
+                    path: self.path.clone(),
+                    source,
+                }
+            }
+        })
+    }
+
+    /// Drops the handles of `opening` (unless another call already reopened): the last handle
+    /// dropped closes the database and releases its file lock.
+    fn close(&self, opening: u64, error: &sled::Error) {
+        let mut guard = self.write();
+        if guard.as_ref().is_some_and(|t| t.opening == opening) {
+            warn!(
+                store = %self.path.display(),
+                %error,
+                "I/O error: the store reopens on its next use"
+            );
+            *guard = None;
+        }
+    }
+
+    #[cfg(test)]
+    fn with_trees<T>(&self, op: impl FnOnce(&Trees) -> T) -> T {
+        op(self.read().as_ref().expect("store open"))
     }
 }
 
@@ -77,6 +298,10 @@ fn corrupt(key: impl std::fmt::Display, reason: impl Into<String>) -> StoreError
         key: key.to_string(),
         reason: reason.into(),
     }
+}
+
+fn corrupt_batch(id: u64, reason: impl Into<String>) -> StoreError {
+    corrupt(format!("batch {id}"), reason)
 }
 
 /// `[version u8][header json len u32][header json][wrapped key len u16][wrapped key]
@@ -98,20 +323,26 @@ fn encode(b: &SealedBatch) -> Vec<u8> {
     out
 }
 
+/// Decodes the value stored under batch `id`, refusing one whose sealed header names another
+/// id: the AEAD binds the ciphertext to its header, not the header to the key it is stored
+/// under, so a record copied under another id would otherwise open cleanly.
 fn decode(id: u64, v: &[u8]) -> Result<SealedBatch, StoreError> {
-    let short = || corrupt(format!("batch {id}"), "truncated");
+    let short = || corrupt_batch(id, "truncated");
     let (&version, rest) = v.split_first().ok_or_else(short)?;
     if version != VALUE_VERSION {
-        return Err(corrupt(
-            format!("batch {id}"),
-            format!("unknown version {version}"),
-        ));
+        return Err(corrupt_batch(id, format!("unknown version {version}")));
     }
     let (len, rest) = rest.split_first_chunk::<4>().ok_or_else(short)?;
     let len = u32::from_be_bytes(*len) as usize;
     let header = rest.get(..len).ok_or_else(short)?;
-    let header: BatchHeader = serde_json::from_slice(header)
-        .map_err(|e| corrupt(format!("batch {id}"), e.to_string()))?;
+    let header: BatchHeader =
+        serde_json::from_slice(header).map_err(|e| corrupt_batch(id, e.to_string()))?;
+    if header.id != id {
+        return Err(corrupt_batch(
+            id,
+            format!("it holds the sealed header of batch {}", header.id),
+        ));
+    }
     let rest = &rest[len..];
     let (klen, rest) = rest.split_first_chunk::<2>().ok_or_else(short)?;
     let klen = u16::from_be_bytes(*klen) as usize;
@@ -136,58 +367,171 @@ fn id_of(key: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| corrupt(format!("{key:?}"), "key is not a u64"))
 }
 
-fn parse_header(key: &[u8], v: &[u8]) -> Result<BatchHeader, StoreError> {
-    serde_json::from_slice(v).map_err(|e| corrupt(format!("header {key:?}"), e.to_string()))
+/// The `headers` entry stored under `id`, refusing one that describes another batch.
+fn parse_header(id: u64, v: &[u8]) -> Result<BatchHeader, StoreError> {
+    let header: BatchHeader = serde_json::from_slice(v)
+        .map_err(|e| corrupt_batch(id, format!("its header entry: {e}")))?;
+    if header.id != id {
+        return Err(corrupt_batch(
+            id,
+            format!("its header entry is the header of batch {}", header.id),
+        ));
+    }
+    Ok(header)
 }
 
-impl Store for SledStore {
-    fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError> {
-        let key = batch.header.id.to_be_bytes();
-        let value = encode(batch);
-        let header = serde_json::to_vec(&batch.header).expect("header serialises");
-        let result = (&self.batches, &self.headers).transaction(|(batches, headers)| {
-            if batches.get(key)?.is_some() {
-                return Err(ConflictableTransactionError::Abort(()));
-            }
-            batches.insert(&key, value.as_slice())?;
-            headers.insert(&key, header.as_slice())?;
-            Ok(())
-        });
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Abort(())) => return Err(StoreError::Duplicate(batch.header.id)),
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
+/// Checks that the `headers` entry of batch `id` equals the header sealed with it.
+fn check_header_entry(
+    id: u64,
+    sealed: &BatchHeader,
+    entry: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let entry = entry.ok_or_else(|| corrupt_batch(id, "it has no header entry"))?;
+    if parse_header(id, entry)? != *sealed {
+        return Err(corrupt_batch(
+            id,
+            "its header entry differs from the header sealed with it",
+        ));
+    }
+    Ok(())
+}
+
+fn next_entry(it: &mut sled::Iter) -> Result<Option<(u64, sled::IVec)>, Failure> {
+    match it.next().transpose()? {
+        Some((k, v)) => Ok(Some((id_of(&k)?, v))),
+        None => Ok(None),
+    }
+}
+
+/// One batch of a `put_batches` call, encoded before the transaction, which sled may rerun.
+struct Record<'a> {
+    batch: &'a SealedBatch,
+    key: [u8; 8],
+    value: Vec<u8>,
+    header: Vec<u8>,
+}
+
+fn put_record(
+    batches: &TransactionalTree,
+    headers: &TransactionalTree,
+    r: &Record<'_>,
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    let id = r.batch.header.id;
+    match batches.get(r.key)? {
+        None => {
+            batches.insert(&r.key, r.value.as_slice())?;
+            headers.insert(&r.key, r.header.as_slice())?;
         }
+        Some(stored) if stored == r.value.as_slice() => {
+            // The retry of a call whose transaction committed and whose flush failed: the
+            // batch is there already. Its header must be too, or the store is damaged.
+            let entry = headers.get(r.key)?;
+            check_header_entry(id, &r.batch.header, entry.as_deref())
+                .map_err(ConflictableTransactionError::Abort)?;
+        }
+        Some(_) => {
+            return Err(ConflictableTransactionError::Abort(StoreError::Duplicate(
+                id,
+            )))
+        }
+    }
+    Ok(())
+}
+
+impl Trees {
+    fn put_batches(&self, records: &[Record<'_>]) -> Result<(), Failure> {
+        (&self.batches, &self.headers).transaction(|(batches, headers)| {
+            for r in records {
+                put_record(batches, headers, r)?;
+            }
+            Ok(())
+        })?;
         self.db.flush()?;
         Ok(())
     }
 
-    fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError> {
-        self.batches
-            .get(id.to_be_bytes())?
-            .map(|v| decode(id, &v))
-            .transpose()
+    fn batch(&self, id: u64) -> Result<Option<SealedBatch>, Failure> {
+        let key = id.to_be_bytes();
+        // One transaction, so a batch being written is seen with its header or not at all.
+        let (value, entry) = (&self.batches, &self.headers).transaction(|(batches, headers)| {
+            Ok::<_, ConflictableTransactionError<std::convert::Infallible>>((
+                batches.get(key)?,
+                headers.get(key)?,
+            ))
+        })?;
+        match (value, entry) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(corrupt_batch(id, "it has a header entry but no batch").into()),
+            (Some(v), entry) => {
+                let sealed = decode(id, &v)?;
+                check_header_entry(id, &sealed.header, entry.as_deref())?;
+                Ok(Some(sealed))
+            }
+        }
     }
 
-    fn headers(&self) -> Result<Vec<BatchHeader>, StoreError> {
-        self.headers
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                id_of(&k)?;
-                parse_header(&k, &v)
-            })
-            .collect()
+    fn unpaired_header(&self, id: u64) -> Result<SealedBatch, Failure> {
+        self.batch(id)?
+            .ok_or_else(|| corrupt_batch(id, "it has a header entry but no batch").into())
     }
 
-    fn last_header(&self) -> Result<Option<BatchHeader>, StoreError> {
-        self.headers
-            .last()?
-            .map(|(k, v)| parse_header(&k, &v))
-            .transpose()
+    fn headers(&self) -> Result<Vec<BatchHeader>, Failure> {
+        let mut out = Vec::new();
+        for kv in self.headers.iter() {
+            let (k, v) = kv?;
+            out.push(parse_header(id_of(&k)?, &v)?);
+        }
+        Ok(out)
     }
 
-    fn seq_reserved(&self) -> Result<u64, StoreError> {
+    fn last_header(&self) -> Result<Option<BatchHeader>, Failure> {
+        match self.headers.last()? {
+            Some((k, v)) => Ok(Some(parse_header(id_of(&k)?, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan(&self, each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>) -> Result<u64, Failure> {
+        let mut batches = self.batches.iter();
+        let mut headers = self.headers.iter();
+        let mut b = next_entry(&mut batches)?;
+        let mut h = next_entry(&mut headers)?;
+        let mut n = 0;
+        loop {
+            let (sealed, advance_batches, advance_headers) = match (&b, &h) {
+                (None, None) => return Ok(n),
+                (Some((bid, v)), Some((hid, entry))) if bid == hid => {
+                    let sealed = decode(*bid, v)?;
+                    check_header_entry(*bid, &sealed.header, Some(entry))?;
+                    (sealed, true, true)
+                }
+                // An unpaired id is damage, or a batch written after one iterator had passed
+                // its id: the consistent read of that one id tells which.
+                (Some((bid, _)), Some((hid, _))) if bid > hid => {
+                    (self.unpaired_header(*hid)?, false, true)
+                }
+                (None, Some((hid, _))) => (self.unpaired_header(*hid)?, false, true),
+                (Some((bid, _)), _) => {
+                    let sealed = self
+                        .batch(*bid)?
+                        .ok_or_else(|| corrupt_batch(*bid, "it vanished while being read"))?;
+                    (sealed, true, false)
+                }
+            };
+            n += 1;
+            if each(sealed).is_break() {
+                return Ok(n);
+            }
+            if advance_batches {
+                b = next_entry(&mut batches)?;
+            }
+            if advance_headers {
+                h = next_entry(&mut headers)?;
+            }
+        }
+    }
+
+    fn seq_reserved(&self) -> Result<u64, Failure> {
         let stored = match self.meta.get(SEQ_RESERVED)? {
             Some(v) => id_of(&v)?,
             None => 0,
@@ -197,20 +541,227 @@ impl Store for SledStore {
         Ok(stored.max(after_last))
     }
 
-    fn reserve_seq(&self, next: u64) -> Result<(), StoreError> {
+    fn reserve_seq(&self, next: u64) -> Result<(), Failure> {
         self.meta.insert(SEQ_RESERVED, &next.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }
 
+    fn key_check_value(&self) -> Result<Option<[u8; CHECK_LEN]>, Failure> {
+        match self.meta.get(KEY_CHECK)? {
+            None => Ok(None),
+            Some(v) => match <[u8; CHECK_LEN]>::try_from(v.as_ref()) {
+                Ok(check) => Ok(Some(check)),
+                Err(_) => Err(corrupt("master_key_check", "not 16 bytes").into()),
+            },
+        }
+    }
+
+    fn record_key_check_value(&self, check: &[u8; CHECK_LEN]) -> Result<(), Failure> {
+        match self
+            .meta
+            .compare_and_swap(KEY_CHECK, None::<&[u8]>, Some(&check[..]))?
+        {
+            Ok(()) => {}
+            Err(e) if e.current.as_deref() == Some(&check[..]) => {}
+            Err(_) => {
+                return Err(corrupt("master_key_check", "it records another master key").into())
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<Record<'_>> = batches
+            .iter()
+            .map(|b| Record {
+                batch: b,
+                key: b.header.id.to_be_bytes(),
+                value: encode(b),
+                header: serde_json::to_vec(&b.header).expect("header serialises"),
+            })
+            .collect();
+        self.with(|t| t.put_batches(&records))
+    }
+
+    fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError> {
+        self.with(|t| t.batch(id))
+    }
+
+    fn headers(&self) -> Result<Vec<BatchHeader>, StoreError> {
+        self.with(|t| t.headers())
+    }
+
+    fn last_header(&self) -> Result<Option<BatchHeader>, StoreError> {
+        self.with(|t| t.last_header())
+    }
+
+    fn scan(
+        &self,
+        each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        self.with(|t| t.scan(each))
+    }
+
+    fn seq_reserved(&self) -> Result<u64, StoreError> {
+        self.with(|t| t.seq_reserved())
+    }
+
+    fn reserve_seq(&self, next: u64) -> Result<(), StoreError> {
+        self.with(|t| t.reserve_seq(next))
+    }
+
+    fn key_check_value(&self) -> Result<Option<[u8; CHECK_LEN]>, StoreError> {
+        self.with(|t| t.key_check_value())
+    }
+
+    fn record_key_check_value(&self, check: &[u8; CHECK_LEN]) -> Result<(), StoreError> {
+        self.with(|t| t.record_key_check_value(check))
+    }
+
     fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.with(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0)
+    }
+}
+
+/// The data directory's lock: `<data>/LOCK`, held with `flock` by the one process that uses the
+/// directory (the service, or `dump`), and holding its pid. Taken before sled opens the store,
+/// so a second process is told who has the directory instead of failing on sled's own lock.
+/// The kernel releases it when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+pub const LOCK_FILE: &str = "LOCK";
+
+impl DataDirLock {
+    /// Takes the lock of `data_dir`, which must exist, or says which process holds it.
+    pub fn acquire(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join(LOCK_FILE);
+        let lock_error = |source| StoreError::Lock {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(lock_error)?;
+        // SAFETY: flock only acts on the descriptor, which `file` keeps open for the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(lock_error(e));
+            }
+            // The holder may not have written its pid yet: then the message goes without it.
+            let mut text = String::new();
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(StoreError::Locked {
+                dir: data_dir.to_owned(),
+                pid,
+            });
+        }
+        file.set_len(0).map_err(lock_error)?;
+        writeln!(file, "{}", std::process::id()).map_err(lock_error)?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Whether [`open_node_keys`] may create keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMode {
+    /// The service: a fresh store (no batches, no recorded key) gets new keys.
+    CreateIfFresh,
+    /// Commands that inspect a data directory, and tests: never creates or records anything.
+    ReadOnly,
+}
+
+/// Loads the node's keys from `keys_dir` and makes sure the master key is the one that sealed
+/// `store`. A store that holds batches, or has recorded a key, never gets a new key: a missing
+/// `master.key` or another key is an error naming the file. A fresh store takes the keys there
+/// are, or, with [`KeyMode::CreateIfFresh`], new ones; and records the master key's check value.
+/// A store written before check values were recorded gets one once the key opens its last batch.
+pub fn open_node_keys(
+    store: &dyn Store,
+    keys_dir: &Path,
+    node_name: &str,
+    mode: KeyMode,
+) -> Result<NodeKeys, StoreError> {
+    let master_path = keys_dir.join(MASTER_KEY_FILE);
+    let record = |keys: &NodeKeys| match mode {
+        KeyMode::CreateIfFresh => store.record_key_check_value(&keys.master.check_value()),
+        KeyMode::ReadOnly => Ok(()),
+    };
+    let batches = || store.headers().map(|h| h.len());
+    let existing_keys = || match NodeKeys::load(keys_dir) {
+        Err(KeyError::Missing { path }) if path == master_path => Err(StoreError::KeyMissing {
+            path,
+            batches: batches()?,
+        }),
+        keys => Ok(keys?),
+    };
+    let recorded = store.key_check_value()?;
+    // With a recorded value the batches are not consulted, so one damaged header does not stop
+    // `dump` from printing the batches before it.
+    let last = match recorded {
+        Some(_) => None,
+        None => store.last_header()?,
+    };
+    match (recorded, last) {
+        (None, None) => {
+            let keys = match mode {
+                KeyMode::CreateIfFresh => NodeKeys::load_or_create(keys_dir, node_name)?,
+                KeyMode::ReadOnly => NodeKeys::load(keys_dir)?,
+            };
+            record(&keys)?;
+            Ok(keys)
+        }
+        (Some(check), _) => {
+            let keys = existing_keys()?;
+            if check != keys.master.check_value() {
+                return Err(StoreError::WrongKey {
+                    path: master_path,
+                    batches: batches()?,
+                });
+            }
+            Ok(keys)
+        }
+        // Written before check values were recorded: the key must open the last batch.
+        (None, Some(last)) => {
+            let keys = existing_keys()?;
+            let sealed = store
+                .batch(last.id)?
+                .ok_or_else(|| corrupt_batch(last.id, "it has a header entry but no batch"))?;
+            keys.master
+                .open(&sealed.envelope, &sealed.header.aad())
+                .map_err(|_| StoreError::KeyDoesNotOpen {
+                    path: master_path.clone(),
+                    id: last.id,
+                })?;
+            record(&keys)?;
+            Ok(keys)
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn sealed(id: u64) -> SealedBatch {
         SealedBatch {
@@ -236,6 +787,40 @@ mod tests {
         }
     }
 
+    /// Batch `id` with other contents than [`sealed`].
+    fn other(id: u64) -> SealedBatch {
+        let mut b = sealed(id);
+        b.envelope.ciphertext[0] = 9;
+        b
+    }
+
+    /// Asserts that `result` failed with an error that names batch `id`.
+    fn fails_naming<T: std::fmt::Debug>(result: Result<T, StoreError>, id: u64) -> String {
+        let text = result.expect_err("must fail").to_string();
+        assert!(text.contains(&format!("batch {id} ")), "{text}");
+        text
+    }
+
+    /// Writes straight into one of the store's trees, as damage or an old version would.
+    fn raw_put(s: &SledStore, tree: &str, id: u64, value: Vec<u8>) {
+        s.with_trees(|t| {
+            t.db.open_tree(tree)
+                .unwrap()
+                .insert(id.to_be_bytes(), value)
+        })
+        .unwrap();
+    }
+
+    fn raw_remove(s: &SledStore, tree: &str, id: u64) {
+        s.with_trees(|t| t.db.open_tree(tree).unwrap().remove(id.to_be_bytes()))
+            .unwrap()
+            .expect("was there");
+    }
+
+    fn header_json(h: &BatchHeader) -> Vec<u8> {
+        serde_json::to_vec(h).unwrap()
+    }
+
     #[test]
     fn batches_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -243,8 +828,9 @@ mod tests {
             let s = SledStore::open(dir.path()).unwrap();
             s.put_batch(&sealed(0)).unwrap();
             s.put_batch(&sealed(1)).unwrap();
+            s.put_batch(&sealed(1)).unwrap();
             assert!(matches!(
-                s.put_batch(&sealed(1)),
+                s.put_batch(&other(1)),
                 Err(StoreError::Duplicate(1))
             ));
             s.reserve_seq(5).unwrap();
@@ -267,5 +853,332 @@ mod tests {
             assert!(decode(7, &v[..cut]).is_err(), "cut at {cut}");
         }
         assert_eq!(decode(7, &v).unwrap(), sealed(7));
+    }
+
+    #[test]
+    fn a_batch_copied_under_another_id_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1), sealed(2)]).unwrap();
+        // Batch 1's record and header entry, copied over batch 2's.
+        raw_put(&s, "batches", 2, encode(&sealed(1)));
+        raw_put(&s, "headers", 2, header_json(&sealed(1).header));
+        let text = fails_naming(s.batch(2), 2);
+        assert!(text.contains("sealed header of batch 1"), "{text}");
+        fails_naming(s.check(), 2);
+        assert!(decode(8, &encode(&sealed(7))).is_err());
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+    }
+
+    #[test]
+    fn a_header_entry_must_equal_the_sealed_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1), sealed(2)]).unwrap();
+        let mut h = sealed(2).header;
+        h.rows = 1_000;
+        raw_put(&s, "headers", 2, header_json(&h));
+        let text = fails_naming(s.batch(2), 2);
+        assert!(text.contains("differs from the header sealed"), "{text}");
+        fails_naming(s.check(), 2);
+
+        // A header entry that describes another batch is refused even by the header listing.
+        raw_put(&s, "headers", 2, header_json(&sealed(1).header));
+        let text = fails_naming(s.headers(), 2);
+        assert!(text.contains("header of batch 1"), "{text}");
+        fails_naming(s.last_header(), 2);
+    }
+
+    #[test]
+    fn unpaired_batches_and_headers_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1), sealed(2), sealed(3)]).unwrap();
+        assert_eq!(s.check().unwrap(), 3);
+
+        raw_remove(&s, "headers", 2);
+        let text = fails_naming(s.batch(2), 2);
+        assert!(text.contains("no header entry"), "{text}");
+        fails_naming(s.check(), 2);
+        raw_put(&s, "headers", 2, header_json(&sealed(2).header));
+        assert_eq!(s.check().unwrap(), 3);
+
+        // The last batch lost, its header kept: the end of the walk is checked too.
+        raw_remove(&s, "batches", 3);
+        let text = fails_naming(s.batch(3), 3);
+        assert!(text.contains("header entry but no batch"), "{text}");
+        fails_naming(s.check(), 3);
+        raw_remove(&s, "headers", 3);
+        // And a batch with no header after the last header.
+        raw_put(&s, "batches", 4, encode(&sealed(4)));
+        fails_naming(s.check(), 4);
+    }
+
+    #[test]
+    fn scan_hands_over_batches_in_order_until_told_to_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(3), sealed(1), sealed(2)]).unwrap();
+        let mut seen = Vec::new();
+        let n = s
+            .scan(&mut |b| {
+                seen.push(b);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!((n, seen), (3, vec![sealed(1), sealed(2), sealed(3)]));
+        let n = s.scan(&mut |_| ControlFlow::Break(())).unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn a_group_is_stored_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        let err = s
+            .put_batches(&[sealed(2), other(1), sealed(3)])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Duplicate(1)), "{err}");
+        assert_eq!(s.batch(2).unwrap(), None);
+        assert_eq!(s.batch(3).unwrap(), None);
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+        // The same id twice in one call: the same bytes are one batch, others a duplicate.
+        s.put_batches(&[sealed(2), sealed(2)]).unwrap();
+        assert!(matches!(
+            s.put_batches(&[sealed(4), other(4)]),
+            Err(StoreError::Duplicate(4))
+        ));
+        assert_eq!(s.check().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_call_whose_flush_failed_is_completed_by_calling_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = [sealed(1), sealed(2), sealed(3)];
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.put_batches(&group[..1]).unwrap();
+            // What a committed transaction leaves when the flush after it fails: every batch
+            // of the group and its header, not yet known to be durable.
+            s.with_trees(|t| {
+                (&t.batches, &t.headers).transaction(|(batches, headers)| {
+                    for b in &group[1..] {
+                        let key = b.header.id.to_be_bytes();
+                        batches.insert(&key, encode(b))?;
+                        headers.insert(&key, header_json(&b.header))?;
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                })
+            })
+            .unwrap();
+            // The caller's retry of the whole group.
+            s.put_batches(&group).unwrap();
+            s.put_batch(&group[2]).unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        for b in &group {
+            assert_eq!(s.batch(b.header.id).unwrap().as_ref(), Some(b));
+        }
+        assert_eq!(s.check().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_retry_with_a_damaged_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        raw_remove(&s, "headers", 1);
+        fails_naming(s.put_batches(&[sealed(1)]), 1);
+    }
+
+    /// A store in `dir`/store with `n` batches really sealed with key file `dir`/keys, written as
+    /// an older version would: no key check value recorded.
+    fn sealed_store(dir: &Path, n: u64) -> SledStore {
+        use crate::model::batch::{BatchBuilder, Row};
+        use crate::model::reading::Metric;
+        let keys = NodeKeys::load_or_create(&dir.join("keys"), "iomt-edge/t").unwrap();
+        let sealer = crate::seal::Sealer::new(keys.master);
+        let store = SledStore::open(&dir.join("store")).unwrap();
+        let mut b = BatchBuilder::new(0, 1);
+        for id in 0..n {
+            b.push(Row {
+                ts: id as i64,
+                received: 0,
+                source: "d",
+                subject: None,
+                metric: Metric::HeartRate,
+                value: Some(60.0),
+                text: None,
+                flags: 0,
+            });
+            store
+                .put_batch(&sealer.seal(id, b.take()).unwrap())
+                .unwrap();
+        }
+        store
+    }
+
+    fn other_key(dir: &Path) -> PathBuf {
+        let other = dir.join("other-keys");
+        NodeKeys::load_or_create(&other, "iomt-edge/t").unwrap();
+        other.join(MASTER_KEY_FILE)
+    }
+
+    #[test]
+    fn a_fresh_store_gets_keys_and_records_the_check_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        let keys_dir = dir.path().join("keys");
+        let err = open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Keys(KeyError::Missing { .. })),
+            "{err}"
+        );
+        assert!(!keys_dir.exists());
+        assert_eq!(store.key_check_value().unwrap(), None);
+
+        let keys =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        assert_eq!(
+            store.key_check_value().unwrap(),
+            Some(keys.master.check_value())
+        );
+        let again = open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap();
+        assert_eq!(again.master.check_value(), keys.master.check_value());
+    }
+
+    #[test]
+    fn a_store_with_batches_never_gets_a_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_dir = dir.path().join("keys");
+        let store = sealed_store(dir.path(), 3);
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        let master = keys_dir.join(MASTER_KEY_FILE);
+        let saved = fs::read(&master).unwrap();
+        fs::remove_file(&master).unwrap();
+        for mode in [KeyMode::CreateIfFresh, KeyMode::ReadOnly] {
+            let err = open_node_keys(&store, &keys_dir, "iomt-edge/t", mode).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{} is missing, but the store holds 3 batches sealed with it: a new key could \
+                     not open them; restore it from backup",
+                    master.display()
+                )
+            );
+            assert!(!master.exists(), "{mode:?} created a key");
+        }
+
+        fs::rename(other_key(dir.path()), &master).unwrap();
+        let err =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is not the key that sealed the 3 stored batches",
+                master.display()
+            )
+        );
+
+        fs::remove_file(&master).unwrap();
+        fs::write(&master, saved).unwrap();
+        fs::set_permissions(&master, fs::Permissions::from_mode(0o600)).unwrap();
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap();
+    }
+
+    #[test]
+    fn a_recorded_key_is_required_even_before_the_first_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_dir = dir.path().join("keys");
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        let master = keys_dir.join(MASTER_KEY_FILE);
+        fs::remove_file(&master).unwrap();
+        let err =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap_err();
+        assert!(
+            matches!(err, StoreError::KeyMissing { batches: 0, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("the store was started with it"),
+            "{err}"
+        );
+        assert!(!master.exists());
+    }
+
+    #[test]
+    fn an_older_store_records_the_key_that_opens_its_last_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys_dir = dir.path().join("keys");
+        let store = sealed_store(dir.path(), 2);
+        let master = keys_dir.join(MASTER_KEY_FILE);
+        let saved = fs::read(&master).unwrap();
+
+        fs::remove_file(&master).unwrap();
+        fs::rename(other_key(dir.path()), &master).unwrap();
+        let err =
+            open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap_err();
+        assert!(
+            matches!(err, StoreError::KeyDoesNotOpen { id: 1, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("does not open batch 1"), "{err}");
+        assert_eq!(store.key_check_value().unwrap(), None);
+
+        fs::write(&master, saved).unwrap();
+        let keys = open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::ReadOnly).unwrap();
+        assert_eq!(
+            store.key_check_value().unwrap(),
+            None,
+            "read-only records nothing"
+        );
+        open_node_keys(&store, &keys_dir, "iomt-edge/t", KeyMode::CreateIfFresh).unwrap();
+        assert_eq!(
+            store.key_check_value().unwrap(),
+            Some(keys.master.check_value())
+        );
+    }
+
+    #[test]
+    fn a_recorded_check_value_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.record_key_check_value(&[1; CHECK_LEN]).unwrap();
+        s.record_key_check_value(&[1; CHECK_LEN]).unwrap();
+        assert!(s.record_key_check_value(&[2; CHECK_LEN]).is_err());
+        assert_eq!(s.key_check_value().unwrap(), Some([1; CHECK_LEN]));
+    }
+
+    #[test]
+    fn one_lock_holder_per_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = DataDirLock::acquire(dir.path()).unwrap();
+        let pid = std::process::id();
+        assert_eq!(
+            fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(),
+            format!("{pid}\n")
+        );
+        // flock locks belong to the open file, so a second open in this process is refused
+        // just as another process would be.
+        let err = DataDirLock::acquire(dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another iomt-edge (pid {pid}) is using {}",
+                dir.path().display()
+            )
+        );
+        drop(held);
+        DataDirLock::acquire(dir.path()).unwrap();
+
+        let missing = dir.path().join("missing");
+        let err = DataDirLock::acquire(&missing).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: ", missing.join(LOCK_FILE).display())),
+            "{err}"
+        );
     }
 }

@@ -8,10 +8,14 @@
 //! another batch's header fails to open.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
+/// Length of a master key's check value.
+pub const CHECK_LEN: usize = 16;
+const CHECK_LABEL: &[u8] = b"iomt-edge master key check v1";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptError {
@@ -37,6 +41,8 @@ pub struct Envelope {
 /// The master key: wraps and unwraps data keys. Never printed, never logged.
 pub struct MasterKey {
     key: LessSafeKey,
+    /// Kept from construction, as ring does not give the key bytes back.
+    check: [u8; CHECK_LEN],
     rng: SystemRandom,
 }
 
@@ -54,10 +60,22 @@ fn aead_key(bytes: &[u8]) -> Result<LessSafeKey, CryptError> {
 
 impl MasterKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptError> {
+        let key = aead_key(bytes)?;
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, bytes), CHECK_LABEL);
+        let mut check = [0u8; CHECK_LEN];
+        check.copy_from_slice(&tag.as_ref()[..CHECK_LEN]);
         Ok(MasterKey {
-            key: aead_key(bytes)?,
+            key,
+            check,
             rng: SystemRandom::new(),
         })
+    }
+
+    /// A value that identifies this key without revealing it: the first 16 bytes of
+    /// HMAC-SHA-256(key, "iomt-edge master key check v1"). A store records it, so that it is
+    /// never paired with another key.
+    pub fn check_value(&self) -> [u8; CHECK_LEN] {
+        self.check
     }
 
     fn random<const N: usize>(&self) -> Result<[u8; N], CryptError> {
@@ -169,5 +187,23 @@ mod tests {
         assert_eq!(k.open(&env, b"other header"), Err(CryptError::Open));
         let other = MasterKey::from_bytes(&[8u8; KEY_LEN]).unwrap();
         assert_eq!(other.open(&env, b"header"), Err(CryptError::Open));
+    }
+
+    #[test]
+    fn the_check_value_identifies_the_key() {
+        let a = key();
+        assert_eq!(a.check_value(), key().check_value());
+        assert_ne!(
+            a.check_value(),
+            MasterKey::from_bytes(&[8u8; KEY_LEN])
+                .unwrap()
+                .check_value()
+        );
+        // Computed independently: Python's hmac.new(bytes([7] * 32),
+        // b"iomt-edge master key check v1", hashlib.sha256).hexdigest()[:32].
+        assert_eq!(
+            crate::seal::merkle::to_hex(&a.check_value()),
+            "6b927d7adb2e799424ceb96a4110511c"
+        );
     }
 }

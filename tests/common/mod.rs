@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod formats;
+pub mod tmpfs;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use iomt_edge::model::batch::BatchView;
-use iomt_edge::model::reading::Reading;
+use iomt_edge::model::batch::{BatchBuilder, BatchView, Row};
+use iomt_edge::model::reading::{Metric, Reading};
 use iomt_edge::seal::keys::NodeKeys;
-use iomt_edge::seal::Sealer;
-use iomt_edge::store::{SledStore, Store};
+use iomt_edge::seal::{SealedBatch, Sealer};
+use iomt_edge::store::{open_node_keys, KeyMode, SledStore, Store};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 pub const SITE: &str = "test-ward";
@@ -259,7 +260,13 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
 /// Every stored reading, decrypted, in seq order. The service must be stopped.
 pub fn stored_readings(data: &Path) -> Vec<Reading> {
     let store = SledStore::open(&data.join("store")).unwrap();
-    let keys = NodeKeys::load_or_create(&data.join("keys"), &format!("iomt-edge/{SITE}")).unwrap();
+    let keys = open_node_keys(
+        &store,
+        &data.join("keys"),
+        &format!("iomt-edge/{SITE}"),
+        KeyMode::ReadOnly,
+    )
+    .unwrap();
     let sealer = Sealer::new(keys.master);
     let mut out = Vec::new();
     for h in store.headers().unwrap() {
@@ -267,6 +274,44 @@ pub fn stored_readings(data: &Path) -> Vec<Reading> {
         out.extend(BatchView::new(&batch).unwrap().readings().unwrap());
     }
     out
+}
+
+/// Batch `id`: `rows` heart rates of bed w7-b1, seqs from `id * rows`, one a second from
+/// 2023-11-14T22:13:20Z, values 60 + id + row / 100.
+pub fn seal_batch(sealer: &Sealer, id: u64, rows: usize) -> SealedBatch {
+    let first_seq = id * rows as u64;
+    let mut b = BatchBuilder::new(first_seq, rows);
+    for i in 0..rows as u64 {
+        let ts = 1_700_000_000_000_000 + (first_seq + i) as i64 * 1_000_000;
+        b.push(Row {
+            ts,
+            received: ts + 500,
+            source: "w7-b1-mon",
+            subject: Some("w7-b1"),
+            metric: Metric::HeartRate,
+            value: Some(60.0 + id as f64 + i as f64 / 100.0),
+            text: None,
+            flags: 0,
+        });
+    }
+    sealer.seal(id, b.take()).unwrap()
+}
+
+/// A data directory with `n` batches of `rows` readings ([`seal_batch`]) written through the
+/// library, keys created under the test site. With `record_check`, as the service does; without,
+/// as a version that did not record the master key's check value yet.
+pub fn write_store(data: &Path, n: u64, rows: usize, record_check: bool) {
+    let store = SledStore::open(&data.join("store")).unwrap();
+    let keys_dir = data.join("keys");
+    let name = format!("iomt-edge/{SITE}");
+    let keys = if record_check {
+        open_node_keys(&store, &keys_dir, &name, KeyMode::CreateIfFresh).unwrap()
+    } else {
+        NodeKeys::load_or_create(&keys_dir, &name).unwrap()
+    };
+    let sealer = Sealer::new(keys.master);
+    let batches: Vec<_> = (0..n).map(|id| seal_batch(&sealer, id, rows)).collect();
+    store.put_batches(&batches).unwrap();
 }
 
 /// An MQTT client connected to `port`, with its event loop.

@@ -1,0 +1,233 @@
+//! `iomt-edge dump` as a user runs it: it reads, never creates, and says what is wrong.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use iomt_edge::seal::keys::MASTER_KEY_FILE;
+use iomt_edge::store::{DataDirLock, SledStore, Store};
+
+fn dump(data: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .arg("dump")
+        .arg("--data")
+        .arg(data)
+        .arg("--site")
+        .arg(common::SITE)
+        .output()
+        .expect("run iomt-edge dump")
+}
+
+/// Asserts a failed dump: exit status 1, `stdout` printed, and `error: <message>` on stderr.
+fn assert_fails(out: &Output, stdout: &str, message: &str) {
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("error: {message}\n")
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), stdout);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// The dump lines of batch `id` as [`common::seal_batch`] made it with 2 rows.
+fn lines_of_batch(id: u64) -> String {
+    (0..2u64)
+        .map(|i| {
+            let seq = id * 2 + i;
+            format!(
+                r#"{{"batch":{id},"flags":[],"metric":"heart_rate","seq":{seq},"source":"w7-b1-mon","subject":"w7-b1","ts":"2023-11-14T22:13:{:02}Z","unit":"/min","value":{:?}}}"#,
+                20 + seq,
+                60.0 + id as f64 + i as f64 / 100.0,
+            ) + "\n"
+        })
+        .collect()
+}
+
+#[test]
+fn a_good_dump_prints_every_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_store(&data, 3, 2, true);
+    let out = dump(&data);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert!(out.status.success());
+    let expected = [
+        r#"{"batch":0,"flags":[],"metric":"heart_rate","seq":0,"source":"w7-b1-mon","subject":"w7-b1","ts":"2023-11-14T22:13:20Z","unit":"/min","value":60.0}"#,
+        r#"{"batch":0,"flags":[],"metric":"heart_rate","seq":1,"source":"w7-b1-mon","subject":"w7-b1","ts":"2023-11-14T22:13:21Z","unit":"/min","value":60.01}"#,
+        r#"{"batch":1,"flags":[],"metric":"heart_rate","seq":2,"source":"w7-b1-mon","subject":"w7-b1","ts":"2023-11-14T22:13:22Z","unit":"/min","value":61.0}"#,
+        r#"{"batch":1,"flags":[],"metric":"heart_rate","seq":3,"source":"w7-b1-mon","subject":"w7-b1","ts":"2023-11-14T22:13:23Z","unit":"/min","value":61.01}"#,
+        r#"{"batch":2,"flags":[],"metric":"heart_rate","seq":4,"source":"w7-b1-mon","subject":"w7-b1","ts":"2023-11-14T22:13:24Z","unit":"/min","value":62.0}"#,
+        r#"{"batch":2,"flags":[],"metric":"heart_rate","seq":5,"source":"w7-b1-mon","subject":"w7-b1","ts":"2023-11-14T22:13:25Z","unit":"/min","value":62.01}"#,
+    ];
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected);
+    assert!(stdout.ends_with('\n'));
+    // The helper the other tests build their expectations with agrees.
+    assert_eq!(stdout, (0..3).map(lines_of_batch).collect::<String>());
+}
+
+#[test]
+fn a_mistyped_data_directory_is_an_error_and_nothing_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let mistyped = dir.path().join("dtaa");
+    let out = dump(&mistyped);
+    assert_fails(
+        &out,
+        "",
+        &format!(
+            "{}: no iomt-edge data here (no store/ directory)",
+            mistyped.display()
+        ),
+    );
+    assert!(!mistyped.exists(), "dump created {}", mistyped.display());
+
+    // A directory that exists but holds no store is left as it was.
+    let out = dump(dir.path());
+    assert_fails(
+        &out,
+        "",
+        &format!(
+            "{}: no iomt-edge data here (no store/ directory)",
+            dir.path().display()
+        ),
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_missing_key_is_an_error_and_none_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_store(&data, 2, 2, true);
+    let master = data.join("keys").join(MASTER_KEY_FILE);
+    std::fs::remove_file(&master).unwrap();
+    assert_fails(
+        &dump(&data),
+        "",
+        &format!(
+            "{} is missing, but the store holds 2 batches sealed with it: a new key could not \
+             open them; restore it from backup",
+            master.display()
+        ),
+    );
+    assert!(!master.exists(), "dump created a key");
+}
+
+#[test]
+fn another_stores_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let other = dir.path().join("other");
+    common::write_store(&data, 2, 2, true);
+    common::write_store(&other, 1, 2, true);
+    let master = data.join("keys").join(MASTER_KEY_FILE);
+    std::fs::copy(other.join("keys").join(MASTER_KEY_FILE), &master).unwrap();
+    assert_fails(
+        &dump(&data),
+        "",
+        &format!(
+            "{} is not the key that sealed the 2 stored batches",
+            master.display()
+        ),
+    );
+}
+
+#[test]
+fn an_older_store_with_another_key_names_the_batch_the_key_does_not_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let other = dir.path().join("other");
+    common::write_store(&data, 2, 2, false);
+    common::write_store(&other, 1, 2, false);
+    let master = data.join("keys").join(MASTER_KEY_FILE);
+    let own = std::fs::read(&master).unwrap();
+    std::fs::copy(other.join("keys").join(MASTER_KEY_FILE), &master).unwrap();
+    assert_fails(
+        &dump(&data),
+        "",
+        &format!(
+            "{} does not open batch 1, the last one stored: it is not the key that sealed the \
+             store, or that batch is damaged",
+            master.display()
+        ),
+    );
+    // With its own key the older store dumps, and dump records nothing in it.
+    std::fs::write(&master, own).unwrap();
+    let out = dump(&data);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        lines_of_batch(0) + &lines_of_batch(1)
+    );
+    let store = SledStore::open(&data.join("store")).unwrap();
+    assert_eq!(store.key_check_value().unwrap(), None);
+}
+
+/// Rewrites the stored value of batch `id` in the store of `data`, bypassing the library.
+fn damage(data: &Path, tree: &str, id: u64, change: impl FnOnce(&mut Vec<u8>)) {
+    let db = sled::open(data.join("store")).unwrap();
+    let tree = db.open_tree(tree).unwrap();
+    let mut value = tree.get(id.to_be_bytes()).unwrap().unwrap().to_vec();
+    change(&mut value);
+    tree.insert(id.to_be_bytes(), value).unwrap();
+    db.flush().unwrap();
+}
+
+#[test]
+fn a_damaged_batch_ends_the_dump_after_the_batches_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_store(&data, 3, 2, true);
+    damage(&data, "batches", 1, |v| *v.last_mut().unwrap() ^= 1);
+    assert_fails(
+        &dump(&data),
+        &lines_of_batch(0),
+        "batch 1: decryption failed: wrong key, or the ciphertext or its header was altered",
+    );
+}
+
+#[test]
+fn a_batch_copied_under_another_id_ends_the_dump_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_store(&data, 3, 2, true);
+    let db = sled::open(data.join("store")).unwrap();
+    for tree in ["batches", "headers"] {
+        let tree = db.open_tree(tree).unwrap();
+        let one = tree.get(1u64.to_be_bytes()).unwrap().unwrap();
+        tree.insert(2u64.to_be_bytes(), one).unwrap();
+    }
+    db.flush().unwrap();
+    drop(db);
+    assert_fails(
+        &dump(&data),
+        &(lines_of_batch(0) + &lines_of_batch(1)),
+        "stored record batch 2 is corrupt: it holds the sealed header of batch 1",
+    );
+}
+
+#[test]
+fn a_data_directory_in_use_is_refused_with_the_holder_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_store(&data, 1, 2, true);
+    let lock = DataDirLock::acquire(&data).unwrap();
+    assert_fails(
+        &dump(&data),
+        "",
+        &format!(
+            "another iomt-edge (pid {}) is using {}",
+            std::process::id(),
+            data.display()
+        ),
+    );
+    drop(lock);
+    assert_eq!(
+        String::from_utf8(dump(&data).stdout).unwrap(),
+        lines_of_batch(0)
+    );
+}
