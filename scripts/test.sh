@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests need, then cargo test.
-# Idempotent: installs nothing that is already there.
+# Idempotent: installs nothing that is already there. Missing Debian packages are installed
+# with apt-get (through sudo when not root): mosquitto and mosquitto-clients (the external
+# broker and interop tests), g++ (the fuzz targets' libFuzzer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The external-broker tests run against a real mosquitto.
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "installing mosquitto (external-broker tests)"
-  sudo_cmd=""
+# Installs the Debian packages named after each command that is missing.
+need() {
+  local missing=()
+  while [ $# -gt 0 ]; do
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || missing+=("$2")
+    shift 2
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing ${missing[*]}"
+  local sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq mosquitto >/dev/null
-fi
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++
 export PATH="$PATH:/usr/sbin"
 
 # The suite needs ../shared/vectors (the specification test vectors) beside the clone.
@@ -20,16 +30,9 @@ if [ ! -d ../shared/vectors ]; then
   exit 1
 fi
 
-# The fuzz targets' libFuzzer is C++.
-if ! command -v c++ >/dev/null 2>&1; then
-  echo "installing g++ (the fuzz targets' libFuzzer)"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq g++ >/dev/null
-fi
-
-cargo test --locked "$@"
+# `failpoints` compiles in the fault-injection points the fault tests use (tests/faults.rs);
+# they do nothing unless a test sets FAILPOINTS for the service it starts.
+cargo test --locked --features failpoints "$@"
 # The fuzz targets (fuzz/, their own crate) must keep building against the codecs they fuzz;
 # running them is `cargo fuzz run` (README, Fuzzing).
 cargo check --locked --manifest-path fuzz/Cargo.toml --bins

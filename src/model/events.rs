@@ -58,7 +58,8 @@ pub struct PayloadOversized<'a> {
     /// The route's topic filter, or where the message was refused (`broker`).
     pub route: &'a str,
     pub size: usize,
-    pub limit: usize,
+    /// The setting it exceeds.
+    pub limit: &'a str,
 }
 
 impl InternalEvent for PayloadOversized<'_> {

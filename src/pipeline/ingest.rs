@@ -149,7 +149,7 @@ impl Ingest {
                 Ok(Some(msg)) => {
                     messages += 1;
                     last_message = Instant::now();
-                    self.handle(&msg.topic, &msg.payload, &output)?;
+                    self.handle(&msg.topic, &msg.payload, msg.payload_size, &output)?;
                     if let Some(ack) = msg.ack {
                         acks.push(ack);
                     }
@@ -228,6 +228,7 @@ impl Ingest {
         &mut self,
         topic: &Bytes,
         payload: &Bytes,
+        payload_size: usize,
         output: &OutputHandle,
     ) -> Result<(), IngestError> {
         let Ok(topic) = std::str::from_utf8(topic) else {
@@ -252,17 +253,24 @@ impl Ingest {
             route,
             received,
         };
+        // A transport that threw a payload away for its size hands over its size only.
+        let dropped = payload_size > payload.len();
         let max_payload = self.ingest.max_payload_bytes;
-        if payload.len() > max_payload {
+        if dropped || payload_size > max_payload {
+            let limit = if dropped {
+                "broker.max_packet_bytes".to_owned()
+            } else {
+                format!("ingest.max_payload_bytes = {max_payload}")
+            };
             PayloadOversized {
                 route: &route.filter_text,
-                size: payload.len(),
-                limit: max_payload,
+                size: payload_size,
+                limit: &limit,
             }
             .emit(&self.metrics);
             let err = DecodeError::new(
                 Reason::Oversized,
-                format!("{} bytes, above the limit of {max_payload}", payload.len()),
+                format!("{payload_size} bytes, above {limit}"),
             );
             // The payload itself is not republished: that would let one device double the load.
             dead_letters.send(&err, None);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod formats;
+pub mod raw;
 pub mod tmpfs;
 
 use std::io::{Read, Write};
