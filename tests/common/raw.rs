@@ -104,12 +104,8 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s.write_all(&connect_packet(client_id, version)).await?;
     let mut body = Vec::new();
     let t = read_packet(s, &mut body).await?;
-    let code = if version == 5 {
-        body.get(1)
-    } else {
-        body.get(1)
-    };
-    if t != 0x20 || code != Some(&0) {
+    // CONNACK: flags, then the return (3.1.1) or reason (5) code.
+    if t != 0x20 || body.get(1) != Some(&0) {
         return Err(std::io::Error::other(format!(
             "CONNACK refused: type {t:#x}, body {body:?}"
         )));
