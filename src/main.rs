@@ -90,6 +90,14 @@ enum Command {
     },
 }
 
+/// Writes a line to standard error. Unlike `eprintln!`, it does not panic when standard error
+/// cannot be written (a full disk under the log file): the exit status still tells.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// rumqttd logs ordinary client disconnects at ERROR: its own log is opt-in (src/broker.rs).
 const DEFAULT_LOG: &str = "info,rumqttd=off,sled=warn";
 
@@ -99,6 +107,9 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
+        // A log that cannot be written (its disk full) must not take the service down:
+        // tracing-subscriber's own complaint about it would panic writing to that same stderr.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     if let Command::Decode {
@@ -132,7 +143,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            say!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -141,7 +152,7 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            say!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     };
@@ -162,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 info!("signal received: stopping (a second signal exits at once)");
                 stop.send_replace(true);
                 wait_for_signal().await;
-                eprintln!("error: second signal: exiting without waiting for the stop");
+                say!("error: second signal: exiting without waiting for the stop");
                 std::process::exit(1);
             });
             let summary = service.wait().await?;
@@ -272,7 +283,7 @@ fn error_text(e: &anyhow::Error) -> String {
 fn decode_command(req: &DecodeRequest<'_>) -> ExitCode {
     let mut input = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut input) {
-        eprintln!("error: reading standard input: {e}");
+        say!("error: reading standard input: {e}");
         return ExitCode::FAILURE;
     }
     match decode::decode(req, &input) {
@@ -287,11 +298,11 @@ fn decode_command(req: &DecodeRequest<'_>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(DecodeCommandError::Payload(e)) => {
-            eprintln!("invalid payload: {e}");
+            say!("invalid payload: {e}");
             ExitCode::from(2)
         }
         Err(e @ DecodeCommandError::Setup(_)) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -404,7 +404,7 @@ impl Service {
         let mut http = self.http.take().expect("wait runs once");
         let failure = tokio::select! {
             _ = stop.wait_for(|s| *s) => None,
-            Some((stage, why)) = self.ended.recv() => Some(format!("stage {stage} ended: {why}")),
+            Some(first) = self.ended.recv() => Some(self.failure_reason(first).await),
             r = &mut http => {
                 self.http = None;
                 Some(format!("the HTTP listener ended: {}", match r {
@@ -425,6 +425,23 @@ impl Service {
             }
         }
         self.stop_stages(failure).await
+    }
+
+    /// Names the failure behind a stage ending. A stage whose input ended stops cleanly, and
+    /// may report before the stage upstream that failed does: the reports of the next moments
+    /// are gathered and a real failure named first.
+    async fn failure_reason(&mut self, first: Ended) -> String {
+        let mut ended = vec![first];
+        let grace = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(e)) = tokio::time::timeout_at(grace, self.ended.recv()).await {
+            ended.push(e);
+        }
+        ended.sort_by_key(|(_, why)| why == "stopped");
+        ended
+            .iter()
+            .map(|(stage, why)| format!("stage {stage} ended: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     async fn stop_stages(self, failure: Option<String>) -> Result<ServiceSummary, ServiceError> {

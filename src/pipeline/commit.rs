@@ -100,6 +100,9 @@ impl Commit {
     pub fn run(mut self, rx: flume::Receiver<PendingBatch>) -> Result<CommitSummary, CommitError> {
         let mut summary = CommitSummary::default();
         while let Ok(first) = rx.recv() {
+            // Fault tests: `commit-group=3*off->panic` fails the stage, `sleep(N)` slows it.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("commit-group");
             let mut bytes = first.columns.approx_bytes();
             let mut group = vec![first];
             while group.len() < MAX_GROUP_BATCHES && bytes < MAX_GROUP_BYTES {
@@ -162,10 +165,20 @@ impl Commit {
             .set(self.store.size_on_disk() as i64);
     }
 
+    fn put(&self, sealed: &[SealedBatch]) -> Result<(), StoreError> {
+        // Fault tests: `store-put=return` makes every write fail, as a broken disk would.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("store-put", |_| Err(StoreError::Corrupt {
+            key: "store-put".into(),
+            reason: "injected write failure".into(),
+        }));
+        self.store.put_batches(sealed)
+    }
+
     fn store_with_retry(&self, sealed: &[SealedBatch]) -> Result<(), CommitError> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.store.put_batches(sealed) {
+            match self.put(sealed) {
                 Ok(()) => {
                     self.health.clear(Problem::Store);
                     return Ok(());

@@ -231,6 +231,9 @@ impl Ingest {
         payload_size: usize,
         output: &OutputHandle,
     ) -> Result<(), IngestError> {
+        // Fault tests: `ingest-message=100*off->panic` fails the stage.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("ingest-message");
         let Ok(topic) = std::str::from_utf8(topic) else {
             // Transports refuse such names; a message that slips through is not a reading.
             TopicUnrouted { topic: "" }.emit(&self.metrics);

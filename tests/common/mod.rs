@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod formats;
+pub mod load;
 pub mod raw;
 pub mod tmpfs;
 
@@ -104,20 +105,39 @@ pub struct Edge {
 impl Edge {
     /// Starts the binary with `pipeline_text` on `data` and waits until /healthz says ok.
     pub fn start(pipeline_text: &str, data: &Path) -> Edge {
+        Edge::start_with_env(pipeline_text, data, &[])
+    }
+
+    /// [`Edge::start`] with extra environment variables (FAILPOINTS, RUST_LOG).
+    pub fn start_with_env(pipeline_text: &str, data: &Path, env: &[(&str, &str)]) -> Edge {
+        let edge = Edge::spawn(pipeline_text, data, env);
+        edge.wait_healthy();
+        edge
+    }
+
+    /// Starts the binary and waits until it is ready (endpoints written), not until healthy.
+    pub fn spawn(pipeline_text: &str, data: &Path, env: &[(&str, &str)]) -> Edge {
         std::fs::create_dir_all(data).unwrap();
         let pipeline = data.with_extension("toml");
         std::fs::write(&pipeline, pipeline_text).unwrap();
         let endpoints_file = data.join("endpoints.json");
         let _ = std::fs::remove_file(&endpoints_file);
         let stderr = data.with_extension("log");
+        // Appended to, so a log survives the restarts of one data directory.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--pipeline")
             .arg(&pipeline)
             .arg("--data")
             .arg(data)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
+            .stderr(log)
             .spawn()
             .expect("start iomt-edge");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -132,28 +152,36 @@ impl Edge {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        let edge = Edge {
+        Edge {
             child,
             data: data.to_owned(),
             endpoints,
             stderr,
-        };
-        // Ready (endpoints written) is not yet healthy: an external broker may still be
-        // connecting.
+        }
+    }
+
+    /// Waits until /healthz answers 200: ready is not yet healthy (an external broker may
+    /// still be connecting).
+    pub fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (code, body) = edge.get("/healthz");
+            let (code, body) = self.get("/healthz");
             if code == 200 {
-                break;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "not healthy: {body}\n{}",
-                edge.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        edge
+    }
+
+    /// The current /healthz status code and body.
+    pub fn health(&self) -> (u16, serde_json::Value) {
+        let (code, body) = self.get("/healthz");
+        (code, serde_json::from_str(&body).unwrap_or_default())
     }
 
     pub fn mqtt_port(&self) -> u16 {
@@ -194,6 +222,21 @@ impl Edge {
     pub fn stop(mut self) -> ExitStatus {
         signal(&self.child, "TERM");
         self.wait_exit()
+    }
+
+    /// SIGTERM, and the exit status with how long the process took to exit.
+    pub fn stop_timed(mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        signal(&self.child, "TERM");
+        let status = self.wait_exit();
+        (status, t.elapsed())
+    }
+
+    /// Waits for the process to exit on its own (a stage failure), for up to 30 s; returns
+    /// its status and its log.
+    pub fn wait_for_exit_keeping_log(mut self) -> (ExitStatus, String) {
+        let status = self.wait_exit();
+        (status, self.log())
     }
 
     /// SIGKILL: a crash.

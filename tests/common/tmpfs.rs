@@ -5,15 +5,20 @@
 use std::path::Path;
 use std::process::Command;
 
-/// A tmpfs mounted on a fresh temporary directory; unmounted when dropped, also on panic.
+/// A tmpfs mounted on `mnt` in a fresh temporary directory (so that files a test puts beside
+/// it, such as a service's log, are on another filesystem and cleaned up with the directory);
+/// unmounted when dropped, also on panic.
 pub struct Tmpfs {
     dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
 }
 
 impl Tmpfs {
     /// Mounts a tmpfs of `bytes` bytes, or says why it could not.
     pub fn mount(bytes: u64) -> Result<Tmpfs, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).map_err(|e| format!("mount point: {e}"))?;
         run_mount(
             &[
                 "-t",
@@ -22,13 +27,13 @@ impl Tmpfs {
                 &format!("size={bytes},mode=0755"),
                 "tmpfs",
             ],
-            dir.path(),
+            &mnt,
         )?;
-        Ok(Tmpfs { dir })
+        Ok(Tmpfs { dir, mnt })
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.mnt
     }
 
     /// Remounts it read-only: even root cannot write to it then.
