@@ -36,7 +36,7 @@ fn json_lines(out: &Output) -> Vec<Value> {
 
 #[test]
 fn prints_canonical_readings() {
-    // The Temperature Measurement vector of the shared BLE vectors, as hex.
+    // The Temperature Measurement vector of tests/vectors/ble-gatt.json, as hex.
     let out = decode(
         &["--codec", "ble-2a1c", "--hex"],
         b"06B00E00FEDC070C050B321B04\n",

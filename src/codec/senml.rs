@@ -626,7 +626,7 @@ mod tests {
     fn vectors() -> Value {
         serde_json::from_str(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/senml-rfc8428.json"
+            "/tests/vectors/senml-rfc8428.json"
         )))
         .unwrap()
     }
@@ -812,7 +812,7 @@ mod cbor_tests {
     fn cbor_packs_resolve_like_the_rfc_examples() {
         let vectors: Value = serde_json::from_str(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/senml-rfc8428.json"
+            "/tests/vectors/senml-rfc8428.json"
         )))
         .unwrap();
         let received = RECEIVED as f64 / 1e6;

@@ -9,7 +9,7 @@ use crate::model::reading::{flags, Reading};
 fn vectors() -> Value {
     serde_json::from_str(include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/ble-gatt.json"
+        "/tests/vectors/ble-gatt.json"
     )))
     .unwrap()
 }
@@ -38,7 +38,7 @@ fn hex_u32(v: &Value) -> u32 {
     u32::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
 }
 
-/// Every field the shared vectors state is checked against what the codec stores.
+/// Every field the BLE vectors (tests/vectors/ble-gatt.json) state is checked against what the codec stores.
 #[test]
 fn gatt_vectors() {
     let mut checked = 0;
