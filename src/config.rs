@@ -336,15 +336,30 @@ impl PipelineConfig {
                 return Err(invalid(0..0, "broker.external".into(), m));
             }
         }
+        let key_spans = std::cell::OnceCell::new();
         for (i, r) in self.routes.iter().enumerate() {
             let span = r.topic.span();
             let key = |k: &str| format!("route[{i}].{k}");
-            crate::topic::TopicFilter::parse(r.topic.get_ref())
+            let filter = crate::topic::TopicFilter::parse(r.topic.get_ref())
                 .map_err(|m| invalid(span.clone(), key("topic"), m))?;
-            for (k, t) in [("source", Some(&r.source)), ("subject", r.subject.as_ref())] {
+            let characteristic = r.ble.as_ref().and_then(|b| b.characteristic.as_ref());
+            for (k, t) in [
+                ("source", Some(&r.source)),
+                ("subject", r.subject.as_ref()),
+                ("ble.characteristic", characteristic),
+            ] {
                 if let Some(t) = t {
-                    crate::topic::Template::parse(t)
-                        .map_err(|m| invalid(span.clone(), key(k), m))?;
+                    let at = || {
+                        key_spans
+                            .get_or_init(|| RouteKeySpans::find(text))
+                            .span(i, k)
+                            .unwrap_or_else(|| span.clone())
+                    };
+                    let template =
+                        crate::topic::Template::parse(t).map_err(|m| invalid(at(), key(k), m))?;
+                    filter
+                        .check_template(&template)
+                        .map_err(|m| invalid(at(), key(k), m))?;
                 }
             }
             r.build_codec()
@@ -395,6 +410,39 @@ impl PipelineConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// Where each route's `source` and `subject` keys are in the file, so that an error in a template
+/// names the template's own line. Read again from the text only when a template is wrong: the
+/// route structs keep plain strings for the stages that use them.
+#[derive(Debug, Default, Deserialize)]
+struct RouteKeySpans {
+    #[serde(default, rename = "route")]
+    routes: Vec<RouteKeySpan>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RouteKeySpan {
+    #[serde(default)]
+    source: Option<Spanned<String>>,
+    #[serde(default)]
+    subject: Option<Spanned<String>>,
+}
+
+impl RouteKeySpans {
+    fn find(text: &str) -> Self {
+        toml::from_str(text).unwrap_or_default()
+    }
+
+    fn span(&self, route: usize, key: &str) -> Option<std::ops::Range<usize>> {
+        let r = self.routes.get(route)?;
+        let value = match key {
+            "source" => r.source.as_ref(),
+            "subject" => r.subject.as_ref(),
+            _ => None,
+        };
+        value.map(Spanned::span)
     }
 }
 
@@ -493,6 +541,37 @@ priority = "high"
             .unwrap_err()
             .to_string();
         assert!(msg.contains("unknown metric `heart_rat`"), "{msg}");
+    }
+
+    #[test]
+    fn a_template_naming_a_level_the_filter_lacks_is_refused() {
+        let text = "[[route]]\ntopic = \"ward/+/bed/+/vitals\"\ncodec = \"senml-json\"\nsource = \"{9}\"\n";
+        let msg = PipelineConfig::parse(text, "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:4: route[0].source: {9} names topic level 9, but the filter ward/+/bed/+/vitals has 5 levels"
+        );
+        let text = "[[route]]\ntopic = \"a/+\"\ncodec = \"senml-json\"\n\n[[route]]\ntopic = \"b/+\"\nsubject = \"bed-{3}\"\ncodec = \"senml-json\"\n";
+        let msg = PipelineConfig::parse(text, "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:7: route[1].subject: {3} names topic level 3, but the filter b/+ has 2 levels"
+        );
+        let text = "[[route]]\ntopic = \"ble/+\"\ncodec = \"ble-gatt\"\n[route.ble]\ncharacteristic = \"{3}\"\n";
+        let msg = PipelineConfig::parse(text, "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:2: route[0].ble.characteristic: {3} names topic level 3, but the filter ble/+ has 2 levels"
+        );
+        // Levels past a trailing `#` may exist.
+        let text = "[[route]]\ntopic = \"gw/#\"\ncodec = \"senml-json\"\nsource = \"{5}\"\n";
+        assert!(PipelineConfig::parse(text, "p.toml").is_ok());
     }
 
     #[test]
