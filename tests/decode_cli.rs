@@ -118,6 +118,8 @@ fn an_invalid_payload_exits_2_with_the_reason() {
             "pipelines/formats.toml",
             "--route",
             "11",
+            "--topic",
+            "json/wearable-1",
         ],
         &big,
     );
@@ -170,4 +172,65 @@ fn usage_errors_are_not_payload_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_route_whose_templates_read_the_topic_needs_a_topic() {
+    // Route 10 of formats.toml: topic "csv/+", source "{2}".
+    let out = decode(
+        &[
+            "--codec",
+            "csv",
+            "--pipeline",
+            "pipelines/formats.toml",
+            "--route",
+            "10",
+        ],
+        b"2024-03-01T10:00:00Z,bed-4,72,97,98.6,V\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: route[10] of pipelines/formats.toml takes its source from the topic (`{2}`): \
+         pass --topic with a topic that matches `csv/+`\n"
+    );
+
+    // A route whose source and subject are fixed decodes without one.
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        "[[route]]\ntopic = \"serial/+\"\ncodec = \"csv\"\nsource = \"monitor-1\"\n\
+         subject = \"bed-4\"\n[route.csv]\ncolumns = [\"hr\"]\n\
+         [route.csv.readings]\nhr = { metric = \"heart_rate\" }\n",
+    )
+    .unwrap();
+    let r = json_lines(&decode(
+        &[
+            "--codec",
+            "csv",
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+            "--route",
+            "0",
+        ],
+        b"72\n",
+    ));
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (&r[0]["source"], &r[0]["subject"]),
+        (&"monitor-1".into(), &"bed-4".into())
+    );
+    assert_eq!(r[0]["value"], 72.0);
+}
+
+#[test]
+fn a_codec_that_needs_options_says_where_they_come_from() {
+    let out = decode(&["--codec", "csv"], b"72\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: codec `csv` needs [route.csv] naming the columns: pass --pipeline FILE --route N\n"
+    );
 }
