@@ -133,10 +133,28 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once. Errors of this crate that name their
+/// cause in their own message (`"{file}: {source}"`) also expose it as their source, so printing
+/// the whole chain would repeat it: a cause whose text is already there is left out.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -236,5 +254,37 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iomt_edge::config::ConfigError;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let missing = ConfigError::Read {
+            file: "nonexist.toml".into(),
+            source: std::io::Error::from_raw_os_error(2),
+        };
+        assert_eq!(
+            error_chain(&missing.into()),
+            "nonexist.toml: No such file or directory (os error 2)"
+        );
+        // Context that does not name its cause keeps it.
+        let e =
+            anyhow::Error::from(std::io::Error::from_raw_os_error(13)).context("opening the store");
+        assert_eq!(
+            error_chain(&e),
+            "opening the store: Permission denied (os error 13)"
+        );
+        let e = anyhow::anyhow!("root cause")
+            .context("middle")
+            .context("outer names the middle: middle");
+        assert_eq!(
+            error_chain(&e),
+            "outer names the middle: middle: root cause"
+        );
     }
 }
