@@ -82,13 +82,22 @@ pub struct PipelineConfig {
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// MQTT 3.1.1 listener.
-    #[serde(default = "BrokerConfig::default_listen")]
+    #[serde(
+        default = "BrokerConfig::default_listen",
+        deserialize_with = "listen_addr::<_, 1883>"
+    )]
     pub listen: SocketAddr,
     /// MQTT 5 listener (rumqttd serves each protocol version on its own port).
-    #[serde(default = "BrokerConfig::default_listen_v5")]
+    #[serde(
+        default = "BrokerConfig::default_listen_v5",
+        deserialize_with = "some_listen_addr::<_, 1884>"
+    )]
     pub listen_v5: Option<SocketAddr>,
     /// MQTT over websockets.
-    #[serde(default = "BrokerConfig::default_listen_ws")]
+    #[serde(
+        default = "BrokerConfig::default_listen_ws",
+        deserialize_with = "some_listen_addr::<_, 8083>"
+    )]
     pub listen_ws: Option<SocketAddr>,
     /// `mqtt://host:port`: subscribe to this broker instead of running the embedded one.
     #[serde(default)]
@@ -145,7 +154,10 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    #[serde(default = "HttpConfig::default_listen")]
+    #[serde(
+        default = "HttpConfig::default_listen",
+        deserialize_with = "listen_addr::<_, 9100>"
+    )]
     pub listen: SocketAddr,
 }
 
@@ -446,6 +458,31 @@ impl RouteKeySpans {
     }
 }
 
+/// A listener's address: an IP and a port, since a listener binds an interface, not a name.
+/// serde's own error for `localhost:1883` says only "invalid socket address syntax"; this one
+/// says what to write instead, with the port given (or the listener's usual one, `PORT`).
+fn listen_addr<'de, D: serde::Deserializer<'de>, const PORT: u16>(
+    d: D,
+) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        let port = text
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .unwrap_or(PORT);
+        serde::de::Error::custom(format!(
+            "`{text}` is not an IP address and port: listeners bind an IP (e.g. 127.0.0.1:{port} \
+             for this machine only, 0.0.0.0:{port} for every interface)"
+        ))
+    })
+}
+
+fn some_listen_addr<'de, D: serde::Deserializer<'de>, const PORT: u16>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    listen_addr::<D, PORT>(d).map(Some)
+}
+
 fn valid_topic_level(s: &str) -> bool {
     !s.is_empty() && !s.contains(['/', '+', '#', '\0'])
 }
@@ -572,6 +609,44 @@ priority = "high"
         // Levels past a trailing `#` may exist.
         let text = "[[route]]\ntopic = \"gw/#\"\ncodec = \"senml-json\"\nsource = \"{5}\"\n";
         assert!(PipelineConfig::parse(text, "p.toml").is_ok());
+    }
+
+    #[test]
+    fn a_host_name_in_a_listen_address_says_what_to_write_instead() {
+        let msg = PipelineConfig::parse("[broker]\nlisten = \"localhost:1883\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:2:10: `localhost:1883` is not an IP address and port: listeners bind an IP \
+             (e.g. 127.0.0.1:1883 for this machine only, 0.0.0.0:1883 for every interface)"
+        );
+        for (text, line, port) in [
+            ("[broker]\nlisten_v5 = \"edge.local:1884\"\n", 2, 1884),
+            ("site = \"w\"\n[broker]\nlisten_ws = \"ws-host\"\n", 3, 8083),
+            ("[http]\nlisten = \"localhost\"\n", 2, 9100),
+        ] {
+            let msg = PipelineConfig::parse(text, "p.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(msg.starts_with(&format!("p.toml:{line}:")), "{msg}");
+            assert!(
+                msg.ends_with(&format!(
+                    "is not an IP address and port: listeners bind an IP (e.g. 127.0.0.1:{port} \
+                     for this machine only, 0.0.0.0:{port} for every interface)"
+                )),
+                "{msg}"
+            );
+        }
+        let c = PipelineConfig::parse(
+            "[broker]\nlisten = \"0.0.0.0:1883\"\nlisten_v5 = \"[::1]:0\"\n[http]\nlisten = \"10.0.0.5:9100\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(c.broker.listen, "0.0.0.0:1883".parse().unwrap());
+        assert_eq!(c.broker.listen_v5, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(c.broker.listen_ws, BrokerConfig::default_listen_ws());
+        assert_eq!(c.http.listen, "10.0.0.5:9100".parse().unwrap());
     }
 
     #[test]
