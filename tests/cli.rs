@@ -4,6 +4,8 @@ mod common;
 
 use std::process::Command;
 
+use common::*;
+
 #[test]
 fn a_missing_pipeline_file_is_named_once_with_its_cause() {
     let dir = tempfile::tempdir().unwrap();
@@ -21,4 +23,15 @@ fn a_missing_pipeline_file_is_named_once_with_its_cause() {
         !dir.path().join("data").exists(),
         "nothing is created for a pipeline that was never read"
     );
+}
+
+#[test]
+fn a_log_written_to_a_file_has_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Edge::start sends standard error to a file, as a service manager or `2>log` would.
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    assert!(edge.stop().success());
+    let log = std::fs::read_to_string(dir.path().join("data.log")).unwrap();
+    assert!(!log.trim().is_empty(), "the service logged something");
+    assert!(!log.contains('\x1b'), "colour codes in the log: {log:?}");
 }

@@ -114,6 +114,8 @@ impl Edge {
             .arg(&pipeline)
             .arg("--data")
             .arg(data)
+            // The log as a user's log file gets it, whatever the test runner's environment.
+            .env_remove("NO_COLOR")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
