@@ -104,3 +104,100 @@ fn a_bad_fixture_line_is_named_and_nothing_is_published() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.jsonl:2:"), "{err}");
 }
+
+fn replay_to(fixture: &std::path::Path, broker: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .arg("replay")
+        .arg(fixture)
+        .args(["--speed", "max", "--broker", broker])
+        .output()
+        .unwrap()
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn an_unreachable_broker_is_said_plainly_and_nothing_is_counted() {
+    let port = closed_port();
+    let broker = format!("mqtt://127.0.0.1:{port}");
+    // More messages than the client queues (1024), which once read as "failed after 1024".
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/ward-demo.jsonl");
+    let out = replay_to(std::path::Path::new(fixture), &broker);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("error: cannot connect to {broker}: connection refused; nothing was published\n")
+    );
+}
+
+/// Reads one MQTT packet: its first byte and its body.
+fn read_packet(s: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut l = [0u8; 1];
+        s.read_exact(&mut l).ok()?;
+        len |= ((l[0] & 0x7f) as usize) << shift;
+        shift += 7;
+        if l[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((b[0], body))
+}
+
+/// A broker that accepts one client, acknowledges its first `acks` QoS 1 publishes, then
+/// closes the connection (and reads on until the client goes).
+fn broker_that_fails_after(acks: usize) -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut acked = 0;
+        while let Some((first, body)) = read_packet(&mut s) {
+            match first >> 4 {
+                1 => s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap(), // CONNECT → CONNACK
+                3 if acked < acks => {
+                    let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    let pkid = &body[2 + topic_len..4 + topic_len];
+                    s.write_all(&[0x40, 0x02, pkid[0], pkid[1]]).unwrap(); // PUBACK
+                    acked += 1;
+                    if acked == acks {
+                        s.shutdown(std::net::Shutdown::Write).unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    (port, handle)
+}
+
+#[test]
+fn a_broken_connection_counts_only_what_the_broker_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("ten.jsonl");
+    let lines: Vec<String> = (0..10)
+        .map(|i| format!(r#"{{"t_ms":{i},"topic":"ward/4/bed/1/vitals","payload":{{"hr":70}}}}"#))
+        .collect();
+    std::fs::write(&fixture, lines.join("\n")).unwrap();
+    let (port, broker) = broker_that_fails_after(3);
+    let out = replay_to(&fixture, &format!("mqtt://127.0.0.1:{port}"));
+    broker.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: the broker connection failed after 3 messages were delivered: "),
+        "{err}"
+    );
+}
