@@ -262,7 +262,8 @@ pub struct CodecOptions<'a> {
 /// A device format.
 pub trait Codec: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
-    /// Decodes one payload into `out`. On error the caller discards whatever was pushed.
+    /// Decodes one payload into `out`. On error the caller discards whatever was pushed. Call
+    /// it through [`decode_payload`], which checks what every format shares.
     fn decode(&self, msg: &Message<'_>, out: &mut ReadingSink<'_>) -> Result<(), DecodeError>;
 }
 
@@ -349,13 +350,28 @@ pub fn json_error(e: &serde_json::Error) -> DecodeError {
     }
 }
 
+/// Decodes one payload with `codec` into `sink`: how ingest, `decode` and the tests reach every
+/// codec, so that what holds for every format is checked once, here. An empty payload is
+/// refused as `empty` before a codec sees it (a JSON parser would call it a syntax error, a
+/// binary decoder a truncation).
+pub fn decode_payload(
+    codec: &dyn Codec,
+    msg: &Message<'_>,
+    sink: &mut ReadingSink<'_>,
+) -> Result<(), DecodeError> {
+    if msg.payload.is_empty() {
+        return Err(DecodeError::new(Reason::Empty, "the payload is empty"));
+    }
+    codec.decode(msg, sink)
+}
+
 /// Decodes one payload on its own into owned readings (`iomt-edge decode`, tests).
 pub fn decode_to_readings(
     codec: &dyn Codec,
     msg: &Message<'_>,
 ) -> Result<Vec<crate::model::reading::Reading>, DecodeError> {
     let mut builder = BatchBuilder::new(0, 16);
-    codec.decode(msg, &mut ReadingSink::new(&mut builder, msg))?;
+    decode_payload(codec, msg, &mut ReadingSink::new(&mut builder, msg))?;
     let batch = builder
         .take()
         .into_record_batch()

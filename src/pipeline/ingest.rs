@@ -16,7 +16,7 @@ use tracing::{debug, info};
 pub use super::routes::{Route, RouteTable};
 use super::{AckToken, Incoming, Input};
 use crate::alarm::AlarmEngine;
-use crate::codec::{DecodeError, Message, ReadingSink, Reason};
+use crate::codec::{decode_payload, DecodeError, Message, ReadingSink, Reason};
 use crate::config::{BatchConfig, IngestConfig};
 use crate::model::batch::{BatchBuilder, Columns};
 use crate::model::events::{
@@ -256,7 +256,11 @@ impl Ingest {
             self.seq_reserved = self.builder.next_seq() + SEQ_BLOCK;
             self.store.reserve_seq(self.seq_reserved)?;
         }
-        let result = codec.decode(&message, &mut ReadingSink::new(&mut self.builder, &message));
+        let result = decode_payload(
+            codec.as_ref(),
+            &message,
+            &mut ReadingSink::new(&mut self.builder, &message),
+        );
         if let Err(err) = result {
             self.builder.rollback(mark);
             DecodeFailed {
