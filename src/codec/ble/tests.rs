@@ -231,7 +231,9 @@ fn units_flags_and_fields() {
 #[test]
 fn malformed_values_are_refused_with_a_reason() {
     let cases: &[(Characteristic, &str, Reason)] = &[
-        (Characteristic::HeartRate, "", Reason::Truncated),
+        // Empty everywhere is `empty` (codec::decode_payload), before the codec sees it.
+        (Characteristic::HeartRate, "", Reason::Empty),
+        (Characteristic::HeartRate, "00", Reason::Truncated),
         (Characteristic::HeartRate, "01 55", Reason::Truncated),
         (Characteristic::HeartRate, "10 55", Reason::Truncated),
         (Characteristic::HeartRate, "10 55 21", Reason::Truncated),
