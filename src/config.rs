@@ -19,6 +19,7 @@ use crate::codec::fhir::FhirOptions;
 use crate::codec::json::JsonMapping;
 use crate::codec::omh::OmhOptions;
 use crate::codec::senml::SenmlOptions;
+use crate::codec::ClockWindow;
 pub use crate::codec::CodecName;
 
 /// The pipeline the binary runs when no `--pipeline` is given.
@@ -186,6 +187,18 @@ pub struct IngestConfig {
     /// Sealed-batch queue between ingest and storage, in batches.
     #[serde(default = "IngestConfig::default_queue")]
     pub queue_batches: usize,
+    /// A device time further than this before the receive time is stored `clock_suspect`.
+    #[serde(
+        default = "IngestConfig::default_clock_max_past",
+        with = "humantime_serde"
+    )]
+    pub clock_max_past: Duration,
+    /// A device time further than this after the receive time is stored `clock_suspect`.
+    #[serde(
+        default = "IngestConfig::default_clock_max_future",
+        with = "humantime_serde"
+    )]
+    pub clock_max_future: Duration,
 }
 
 impl IngestConfig {
@@ -194,6 +207,17 @@ impl IngestConfig {
     }
     const fn default_queue() -> usize {
         16
+    }
+    const fn default_clock_max_past() -> Duration {
+        ClockWindow::DEFAULT_MAX_PAST
+    }
+    const fn default_clock_max_future() -> Duration {
+        ClockWindow::DEFAULT_MAX_FUTURE
+    }
+
+    /// The window device times are judged by.
+    pub fn clock_window(&self) -> ClockWindow {
+        ClockWindow::new(self.clock_max_past, self.clock_max_future)
     }
 }
 
@@ -647,6 +671,69 @@ priority = "high"
         assert_eq!(c.broker.listen_v5, Some("[::1]:0".parse().unwrap()));
         assert_eq!(c.broker.listen_ws, BrokerConfig::default_listen_ws());
         assert_eq!(c.http.listen, "10.0.0.5:9100".parse().unwrap());
+    }
+
+    #[test]
+    fn the_clock_window_is_read_from_ingest() {
+        let c = PipelineConfig::parse("", "p.toml").unwrap();
+        assert_eq!(c.ingest.clock_max_past, Duration::from_secs(86_400));
+        assert_eq!(c.ingest.clock_max_future, Duration::from_secs(300));
+        assert_eq!(c.ingest.clock_window(), ClockWindow::default());
+        let c = PipelineConfig::parse(
+            "[ingest]\nclock_max_past = \"7days\"\nclock_max_future = \"30s\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.ingest.clock_window(),
+            ClockWindow::new(Duration::from_secs(7 * 86_400), Duration::from_secs(30))
+        );
+        let msg = PipelineConfig::parse("[ingest]\nclock_max_past = \"soon\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("p.toml:2:"), "{msg}");
+        let msg = PipelineConfig::parse("[ingest]\nclock_max_pasts = \"1h\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("clock_max_pasts"), "{msg}");
+    }
+
+    #[test]
+    fn shipped_pipelines_state_their_time_formats() {
+        use crate::codec::time::TsFormat;
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let c = PipelineConfig::load(&path).unwrap();
+            for (i, r) in c.routes.iter().enumerate() {
+                // (reads a device time, its format, or a strftime pattern instead)
+                let times = [
+                    r.json
+                        .as_ref()
+                        .map(|j| (j.ts.is_some(), j.ts_format, false)),
+                    r.csv
+                        .as_ref()
+                        .map(|c| (c.ts.is_some(), c.ts_format, c.ts_pattern.is_some())),
+                    r.ble
+                        .as_ref()
+                        .and_then(|b| b.json.as_ref())
+                        .map(|j| (j.ts.is_some(), j.ts_format, false)),
+                ];
+                for (has_ts, format, pattern) in times.into_iter().flatten() {
+                    if has_ts && !pattern {
+                        assert_ne!(
+                            format,
+                            TsFormat::Auto,
+                            "{}: route[{i}] leaves its time format to a guess",
+                            path.display()
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 4, "{checked} routes with device times");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::codec::encoding::{base64_to_bytes, hex_to_bytes, text_to_vec};
-use crate::codec::{decode_to_readings, CodecOptions, DecodeError, Message, Reason};
+use crate::codec::{decode_to_readings_with_clock, CodecOptions, DecodeError, Message, Reason};
 use crate::config::{CodecName, IngestConfig, PipelineConfig};
 use crate::model::reading::{now_micros, Reading};
 use crate::pipeline::ingest::Route;
@@ -101,7 +101,8 @@ pub fn decode(req: &DecodeRequest<'_>, input: &[u8]) -> Result<Vec<Reading>, Dec
         source: &source,
         subject: subject.as_deref(),
     };
-    decode_to_readings(route.codec.as_ref(), &msg).map_err(DecodeCommandError::Payload)
+    decode_to_readings_with_clock(route.codec.as_ref(), &msg, ingest.clock_window())
+        .map_err(DecodeCommandError::Payload)
 }
 
 /// Route `n` of the pipeline file at `path`, checked against the request, the file's `[ingest]`

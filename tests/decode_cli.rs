@@ -43,10 +43,11 @@ fn prints_canonical_readings() {
     );
     let r = json_lines(&out);
     assert_eq!(r.len(), 2);
+    // A 2012 device time decoded today lies outside the default clock window.
     assert_eq!(
         r[0],
         serde_json::json!({"ts":"2012-12-05T11:50:27Z","source":"stdin","subject":null,
-            "metric":"body_temp","value":37.6,"unit":"Cel","flags":[]})
+            "metric":"body_temp","value":37.6,"unit":"Cel","flags":["clock_suspect"]})
     );
     assert_eq!(r[1]["metric"], "temp_site");
     assert_eq!(r[1]["text"], "finger");
@@ -232,5 +233,40 @@ fn a_codec_that_needs_options_says_where_they_come_from() {
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         "error: codec `csv` needs [route.csv] naming the columns: pass --pipeline FILE --route N\n"
+    );
+}
+
+#[test]
+fn device_clocks_are_judged_by_the_pipelines_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = |ingest: &str| {
+        let path = dir.path().join(format!("p{}.toml", ingest.len()));
+        std::fs::write(
+            &path,
+            format!("[ingest]\n{ingest}\n[[route]]\ntopic = \"ble/+/2a1c\"\ncodec = \"ble-2a1c\"\nsource = \"thermometer\"\n"),
+        )
+        .unwrap();
+        path
+    };
+    let flags = |path: &std::path::Path| {
+        let out = decode(
+            &[
+                "--codec",
+                "ble-2a1c",
+                "--hex",
+                "--pipeline",
+                path.to_str().unwrap(),
+                "--route",
+                "0",
+            ],
+            b"06B00E00FEDC070C050B321B04",
+        );
+        json_lines(&out)[0]["flags"].clone()
+    };
+    // The vector's thermometer clock reads 2012.
+    assert_eq!(flags(&pipeline("")), serde_json::json!(["clock_suspect"]));
+    assert_eq!(
+        flags(&pipeline("clock_max_past = \"100years\"")),
+        serde_json::json!([])
     );
 }

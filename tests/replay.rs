@@ -1,6 +1,6 @@
 //! The shipped demo fixture, replayed by the real `replay` command through the running service
-//! with the default ward pipeline: every reading stored, the deteriorating patient's alarms
-//! raised.
+//! with the demo ward pipeline: every reading stored, the deteriorating patient's alarms raised;
+//! and what `replay` says when the broker is unreachable or fails midway.
 
 mod common;
 
@@ -9,10 +9,34 @@ use std::process::Command;
 use common::*;
 use iomt_edge::replay::load_fixture;
 
-fn default_pipeline_on_free_ports() -> String {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/ward.toml"))
-        .unwrap();
-    on_free_ports(&text, "ward")
+fn pipeline_file(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/pipelines/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// The pipeline the README replays the demo into, on free ports.
+fn demo_pipeline_on_free_ports() -> String {
+    on_free_ports(&pipeline_file("ward-demo.toml"), "ward")
+}
+
+/// A pipeline file's settings: its lines without comments and blank lines.
+fn settings(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split(" #").next().unwrap().trim_end())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_demo_pipeline_is_the_ward_pipeline_but_for_its_clock_window() {
+    let ward = settings(&pipeline_file("ward.toml"));
+    let demo = settings(&pipeline_file("ward-demo.toml"));
+    let differ = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|l| !b.contains(l)).cloned().collect()
+    };
+    assert_eq!(differ(&ward, &demo), ["clock_max_past = \"24h\""]);
+    assert_eq!(differ(&demo, &ward), ["clock_max_past = \"100years\""]);
+    assert_eq!(ward.len(), demo.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +59,7 @@ async fn the_ward_demo_replays_into_stored_readings_and_alarms() {
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let edge = Edge::start(&default_pipeline_on_free_ports(), &data);
+    let edge = Edge::start(&demo_pipeline_on_free_ports(), &data);
     let mut alarms = subscribe(edge.mqtt_port(), "alarms/#").await;
     let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
         .args(["replay", fixture, "--speed", "max", "--broker"])

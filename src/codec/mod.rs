@@ -1,6 +1,6 @@
 //! Device formats. Each codec turns one MQTT payload into readings and pushes them through a
-//! [`ReadingSink`], which normalises them (canonical unit, plausibility flags, receive time where
-//! the device gave none) straight into the batch builder. A payload that fails half-way leaves
+//! [`ReadingSink`], which normalises them (canonical unit, plausibility and clock flags, receive
+//! time where the device gave none) straight into the batch builder. A payload that fails half-way leaves
 //! nothing behind: the caller rolls the builder back.
 
 pub mod ble;
@@ -13,6 +13,7 @@ pub mod senml;
 pub mod time;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -81,22 +82,68 @@ pub struct Decoded<'a> {
     pub subject: Option<&'a str>,
 }
 
+/// How far a device time may lie from the receive time before its reading is flagged
+/// [`flags::CLOCK_SUSPECT`]: a device whose clock was never set reports 1970 or 2000, one whose
+/// battery ran flat reports the day it stopped, and a millisecond time read as microseconds
+/// lands in 1970.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockWindow {
+    /// µs before the receive time.
+    max_past: i64,
+    /// µs after the receive time.
+    max_future: i64,
+}
+
+impl ClockWindow {
+    pub const DEFAULT_MAX_PAST: Duration = Duration::from_secs(24 * 3600);
+    pub const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(5 * 60);
+
+    pub fn new(max_past: Duration, max_future: Duration) -> Self {
+        let micros = |d: Duration| d.as_micros().min(i64::MAX as u128) as i64;
+        ClockWindow {
+            max_past: micros(max_past),
+            max_future: micros(max_future),
+        }
+    }
+
+    /// Whether device time `ts` lies outside the window around `received` (both µs).
+    pub fn suspect(&self, ts: i64, received: i64) -> bool {
+        ts < received.saturating_sub(self.max_past) || ts > received.saturating_add(self.max_future)
+    }
+}
+
+impl Default for ClockWindow {
+    fn default() -> Self {
+        ClockWindow::new(Self::DEFAULT_MAX_PAST, Self::DEFAULT_MAX_FUTURE)
+    }
+}
+
 /// Where codecs put readings: normalises each one into the batch builder.
 pub struct ReadingSink<'b> {
     builder: &'b mut BatchBuilder,
     received: i64,
     source: &'b str,
     subject: Option<&'b str>,
+    clock: ClockWindow,
 }
 
 impl<'b> ReadingSink<'b> {
+    /// A sink for the readings of `msg`, judging device clocks by the default window (24 h
+    /// before the receive time, 5 min after); [`ReadingSink::with_clock`] sets the pipeline's.
     pub fn new(builder: &'b mut BatchBuilder, msg: &Message<'b>) -> Self {
         ReadingSink {
             builder,
             received: msg.received,
             source: msg.source,
             subject: msg.subject,
+            clock: ClockWindow::default(),
         }
+    }
+
+    /// Judges device clocks by `clock` (`ingest.clock_max_past` / `clock_max_future`).
+    pub fn with_clock(mut self, clock: ClockWindow) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Normalises and appends one reading.
@@ -138,10 +185,18 @@ impl<'b> ReadingSink<'b> {
                 ))
             }
         };
-        let ts = d.ts.unwrap_or_else(|| {
-            flags |= flags::TIME_FROM_RECEIPT;
-            self.received
-        });
+        let ts = match d.ts {
+            Some(ts) => ts,
+            None => {
+                flags |= flags::TIME_FROM_RECEIPT;
+                self.received
+            }
+        };
+        // A time taken from the receipt (here, or a SenML time relative to it) is the edge's
+        // clock, not the device's.
+        if flags & flags::TIME_FROM_RECEIPT == 0 && self.clock.suspect(ts, self.received) {
+            flags |= flags::CLOCK_SUSPECT;
+        }
         self.builder.push(Row {
             ts,
             received: self.received,
@@ -365,13 +420,28 @@ pub fn decode_payload(
     codec.decode(msg, sink)
 }
 
-/// Decodes one payload on its own into owned readings (`iomt-edge decode`, tests).
+/// Decodes one payload on its own into owned readings, judging device clocks by the default
+/// window (tests, fuzzing).
 pub fn decode_to_readings(
     codec: &dyn Codec,
     msg: &Message<'_>,
 ) -> Result<Vec<crate::model::reading::Reading>, DecodeError> {
+    decode_to_readings_with_clock(codec, msg, ClockWindow::default())
+}
+
+/// Decodes one payload on its own into owned readings, judging device clocks by `clock`
+/// (`iomt-edge decode`, with the pipeline's window).
+pub fn decode_to_readings_with_clock(
+    codec: &dyn Codec,
+    msg: &Message<'_>,
+    clock: ClockWindow,
+) -> Result<Vec<crate::model::reading::Reading>, DecodeError> {
     let mut builder = BatchBuilder::new(0, 16);
-    decode_payload(codec, msg, &mut ReadingSink::new(&mut builder, msg))?;
+    decode_payload(
+        codec,
+        msg,
+        &mut ReadingSink::new(&mut builder, msg).with_clock(clock),
+    )?;
     let batch = builder
         .take()
         .into_record_batch()
@@ -395,5 +465,78 @@ pub(crate) mod test_util {
             source: "dev-1",
             subject: Some("bed-1"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::{msg, RECEIVED};
+    use super::*;
+    use crate::model::reading::Reading;
+
+    const HOUR: i64 = 3_600_000_000;
+    const MINUTE: i64 = 60_000_000;
+
+    /// Pushes one heart rate at device time `ts` through a sink with `clock`.
+    fn push(ts: Option<i64>, reading_flags: u16, clock: ClockWindow) -> Reading {
+        let m = msg(b"x");
+        let mut builder = BatchBuilder::new(0, 4);
+        ReadingSink::new(&mut builder, &m)
+            .with_clock(clock)
+            .push(Decoded {
+                ts,
+                metric: Metric::HeartRate,
+                value: RawValue::Number(72.0, ""),
+                flags: reading_flags,
+                source: None,
+                subject: None,
+            })
+            .unwrap();
+        let batch = builder.take().into_record_batch().unwrap();
+        let mut r = crate::model::batch::BatchView::new(&batch)
+            .unwrap()
+            .readings()
+            .unwrap();
+        r.remove(0)
+    }
+
+    fn suspect(r: &Reading) -> bool {
+        r.flags & flags::CLOCK_SUSPECT != 0
+    }
+
+    #[test]
+    fn device_times_outside_the_window_are_clock_suspect() {
+        let default = ClockWindow::default();
+        for (offset, want) in [
+            (0, false),
+            (-24 * HOUR, false),
+            (-24 * HOUR - 1, true),
+            (5 * MINUTE, false),
+            (5 * MINUTE + 1, true),
+            // 1970 and 9999.
+            (-RECEIVED, true),
+            (253_402_300_799_000_000 - RECEIVED, true),
+        ] {
+            let r = push(Some(RECEIVED + offset), 0, default);
+            assert_eq!(suspect(&r), want, "offset {offset} µs");
+            assert_eq!(r.ts, RECEIVED + offset, "the device time is kept");
+        }
+        let week = ClockWindow::new(Duration::from_secs(7 * 86_400), Duration::ZERO);
+        assert!(!suspect(&push(Some(RECEIVED - 6 * 24 * HOUR), 0, week)));
+        assert!(suspect(&push(Some(RECEIVED + 1), 0, week)));
+    }
+
+    #[test]
+    fn a_time_taken_from_the_receipt_is_never_suspect() {
+        let r = push(None, 0, ClockWindow::default());
+        assert_eq!(r.ts, RECEIVED);
+        assert_eq!(r.flags, flags::TIME_FROM_RECEIPT);
+        // A SenML relative time is the receive time plus an offset: the edge's clock.
+        let r = push(
+            Some(RECEIVED - 48 * HOUR),
+            flags::TIME_FROM_RECEIPT,
+            ClockWindow::default(),
+        );
+        assert!(!suspect(&r));
     }
 }

@@ -16,7 +16,7 @@ use tracing::{debug, info};
 pub use super::routes::{Route, RouteTable};
 use super::{AckToken, Incoming, Input};
 use crate::alarm::AlarmEngine;
-use crate::codec::{decode_payload, DecodeError, Message, ReadingSink, Reason};
+use crate::codec::{decode_payload, ClockWindow, DecodeError, Message, ReadingSink, Reason};
 use crate::config::{BatchConfig, IngestConfig};
 use crate::model::batch::{BatchBuilder, Columns};
 use crate::model::events::{
@@ -48,6 +48,7 @@ pub struct Ingest {
     batch: BatchConfig,
     max_payload: usize,
     dead_letter: bool,
+    clock: ClockWindow,
     /// Flush once this many acknowledgements wait, so an external broker's in-flight window
     /// never stalls on a batch that is not full yet.
     max_pending_acks: usize,
@@ -98,6 +99,7 @@ impl Ingest {
             batch: batch.clone(),
             max_payload: ingest.max_payload_bytes,
             dead_letter: ingest.dead_letter,
+            clock: ingest.clock_window(),
             max_pending_acks: max_pending_acks.max(1),
             seq_reserved: next_seq,
             store,
@@ -259,7 +261,7 @@ impl Ingest {
         let result = decode_payload(
             codec.as_ref(),
             &message,
-            &mut ReadingSink::new(&mut self.builder, &message),
+            &mut ReadingSink::new(&mut self.builder, &message).with_clock(self.clock),
         );
         if let Err(err) = result {
             self.builder.rollback(mark);
