@@ -366,6 +366,22 @@ optional = true
     }
 
     #[test]
+    fn a_patient_id_is_bounded_and_an_empty_one_is_none() {
+        let c = codec(VITALS);
+        let long = "7".repeat(300);
+        let p = format!(r#"{{"ts":1700000000,"patient":"{long}","hr":72}}"#);
+        let e = decode_to_readings(&c, &msg(p.as_bytes())).unwrap_err();
+        assert_eq!(e.reason, Reason::BadValue);
+        assert_eq!(
+            e.detail,
+            "/hr: subject from the payload: 300 bytes, above the limit of 256"
+        );
+        // The route's subject (test_util: bed-1) stands when the payload's is empty.
+        let r = decode_to_readings(&c, &msg(br#"{"ts":1700000000,"patient":"","hr":72}"#)).unwrap();
+        assert_eq!(r[0].subject.as_deref(), Some("bed-1"));
+    }
+
+    #[test]
     fn a_misread_time_unit_is_flagged_clock_suspect() {
         let auto = codec("ts = \"/t\"\n[[reading]]\nvalue = \"/hr\"\nmetric = \"heart_rate\"\n");
         let ms = codec(

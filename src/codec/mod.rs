@@ -118,6 +118,25 @@ impl Default for ClockWindow {
     }
 }
 
+/// The longest source or subject, in bytes. Identifiers go into every batch's dictionaries, every
+/// leaf hash and every alarm topic; one that long is a device or template fault, not a name.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Refuses an identifier longer than [`MAX_ID_BYTES`], naming the field and where it came from,
+/// never its text (it may name a patient).
+fn check_id(field: &str, from: &str, id: &str) -> Result<(), DecodeError> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(DecodeError::new(
+            Reason::BadValue,
+            format!(
+                "{field} from the {from}: {} bytes, above the limit of {MAX_ID_BYTES}",
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Where codecs put readings: normalises each one into the batch builder.
 pub struct ReadingSink<'b> {
     builder: &'b mut BatchBuilder,
@@ -197,11 +216,33 @@ impl<'b> ReadingSink<'b> {
         if flags & flags::TIME_FROM_RECEIPT == 0 && self.clock.suspect(ts, self.received) {
             flags |= flags::CLOCK_SUSPECT;
         }
+        // An empty name from the payload is no name: the route's applies.
+        let source = match d.source.filter(|s| !s.is_empty()) {
+            Some(s) => {
+                check_id("source", "payload", s)?;
+                s
+            }
+            None => {
+                check_id("source", "topic", self.source)?;
+                self.source
+            }
+        };
+        let subject = match d.subject.filter(|s| !s.is_empty()) {
+            Some(s) => {
+                check_id("subject", "payload", s)?;
+                Some(s)
+            }
+            None => {
+                let s = self.subject.filter(|s| !s.is_empty());
+                s.map(|s| check_id("subject", "topic", s)).transpose()?;
+                s
+            }
+        };
         self.builder.push(Row {
             ts,
             received: self.received,
-            source: d.source.unwrap_or(self.source),
-            subject: d.subject.or(self.subject),
+            source,
+            subject,
             metric: d.metric,
             value,
             text,
@@ -477,27 +518,39 @@ mod tests {
     const HOUR: i64 = 3_600_000_000;
     const MINUTE: i64 = 60_000_000;
 
-    /// Pushes one heart rate at device time `ts` through a sink with `clock`.
-    fn push(ts: Option<i64>, reading_flags: u16, clock: ClockWindow) -> Reading {
-        let m = msg(b"x");
+    /// A heart rate of 72 at `ts`, naming no source or subject of its own.
+    fn heart_rate(ts: Option<i64>, flags: u16) -> Decoded<'static> {
+        Decoded {
+            ts,
+            metric: Metric::HeartRate,
+            value: RawValue::Number(72.0, ""),
+            flags,
+            source: None,
+            subject: None,
+        }
+    }
+
+    /// Pushes `d` through a sink for message `m` with `clock`: the stored reading, or why not.
+    fn push_to(
+        m: &Message<'_>,
+        d: Decoded<'_>,
+        clock: ClockWindow,
+    ) -> Result<Reading, DecodeError> {
         let mut builder = BatchBuilder::new(0, 4);
-        ReadingSink::new(&mut builder, &m)
+        ReadingSink::new(&mut builder, m)
             .with_clock(clock)
-            .push(Decoded {
-                ts,
-                metric: Metric::HeartRate,
-                value: RawValue::Number(72.0, ""),
-                flags: reading_flags,
-                source: None,
-                subject: None,
-            })
-            .unwrap();
+            .push(d)?;
         let batch = builder.take().into_record_batch().unwrap();
         let mut r = crate::model::batch::BatchView::new(&batch)
             .unwrap()
             .readings()
             .unwrap();
-        r.remove(0)
+        Ok(r.remove(0))
+    }
+
+    /// Pushes one heart rate at device time `ts` through a sink with `clock`.
+    fn push(ts: Option<i64>, reading_flags: u16, clock: ClockWindow) -> Reading {
+        push_to(&msg(b"x"), heart_rate(ts, reading_flags), clock).unwrap()
     }
 
     fn suspect(r: &Reading) -> bool {
@@ -538,5 +591,99 @@ mod tests {
             ClockWindow::default(),
         );
         assert!(!suspect(&r));
+    }
+
+    #[test]
+    fn identifiers_longer_than_256_bytes_refuse_the_message() {
+        let long = "p".repeat(MAX_ID_BYTES + 1);
+        let ok = "p".repeat(MAX_ID_BYTES);
+        let window = ClockWindow::default();
+        for (field, from, decoded, route_source, route_subject) in [
+            (
+                "source",
+                "payload",
+                Decoded {
+                    source: Some(&long),
+                    ..heart_rate(None, 0)
+                },
+                "dev-1",
+                None,
+            ),
+            (
+                "subject",
+                "payload",
+                Decoded {
+                    subject: Some(&long),
+                    ..heart_rate(None, 0)
+                },
+                "dev-1",
+                None,
+            ),
+            ("source", "topic", heart_rate(None, 0), long.as_str(), None),
+            (
+                "subject",
+                "topic",
+                heart_rate(None, 0),
+                "dev-1",
+                Some(long.as_str()),
+            ),
+        ] {
+            let m = Message {
+                source: route_source,
+                subject: route_subject,
+                ..msg(b"x")
+            };
+            let e = push_to(&m, decoded, window).unwrap_err();
+            assert_eq!(e.reason, Reason::BadValue);
+            assert_eq!(
+                e.detail,
+                format!("{field} from the {from}: 257 bytes, above the limit of 256")
+            );
+        }
+        let r = push_to(
+            &msg(b"x"),
+            Decoded {
+                source: Some(&ok),
+                subject: Some(&ok),
+                ..heart_rate(None, 0)
+            },
+            window,
+        )
+        .unwrap();
+        assert_eq!((r.source.len(), r.subject.unwrap().len()), (256, 256));
+    }
+
+    #[test]
+    fn an_empty_name_from_the_payload_is_no_name() {
+        let window = ClockWindow::default();
+        // test_util::msg's route names source dev-1 and subject bed-1.
+        let r = push_to(
+            &msg(b"x"),
+            Decoded {
+                source: Some(""),
+                subject: Some(""),
+                ..heart_rate(None, 0)
+            },
+            window,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.source.as_str(), r.subject.as_deref()),
+            ("dev-1", Some("bed-1"))
+        );
+        let m = Message {
+            subject: None,
+            ..msg(b"x")
+        };
+        let r = push_to(
+            &m,
+            Decoded {
+                subject: Some(""),
+                ..heart_rate(None, 0)
+            },
+            window,
+        )
+        .unwrap();
+        assert_eq!(r.subject, None);
     }
 }
