@@ -78,16 +78,45 @@ async fn the_ward_demo_replays_into_stored_readings_and_alarms() {
     );
     assert!(summary.trim_end().ends_with("messages/s)"), "{summary}");
 
-    // The deteriorating patient raises the SpO2 alarm, and only that bed does.
-    let (topic, payload, _) = next_matching(&mut alarms, |t, p| {
-        t.ends_with("/spo2-low") && !p.is_empty()
-    })
-    .await;
-    assert_eq!(topic, format!("alarms/{SITE}/ward4-bed3/spo2-low"));
-    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-    assert!(v["value"].as_f64().unwrap() < 92.0);
-
+    // The deteriorating patient raises every alarm of the ward pipeline (fixtures/README.md,
+    // README.md), each once, and no other bed raises any.
+    let promised = ["spo2-low", "hr-high", "rr-high", "temp-high", "sys-low"];
+    let mut raised: Vec<(String, f64)> = Vec::new();
+    while raised.len() < promised.len() {
+        let (topic, payload, _) = next_matching(&mut alarms, |_, p| !p.is_empty()).await;
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        raised.push((topic, v["value"].as_f64().unwrap()));
+    }
     edge.wait_metric("iomt_readings_stored_total", expected as f64);
+    // Anything raised besides arrives by now: ingest raised it before the last batch was stored.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    while let Ok((topic, payload, _)) = alarms.try_recv() {
+        assert!(
+            payload.is_empty(),
+            "an alarm beyond the promised ones: {topic}"
+        );
+    }
+    let mut topics: Vec<&str> = raised.iter().map(|(t, _)| t.as_str()).collect();
+    topics.sort();
+    let mut want: Vec<String> = promised
+        .iter()
+        .map(|rule| format!("alarms/{SITE}/ward4-bed3/{rule}"))
+        .collect();
+    want.sort();
+    assert_eq!(topics, want);
+    for (topic, value) in &raised {
+        let rule = topic.rsplit('/').next().unwrap();
+        let breached = match rule {
+            "spo2-low" => *value < 92.0,
+            "hr-high" => *value > 130.0,
+            "rr-high" => *value > 24.0,
+            "temp-high" => *value > 39.0,
+            "sys-low" => *value < 90.0,
+            _ => false,
+        };
+        assert!(breached, "{topic} raised by {value}");
+    }
+
     let m = edge.metrics();
     assert_eq!(
         metric_value(
@@ -96,11 +125,16 @@ async fn the_ward_demo_replays_into_stored_readings_and_alarms() {
         ),
         0.0
     );
-    assert!(metric_value(&m, "iomt_alarms_raised_total{priority=\"high\"}") >= 1.0);
-    assert!(
-        metric_value(&m, "iomt_alarms_raised_total{priority=\"low\"}") >= 1.0,
-        "temperature alarm"
-    );
+    for (priority, n) in [("high", 2.0), ("medium", 2.0), ("low", 1.0)] {
+        assert_eq!(
+            metric_value(
+                &m,
+                &format!("iomt_alarms_raised_total{{priority=\"{priority}\"}}")
+            ),
+            n,
+            "{priority}"
+        );
+    }
     assert!(edge.stop().success());
     let stored = stored_readings(&data);
     assert_eq!(stored.len(), expected);

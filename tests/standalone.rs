@@ -98,3 +98,25 @@ fn the_readme_points_at_the_design_in_the_repository() {
         assert!(design.contains(section), "docs/design.md lacks {section}");
     }
 }
+
+#[test]
+fn the_readme_says_how_to_install_and_what_the_test_script_installs() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    for how in ["cargo install --path .", "cargo run --release --"] {
+        assert!(readme.contains(how), "README lacks `{how}`");
+    }
+    let script = std::fs::read_to_string(Path::new(ROOT).join("scripts/test.sh")).unwrap();
+    let packages: Vec<&str> = script
+        .lines()
+        .filter_map(|l| l.split("apt-get install -y -qq ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(packages, ["mosquitto", "g++"], "scripts/test.sh installs");
+    assert!(readme.contains("sudo apt-get"));
+    for p in packages {
+        assert!(
+            readme.contains(&format!("`{p}`")),
+            "README does not name {p}"
+        );
+    }
+}
