@@ -161,7 +161,8 @@ fn senml_cbor(rng: &mut StdRng) -> String {
         let spo2 = rng.random_range(90..100) as f64;
         let temp = 36.5 + (i % 10) as f64 / 10.0;
         let mut e = Encoder::new(Vec::new());
-        // [{-2: bn, -3: bt, 0: "spo2", 1: "%", 2: spo2}, {0: "temp", 1: "Cel", 2: temp}]
+        // [{-2: bn, -3: bt, 0: "spo2", 1: "%", 2: spo2 / 100}, {0: "temp", 1: "Cel", 2: temp}]:
+        // SenML's `%` is the deprecated name of the ratio `/` (RFC 8428 section 12.1).
         e.array(2).unwrap();
         e.map(5).unwrap();
         e.i8(-2)
@@ -171,7 +172,7 @@ fn senml_cbor(rng: &mut StdRng) -> String {
         e.i8(-3).unwrap().i64(t).unwrap();
         e.u8(0).unwrap().str("spo2").unwrap();
         e.u8(1).unwrap().str("%").unwrap();
-        e.u8(2).unwrap().u32(spo2 as u32).unwrap();
+        e.u8(2).unwrap().f64(spo2 / 100.0).unwrap();
         e.map(3).unwrap();
         e.u8(0).unwrap().str("temp").unwrap();
         e.u8(1).unwrap().str("Cel").unwrap();

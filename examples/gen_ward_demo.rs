@@ -1,5 +1,6 @@
 //! Generates `fixtures/ward-demo.jsonl`: a ward of bedside monitors (vendor JSON) and SenML
-//! thermometers, one patient deteriorating so that alarms fire.
+//! thermometers, one patient deteriorating so that every alarm of pipelines/ward.toml fires
+//! (tests/replay.rs checks that they do).
 //!
 //! ```sh
 //! cargo run --example gen_ward_demo -- --beds 8 --minutes 12 --seed 7 > fixtures/ward-demo.jsonl
@@ -64,11 +65,28 @@ struct Patient {
     temp: f64,
 }
 
+/// Where the sick patient's vitals end up, past every threshold of pipelines/ward.toml's rules
+/// (spo2-low < 92, hr-high > 130, rr-high > 24, sys-low < 90, temp-high > 39.0) by more than the
+/// noise, so that each alarm fires whatever the seed gives as the patient's baseline.
+const SICK: Patient = Patient {
+    hr: 140.0,
+    spo2: 87.0,
+    rr: 28.0,
+    sys: 84.0,
+    dia: 55.0,
+    temp: 39.5,
+};
+
 /// How far the sick patient has deteriorated at second `t`: 0 until a third of the recording,
 /// then rising to 1 at two thirds, and staying there.
 fn deterioration(t: i64, total: i64) -> f64 {
     let (a, b) = (total / 3, 2 * total / 3);
     ((t - a) as f64 / (b - a) as f64).clamp(0.0, 1.0)
+}
+
+/// A baseline `from` moved a fraction `d` of the way to `to`.
+fn towards(from: f64, to: f64, d: f64) -> f64 {
+    from + (to - from) * d
 }
 
 fn round1(x: f64) -> f64 {
@@ -109,11 +127,11 @@ fn main() {
             let t_ms = t * 1000 + offset_ms;
             let ts_ms = (START_S + t) * 1000 + offset_ms;
             if t % MONITOR_EVERY_S == 0 {
-                let hr = p.hr + 55.0 * d + rng.random_range(-2.0..2.0);
-                let spo2 = (p.spo2 - 10.0 * d + rng.random_range(-0.6..0.6)).min(100.0);
-                let rr = p.rr + 13.0 * d + rng.random_range(-1.0..1.0);
-                let sys = p.sys - 35.0 * d + rng.random_range(-3.0..3.0);
-                let dia = p.dia - 15.0 * d + rng.random_range(-2.0..2.0);
+                let hr = towards(p.hr, SICK.hr, d) + rng.random_range(-2.0..2.0);
+                let spo2 = (towards(p.spo2, SICK.spo2, d) + rng.random_range(-0.6..0.6)).min(100.0);
+                let rr = towards(p.rr, SICK.rr, d) + rng.random_range(-1.0..1.0);
+                let sys = towards(p.sys, SICK.sys, d) + rng.random_range(-3.0..3.0);
+                let dia = towards(p.dia, SICK.dia, d) + rng.random_range(-2.0..2.0);
                 let mut body = json!({
                     "ts": ts_ms,
                     "hr": hr.round(),
@@ -136,7 +154,7 @@ fn main() {
                 ));
             }
             if t % THERMOMETER_EVERY_S == 0 {
-                let temp = p.temp + 2.6 * d + rng.random_range(-0.1..0.1);
+                let temp = towards(p.temp, SICK.temp, d) + rng.random_range(-0.1..0.1);
                 let pack = json!([{
                     "bn": format!("urn:dev:mac:0024befffe80{bed:04x}:"),
                     "bt": (ts_ms as f64) / 1000.0,

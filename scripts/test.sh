@@ -24,12 +24,6 @@ need() {
 need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++
 export PATH="$PATH:/usr/sbin"
 
-# The suite needs ../shared/vectors (the specification test vectors) beside the clone.
-if [ ! -d ../shared/vectors ]; then
-  echo "error: ../shared/vectors is missing: the tests check against the specifications' vectors" >&2
-  exit 1
-fi
-
 # `failpoints` compiles in the fault-injection points the fault tests use (tests/faults.rs);
 # they do nothing unless a test sets FAILPOINTS for the service it starts.
 cargo test --locked --features failpoints "$@"

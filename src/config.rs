@@ -19,6 +19,7 @@ use crate::codec::fhir::FhirOptions;
 use crate::codec::json::JsonMapping;
 use crate::codec::omh::OmhOptions;
 use crate::codec::senml::SenmlOptions;
+use crate::codec::ClockWindow;
 pub use crate::codec::CodecName;
 
 /// The pipeline the binary runs when no `--pipeline` is given.
@@ -92,13 +93,22 @@ pub struct PipelineConfig {
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// MQTT listener (3.1.1 and 5, told apart by the CONNECT packet).
-    #[serde(default = "BrokerConfig::default_listen")]
+    #[serde(
+        default = "BrokerConfig::default_listen",
+        deserialize_with = "listen_addr::<_, 1883>"
+    )]
     pub listen: SocketAddr,
     /// A second MQTT listener, for deployments that keep MQTT 5 clients on their own port.
-    #[serde(default = "BrokerConfig::default_listen_v5")]
+    #[serde(
+        default = "BrokerConfig::default_listen_v5",
+        deserialize_with = "some_listen_addr::<_, 1884>"
+    )]
     pub listen_v5: Option<SocketAddr>,
     /// MQTT over websockets.
-    #[serde(default = "BrokerConfig::default_listen_ws")]
+    #[serde(
+        default = "BrokerConfig::default_listen_ws",
+        deserialize_with = "some_listen_addr::<_, 8083>"
+    )]
     pub listen_ws: Option<SocketAddr>,
     /// `mqtt://host:port`: subscribe to this broker (MQTT 5) instead of running the embedded
     /// one.
@@ -160,7 +170,10 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    #[serde(default = "HttpConfig::default_listen")]
+    #[serde(
+        default = "HttpConfig::default_listen",
+        deserialize_with = "listen_addr::<_, 9100>"
+    )]
     pub listen: SocketAddr,
 }
 
@@ -196,6 +209,18 @@ pub struct IngestConfig {
     /// Alarms and dead letters waiting to be published, in bytes.
     #[serde(default = "IngestConfig::default_output_queue_bytes")]
     pub output_queue_bytes: usize,
+    /// A device time further than this before the receive time is stored `clock_suspect`.
+    #[serde(
+        default = "IngestConfig::default_clock_max_past",
+        with = "humantime_serde"
+    )]
+    pub clock_max_past: Duration,
+    /// A device time further than this after the receive time is stored `clock_suspect`.
+    #[serde(
+        default = "IngestConfig::default_clock_max_future",
+        with = "humantime_serde"
+    )]
+    pub clock_max_future: Duration,
 }
 
 impl IngestConfig {
@@ -210,6 +235,17 @@ impl IngestConfig {
     }
     const fn default_output_queue_bytes() -> usize {
         4 << 20
+    }
+    const fn default_clock_max_past() -> Duration {
+        ClockWindow::DEFAULT_MAX_PAST
+    }
+    const fn default_clock_max_future() -> Duration {
+        ClockWindow::DEFAULT_MAX_FUTURE
+    }
+
+    /// The window device times are judged by.
+    pub fn clock_window(&self) -> ClockWindow {
+        ClockWindow::new(self.clock_max_past, self.clock_max_future)
     }
 }
 
@@ -397,15 +433,30 @@ impl PipelineConfig {
                 return Err(invalid(0..0, "broker.external".into(), m));
             }
         }
+        let key_spans = std::cell::OnceCell::new();
         for (i, r) in self.routes.iter().enumerate() {
             let span = r.topic.span();
             let key = |k: &str| format!("route[{i}].{k}");
-            crate::topic::TopicFilter::parse(r.topic.get_ref())
+            let filter = crate::topic::TopicFilter::parse(r.topic.get_ref())
                 .map_err(|m| invalid(span.clone(), key("topic"), m))?;
-            for (k, t) in [("source", Some(&r.source)), ("subject", r.subject.as_ref())] {
+            let characteristic = r.ble.as_ref().and_then(|b| b.characteristic.as_ref());
+            for (k, t) in [
+                ("source", Some(&r.source)),
+                ("subject", r.subject.as_ref()),
+                ("ble.characteristic", characteristic),
+            ] {
                 if let Some(t) = t {
-                    crate::topic::Template::parse(t)
-                        .map_err(|m| invalid(span.clone(), key(k), m))?;
+                    let at = || {
+                        key_spans
+                            .get_or_init(|| RouteKeySpans::find(text))
+                            .span(i, k)
+                            .unwrap_or_else(|| span.clone())
+                    };
+                    let template =
+                        crate::topic::Template::parse(t).map_err(|m| invalid(at(), key(k), m))?;
+                    filter
+                        .check_template(&template)
+                        .map_err(|m| invalid(at(), key(k), m))?;
                 }
             }
             r.build_codec()
@@ -453,6 +504,64 @@ impl PipelineConfig {
         }
         Ok(())
     }
+}
+
+/// Where each route's `source` and `subject` keys are in the file, so that an error in a template
+/// names the template's own line. Read again from the text only when a template is wrong: the
+/// route structs keep plain strings for the stages that use them.
+#[derive(Debug, Default, Deserialize)]
+struct RouteKeySpans {
+    #[serde(default, rename = "route")]
+    routes: Vec<RouteKeySpan>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RouteKeySpan {
+    #[serde(default)]
+    source: Option<Spanned<String>>,
+    #[serde(default)]
+    subject: Option<Spanned<String>>,
+}
+
+impl RouteKeySpans {
+    fn find(text: &str) -> Self {
+        toml::from_str(text).unwrap_or_default()
+    }
+
+    fn span(&self, route: usize, key: &str) -> Option<std::ops::Range<usize>> {
+        let r = self.routes.get(route)?;
+        let value = match key {
+            "source" => r.source.as_ref(),
+            "subject" => r.subject.as_ref(),
+            _ => None,
+        };
+        value.map(Spanned::span)
+    }
+}
+
+/// A listener's address: an IP and a port, since a listener binds an interface, not a name.
+/// serde's own error for `localhost:1883` says only "invalid socket address syntax"; this one
+/// says what to write instead, with the port given (or the listener's usual one, `PORT`).
+fn listen_addr<'de, D: serde::Deserializer<'de>, const PORT: u16>(
+    d: D,
+) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        let port = text
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .unwrap_or(PORT);
+        serde::de::Error::custom(format!(
+            "`{text}` is not an IP address and port: listeners bind an IP (e.g. 127.0.0.1:{port} \
+             for this machine only, 0.0.0.0:{port} for every interface)"
+        ))
+    })
+}
+
+fn some_listen_addr<'de, D: serde::Deserializer<'de>, const PORT: u16>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    listen_addr::<D, PORT>(d).map(Some)
 }
 
 /// Sites and rule names stand as topic levels of every alarm as they are.
@@ -554,6 +663,138 @@ priority = "high"
             .unwrap_err()
             .to_string();
         assert!(msg.contains("unknown metric `heart_rat`"), "{msg}");
+    }
+
+    #[test]
+    fn a_template_naming_a_level_the_filter_lacks_is_refused() {
+        let text = "[[route]]\ntopic = \"ward/+/bed/+/vitals\"\ncodec = \"senml-json\"\nsource = \"{9}\"\n";
+        let msg = PipelineConfig::parse(text, "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:4: route[0].source: {9} names topic level 9, but the filter ward/+/bed/+/vitals has 5 levels"
+        );
+        let text = "[[route]]\ntopic = \"a/+\"\ncodec = \"senml-json\"\n\n[[route]]\ntopic = \"b/+\"\nsubject = \"bed-{3}\"\ncodec = \"senml-json\"\n";
+        let msg = PipelineConfig::parse(text, "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:7: route[1].subject: {3} names topic level 3, but the filter b/+ has 2 levels"
+        );
+        let text = "[[route]]\ntopic = \"ble/+\"\ncodec = \"ble-gatt\"\n[route.ble]\ncharacteristic = \"{3}\"\n";
+        let msg = PipelineConfig::parse(text, "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:2: route[0].ble.characteristic: {3} names topic level 3, but the filter ble/+ has 2 levels"
+        );
+        // Levels past a trailing `#` may exist.
+        let text = "[[route]]\ntopic = \"gw/#\"\ncodec = \"senml-json\"\nsource = \"{5}\"\n";
+        assert!(PipelineConfig::parse(text, "p.toml").is_ok());
+    }
+
+    #[test]
+    fn a_host_name_in_a_listen_address_says_what_to_write_instead() {
+        let msg = PipelineConfig::parse("[broker]\nlisten = \"localhost:1883\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "p.toml:2:10: `localhost:1883` is not an IP address and port: listeners bind an IP \
+             (e.g. 127.0.0.1:1883 for this machine only, 0.0.0.0:1883 for every interface)"
+        );
+        for (text, line, port) in [
+            ("[broker]\nlisten_v5 = \"edge.local:1884\"\n", 2, 1884),
+            ("site = \"w\"\n[broker]\nlisten_ws = \"ws-host\"\n", 3, 8083),
+            ("[http]\nlisten = \"localhost\"\n", 2, 9100),
+        ] {
+            let msg = PipelineConfig::parse(text, "p.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(msg.starts_with(&format!("p.toml:{line}:")), "{msg}");
+            assert!(
+                msg.ends_with(&format!(
+                    "is not an IP address and port: listeners bind an IP (e.g. 127.0.0.1:{port} \
+                     for this machine only, 0.0.0.0:{port} for every interface)"
+                )),
+                "{msg}"
+            );
+        }
+        let c = PipelineConfig::parse(
+            "[broker]\nlisten = \"0.0.0.0:1883\"\nlisten_v5 = \"[::1]:0\"\n[http]\nlisten = \"10.0.0.5:9100\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(c.broker.listen, "0.0.0.0:1883".parse().unwrap());
+        assert_eq!(c.broker.listen_v5, Some("[::1]:0".parse().unwrap()));
+        assert_eq!(c.broker.listen_ws, BrokerConfig::default_listen_ws());
+        assert_eq!(c.http.listen, "10.0.0.5:9100".parse().unwrap());
+    }
+
+    #[test]
+    fn the_clock_window_is_read_from_ingest() {
+        let c = PipelineConfig::parse("", "p.toml").unwrap();
+        assert_eq!(c.ingest.clock_max_past, Duration::from_secs(86_400));
+        assert_eq!(c.ingest.clock_max_future, Duration::from_secs(300));
+        assert_eq!(c.ingest.clock_window(), ClockWindow::default());
+        let c = PipelineConfig::parse(
+            "[ingest]\nclock_max_past = \"7days\"\nclock_max_future = \"30s\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.ingest.clock_window(),
+            ClockWindow::new(Duration::from_secs(7 * 86_400), Duration::from_secs(30))
+        );
+        let msg = PipelineConfig::parse("[ingest]\nclock_max_past = \"soon\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("p.toml:2:"), "{msg}");
+        let msg = PipelineConfig::parse("[ingest]\nclock_max_pasts = \"1h\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("clock_max_pasts"), "{msg}");
+    }
+
+    #[test]
+    fn shipped_pipelines_state_their_time_formats() {
+        use crate::codec::time::TsFormat;
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let c = PipelineConfig::load(&path).unwrap();
+            for (i, r) in c.routes.iter().enumerate() {
+                // (reads a device time, its format, or a strftime pattern instead)
+                let times = [
+                    r.json
+                        .as_ref()
+                        .map(|j| (j.ts.is_some(), j.ts_format, false)),
+                    r.csv
+                        .as_ref()
+                        .map(|c| (c.ts.is_some(), c.ts_format, c.ts_pattern.is_some())),
+                    r.ble
+                        .as_ref()
+                        .and_then(|b| b.json.as_ref())
+                        .map(|j| (j.ts.is_some(), j.ts_format, false)),
+                ];
+                for (has_ts, format, pattern) in times.into_iter().flatten() {
+                    if has_ts && !pattern {
+                        assert_ne!(
+                            format,
+                            TsFormat::Auto,
+                            "{}: route[{i}] leaves its time format to a guess",
+                            path.display()
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 4, "{checked} routes with device times");
     }
 
     #[test]

@@ -5,10 +5,11 @@
 use std::path::Path;
 
 use crate::codec::encoding::{base64_to_bytes, hex_to_bytes, text_to_vec};
-use crate::codec::{decode_to_readings, DecodeError, Message, Reason};
-use crate::config::{CodecName, PipelineConfig};
+use crate::codec::{decode_to_readings_with_clock, CodecOptions, DecodeError, Message, Reason};
+use crate::config::{CodecName, IngestConfig, PipelineConfig};
 use crate::model::reading::{now_micros, Reading};
 use crate::pipeline::routes::Route;
+use crate::topic::{Template, TopicFilter};
 
 /// How the payload is written on standard input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,57 +42,33 @@ pub enum DecodeCommandError {
 /// Decodes `input` as the request says.
 pub fn decode(req: &DecodeRequest<'_>, input: &[u8]) -> Result<Vec<Reading>, DecodeCommandError> {
     let setup = DecodeCommandError::Setup;
-    let (config, index) = match req.route {
-        Some((path, n)) => {
-            let config = PipelineConfig::load(path).map_err(|e| setup(e.to_string()))?;
-            if n >= config.routes.len() {
-                return Err(setup(format!(
-                    "{}: has {} routes, so --route takes 0 to {}",
-                    path.display(),
-                    config.routes.len(),
-                    config.routes.len().saturating_sub(1)
-                )));
-            }
-            let codec = config.routes[n].codec;
-            if codec != req.codec {
-                return Err(setup(format!(
-                    "route[{n}] of {} uses codec `{}`, not `{}`",
-                    path.display(),
-                    codec.as_str(),
-                    req.codec.as_str()
-                )));
-            }
-            (config, n)
-        }
+    let (route, ingest, filter_name) = match req.route {
+        Some((path, n)) => route_of_pipeline(req, path, n)?,
         None => {
-            let text = format!(
-                "[[route]]\ntopic = \"#\"\ncodec = \"{}\"\n",
-                req.codec.as_str()
-            );
-            let config = PipelineConfig::parse(&text, "--codec").map_err(|e| {
-                setup(format!(
-                    "{e}\n(codec `{}` needs its options: pass --pipeline FILE --route N)",
-                    req.codec.as_str()
-                ))
-            })?;
-            (config, 0)
+            let codec = crate::codec::build(req.codec, &CodecOptions::default())
+                .map_err(|e| setup(format!("{e}: pass --pipeline FILE --route N")))?;
+            let route = Route {
+                filter_text: "#".to_owned(),
+                filter: TopicFilter::parse("#").map_err(setup)?,
+                codec,
+                source: Template::parse("{topic}").map_err(setup)?,
+                subject: None,
+            };
+            (route, IngestConfig::default(), "the filter".to_owned())
         }
     };
-    let route = Route::build(&config.routes[index]).map_err(setup)?;
-    let filter = &route.filter_text;
     let topic = match req.topic {
         Some(t) => {
             if !route.filter.matches(t) {
                 return Err(setup(format!(
-                    "topic `{t}` does not match route[{index}]'s filter `{filter}`"
+                    "topic `{t}` does not match {filter_name} `{}`",
+                    route.filter_text
                 )));
             }
-            t.to_owned()
+            t
         }
-        // Without a topic the route's filter stands in, wildcards and all, so the templates
-        // show which level they would take.
-        None if req.route.is_some() => filter.clone(),
-        None => "stdin".to_owned(),
+        // Only reached when no template reads the topic (checked with the route).
+        None => "stdin",
     };
     let payload = match req.input {
         InputEncoding::Raw => input.to_vec(),
@@ -102,7 +79,7 @@ pub fn decode(req: &DecodeRequest<'_>, input: &[u8]) -> Result<Vec<Reading>, Dec
             text_to_vec(input, base64_to_bytes).map_err(DecodeCommandError::Payload)?
         }
     };
-    let max = config.ingest.max_payload_bytes;
+    let max = ingest.max_payload_bytes;
     if payload.len() > max {
         return Err(DecodeCommandError::Payload(DecodeError::new(
             Reason::Oversized,
@@ -112,14 +89,68 @@ pub fn decode(req: &DecodeRequest<'_>, input: &[u8]) -> Result<Vec<Reading>, Dec
             ),
         )));
     }
-    let source = route.source.render(&topic).unwrap_or_else(|| topic.clone());
-    let subject = route.subject.as_ref().and_then(|t| t.render(&topic));
+    let source = route
+        .source
+        .render(topic)
+        .unwrap_or_else(|| topic.to_owned());
+    let subject = route.subject.as_ref().and_then(|t| t.render(topic));
     let msg = Message {
-        topic: &topic,
+        topic,
         payload: &payload,
         received: now_micros(),
         source: &source,
         subject: subject.as_deref(),
     };
-    decode_to_readings(route.codec.as_ref(), &msg).map_err(DecodeCommandError::Payload)
+    decode_to_readings_with_clock(route.codec.as_ref(), &msg, ingest.clock_window())
+        .map_err(DecodeCommandError::Payload)
+}
+
+/// Route `n` of the pipeline file at `path`, checked against the request, the file's `[ingest]`
+/// limits, and how messages name the route's filter.
+fn route_of_pipeline(
+    req: &DecodeRequest<'_>,
+    path: &Path,
+    n: usize,
+) -> Result<(Route, IngestConfig, String), DecodeCommandError> {
+    let setup = DecodeCommandError::Setup;
+    let file = path.display();
+    let config = PipelineConfig::load(path).map_err(|e| setup(e.to_string()))?;
+    let Some(route) = config.routes.get(n) else {
+        return Err(setup(format!(
+            "{file}: has {} routes, so --route takes 0 to {}",
+            config.routes.len(),
+            config.routes.len().saturating_sub(1)
+        )));
+    };
+    if route.codec != req.codec {
+        return Err(setup(format!(
+            "route[{n}] of {file} uses codec `{}`, not `{}`",
+            route.codec.as_str(),
+            req.codec.as_str()
+        )));
+    }
+    let built = Route::build(route).map_err(setup)?;
+    if req.topic.is_none() {
+        // Filling a template from the filter would print `+` as a device or patient id.
+        let mut from_topic = Vec::new();
+        if built.source.uses_topic() {
+            from_topic.push(("source", route.source.as_str()));
+        }
+        if let (Some(t), Some(text)) = (&built.subject, &route.subject) {
+            if t.uses_topic() {
+                from_topic.push(("subject", text.as_str()));
+            }
+        }
+        if !from_topic.is_empty() {
+            let keys: Vec<&str> = from_topic.iter().map(|(k, _)| *k).collect();
+            let templates: Vec<String> = from_topic.iter().map(|(_, t)| format!("`{t}`")).collect();
+            return Err(setup(format!(
+                "route[{n}] of {file} takes its {} from the topic ({}): pass --topic with a topic that matches `{}`",
+                keys.join(" and "),
+                templates.join(", "),
+                built.filter_text
+            )));
+        }
+    }
+    Ok((built, config.ingest, format!("route[{n}]'s filter")))
 }

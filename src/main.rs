@@ -110,6 +110,8 @@ fn main() -> ExitCode {
         // A log that cannot be written (its disk full) must not take the service down:
         // tracing-subscriber's own complaint about it would panic writing to that same stderr.
         .log_internal_errors(false)
+        // Colour codes are noise in a log file or a journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     if let Command::Decode {
@@ -152,7 +154,7 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            say!("error: {}", error_text(&e));
+            say!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     };
@@ -160,6 +162,24 @@ fn main() -> ExitCode {
     // decided, so do not wait for it.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     code
+}
+
+/// An error and its causes on one line, each said once. Errors of this crate that name their
+/// cause in their own message (`"{file}: {source}"`) also expose it as their source, so printing
+/// the whole chain would repeat it: a cause whose text is already there is left out.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -265,21 +285,6 @@ fn print_batch(out: &mut impl Write, sealer: &Sealer, sealed: &SealedBatch) -> a
     Ok(())
 }
 
-/// The error and its causes on one line, each cause once: the crate's errors already end their
-/// message with their source's, which `{:#}` would repeat after it (three times over for a sled
-/// error wrapped in a store error wrapped in a service error).
-fn error_text(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.ends_with(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-    }
-    text
-}
-
 fn decode_command(req: &DecodeRequest<'_>) -> ExitCode {
     let mut input = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut input) {
@@ -314,5 +319,37 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iomt_edge::config::ConfigError;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let missing = ConfigError::Read {
+            file: "nonexist.toml".into(),
+            source: std::io::Error::from_raw_os_error(2),
+        };
+        assert_eq!(
+            error_chain(&missing.into()),
+            "nonexist.toml: No such file or directory (os error 2)"
+        );
+        // Context that does not name its cause keeps it.
+        let e =
+            anyhow::Error::from(std::io::Error::from_raw_os_error(13)).context("opening the store");
+        assert_eq!(
+            error_chain(&e),
+            "opening the store: Permission denied (os error 13)"
+        );
+        let e = anyhow::anyhow!("root cause")
+            .context("middle")
+            .context("outer names the middle: middle");
+        assert_eq!(
+            error_chain(&e),
+            "outer names the middle: middle: root cause"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Fixture replay: publishes a recorded fixture (fixtures/README.md) to a broker with its
 //! original timing scaled by a speed factor, or as fast as the broker takes it, and waits for
-//! every QoS 1 acknowledgement before it reports.
+//! every QoS 1 acknowledgement before it reports. It counts only what the broker took, and says
+//! so plainly when it could not reach the broker at all.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,8 +30,13 @@ pub enum ReplayError {
     },
     #[error("{0}")]
     Broker(String),
-    #[error("the broker connection failed after {sent} messages: {error}")]
-    Connection { sent: u64, error: String },
+    /// No connection was ever established, so no message reached the broker.
+    #[error("cannot connect to {broker}: {error}; nothing was published")]
+    Unreachable { broker: String, error: String },
+    /// The connection failed after the broker had taken `delivered` messages (acknowledged at
+    /// QoS 1 and 2, written at QoS 0).
+    #[error("the broker connection failed after {delivered} messages were delivered: {error}")]
+    Connection { delivered: u64, error: String },
 }
 
 /// One line of a fixture.
@@ -171,8 +177,67 @@ impl std::fmt::Display for ReplaySummary {
     }
 }
 
+/// What the connection has achieved so far, as the event loop sees it.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    /// The broker accepted the connection (CONNACK).
+    connected: bool,
+    /// Messages the broker has taken: QoS 1 and 2 ones it acknowledged, QoS 0 ones written to it.
+    delivered: u64,
+    /// Why the connection ended, if it failed.
+    error: Option<String>,
+}
+
+impl Progress {
+    /// The error to report once the connection failed with `error`.
+    fn failure(&self, broker: &str, error: String) -> ReplayError {
+        if self.connected {
+            ReplayError::Connection {
+                delivered: self.delivered,
+                error,
+            }
+        } else {
+            ReplayError::Unreachable {
+                broker: broker.to_owned(),
+                error,
+            }
+        }
+    }
+}
+
+/// Whether an event says the broker has taken a message: a QoS 1 or 2 acknowledgement, or a QoS 0
+/// publish (packet id 0) written to it, which has no reply to come.
+fn is_delivery(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::Incoming(Packet::PubAck(_) | Packet::PubComp(_))
+            | Event::Outgoing(rumqttc::Outgoing::Publish(0))
+    )
+}
+
+/// A connection error in a user's words: `connection refused`, not `I/O: Connection refused
+/// (os error 111)`.
+fn describe(e: &rumqttc::ConnectionError) -> String {
+    use std::io::ErrorKind as K;
+    match e {
+        rumqttc::ConnectionError::Io(io) => match io.kind() {
+            k @ (K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::TimedOut
+            | K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::AddrNotAvailable
+            | K::UnexpectedEof) => k.to_string(),
+            _ => io.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
 /// Publishes `messages` to `broker` (`mqtt://host:port`). With `looped`, starts over after the
-/// last message until `stop` resolves.
+/// last message until `stop` resolves. Returns once the broker has taken every message; the
+/// summary counts only what it took.
 pub async fn replay(
     messages: &[FixtureMessage],
     broker: &str,
@@ -189,21 +254,26 @@ pub async fn replay(
         .set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
 
-    // Counts acknowledgements; a connection error ends the replay with an error.
-    let (acked_tx, acked_rx) = tokio::sync::watch::channel(Ok::<u64, String>(0));
+    // The client's queue takes messages whether or not a broker is there, so what counts is
+    // what the event loop reports: acknowledgements and QoS 0 writes.
+    let (state_tx, state_rx) = tokio::sync::watch::channel(Progress::default());
     let events = tokio::spawn(async move {
-        let mut acked = 0u64;
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_)))
-                | Ok(Event::Incoming(Packet::PubComp(_))) => {
-                    acked += 1;
-                    let _ = acked_tx.send(Ok(acked));
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    state_tx.send_modify(|p| p.connected = true);
                 }
+                Ok(e) if is_delivery(&e) => state_tx.send_modify(|p| p.delivered += 1),
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = acked_tx.send(Err(e.to_string()));
+                    // Packets read together with the end of the connection are still queued.
+                    let late = eventloop.state.events.iter().filter(|e| is_delivery(e));
+                    let late = late.count() as u64;
+                    state_tx.send_modify(|p| {
+                        p.delivered += late;
+                        p.error = Some(describe(&e));
+                    });
                     return;
                 }
             }
@@ -231,9 +301,15 @@ pub async fn replay(
         ProgressBar::hidden()
     };
 
+    let failed = |error: Option<String>| -> ReplayError {
+        let state = state_rx.borrow().clone();
+        let error = error
+            .or(state.error.clone())
+            .unwrap_or_else(|| "the connection closed".to_owned());
+        state.failure(broker, error)
+    };
     let start = Instant::now();
     let mut sent = 0u64;
-    let mut need_ack = 0u64;
     let mut offset_ms = 0u64;
     tokio::pin!(stop);
     'outer: loop {
@@ -245,23 +321,18 @@ pub async fn replay(
                     _ = &mut stop => break 'outer,
                 }
             }
-            if let Err(e) = acked_rx.borrow().as_ref() {
-                return Err(ReplayError::Connection {
-                    sent,
-                    error: e.clone(),
-                });
+            if state_rx.borrow().error.is_some() {
+                return Err(failed(None));
             }
-            client
+            if client
                 .publish(m.topic.clone(), m.qos, false, m.payload.clone())
                 .await
-                .map_err(|e| ReplayError::Connection {
-                    sent,
-                    error: e.to_string(),
-                })?;
-            sent += 1;
-            if m.qos != QoS::AtMostOnce {
-                need_ack += 1;
+                .is_err()
+            {
+                // The event loop has ended: its state says why.
+                return Err(failed(None));
             }
+            sent += 1;
             bar.inc(1);
         }
         if !looped || messages.is_empty() {
@@ -269,24 +340,21 @@ pub async fn replay(
         }
         offset_ms += messages.last().map_or(0, |m| m.t_ms) + 1;
     }
-    // Every QoS 1/2 message counts once the broker has acknowledged it.
-    let mut rx = acked_rx.clone();
-    let waited = rx
-        .wait_for(|r| match r {
-            Ok(n) => *n >= need_ack,
-            Err(_) => true,
-        })
+    let mut rx = state_rx.clone();
+    let done = rx
+        .wait_for(|p| p.delivered >= sent || p.error.is_some())
         .await
-        .map(|r| r.clone());
-    if let Ok(Err(e)) = waited {
-        return Err(ReplayError::Connection { sent, error: e });
+        .map(|p| p.clone())
+        .map_err(|_| failed(Some("the connection closed".to_owned())))?;
+    if let (Some(error), true) = (&done.error, done.delivered < sent) {
+        return Err(done.failure(broker, error.clone()));
     }
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), events).await;
     Ok(ReplaySummary {
-        messages: sent,
+        messages: done.delivered,
         seconds,
     })
 }

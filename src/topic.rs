@@ -36,6 +36,30 @@ impl TopicFilter {
         Ok(TopicFilter { levels })
     }
 
+    /// How many levels the filter has, a trailing `#` counted as one.
+    pub fn levels(&self) -> usize {
+        self.levels.len()
+    }
+
+    /// Whether the filter ends in `#`, so that the topics it matches may have any number of
+    /// levels from there on.
+    pub fn is_multi_level(&self) -> bool {
+        matches!(self.levels.last(), Some(FilterLevel::Hash))
+    }
+
+    /// Checks that every topic level `template` names can exist in a topic this filter matches.
+    /// A filter ending in `#` matches topics of any length from the `#` on, so any level is
+    /// allowed there: a topic too short for the template is left unrouted when it arrives.
+    pub fn check_template(&self, template: &Template) -> Result<(), String> {
+        match template.max_level() {
+            Some(n) if n > self.levels() && !self.is_multi_level() => Err(format!(
+                "{{{n}}} names topic level {n}, but the filter {self} has {} levels",
+                self.levels()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn matches(&self, topic: &str) -> bool {
         // Filters starting with a wildcard do not match $-topics (MQTT 4.7.2).
         if topic.starts_with('$') && !matches!(self.levels.first(), Some(FilterLevel::Exact(_))) {
@@ -58,6 +82,22 @@ impl TopicFilter {
             }
         }
         parts.next().is_none()
+    }
+}
+
+impl std::fmt::Display for TopicFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, level) in self.levels.iter().enumerate() {
+            if i > 0 {
+                f.write_str("/")?;
+            }
+            f.write_str(match level {
+                FilterLevel::Exact(e) => e,
+                FilterLevel::Plus => "+",
+                FilterLevel::Hash => "#",
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -107,6 +147,24 @@ impl Template {
             parts.push(TemplatePart::Text(rest.to_owned()));
         }
         Ok(Template { parts })
+    }
+
+    /// The highest topic level the template names, if it names any.
+    pub fn max_level(&self) -> Option<usize> {
+        self.parts
+            .iter()
+            .filter_map(|p| match p {
+                TemplatePart::Level(n) => Some(*n),
+                _ => None,
+            })
+            .max()
+    }
+
+    /// Whether rendering takes anything from the topic (a level or the whole topic).
+    pub fn uses_topic(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, TemplatePart::Level(_) | TemplatePart::Topic))
     }
 
     /// Renders against a topic; `None` if the topic lacks a level the template names.
@@ -381,5 +439,37 @@ mod tests {
         let long = "t".repeat(MAX_TOPIC_BYTES - 3);
         let dl = dead_letter_topic(&long);
         assert!(dl.len() <= MAX_TOPIC_BYTES && dl.starts_with("edge/deadletter/~"));
+    }
+
+    #[test]
+    fn templates_may_only_name_levels_the_filter_has() {
+        let f = |s| TopicFilter::parse(s).unwrap();
+        let t = |s| Template::parse(s).unwrap();
+        let vitals = f("ward/+/bed/+/vitals");
+        assert_eq!(vitals.levels(), 5);
+        assert_eq!(vitals.to_string(), "ward/+/bed/+/vitals");
+        assert_eq!(t("ward{2}-bed{4}").max_level(), Some(4));
+        assert_eq!(t("{topic}").max_level(), None);
+        assert!(vitals.check_template(&t("ward{2}-bed{4}")).is_ok());
+        assert!(vitals.check_template(&t("{5}")).is_ok());
+        assert!(vitals.check_template(&t("{topic}")).is_ok());
+        assert_eq!(
+            vitals.check_template(&t("{9}")).unwrap_err(),
+            "{9} names topic level 9, but the filter ward/+/bed/+/vitals has 5 levels"
+        );
+        assert_eq!(
+            vitals.check_template(&t("w{2}-{6}")).unwrap_err(),
+            "{6} names topic level 6, but the filter ward/+/bed/+/vitals has 5 levels"
+        );
+        // Past a `#` a topic may have any number of levels.
+        let hash = f("gw/+/#");
+        assert!(hash.is_multi_level());
+        assert!(hash.check_template(&t("{9}")).is_ok());
+        assert_eq!(
+            t("{9}").render("gw/1/a/b/c/d/e/f/dev-9").as_deref(),
+            Some("dev-9")
+        );
+        assert!(t("fixed").max_level().is_none() && !t("fixed").uses_topic());
+        assert!(t("{topic}").uses_topic() && t("x{1}").uses_topic());
     }
 }

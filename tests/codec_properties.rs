@@ -7,7 +7,7 @@
 mod common;
 
 use common::formats::*;
-use iomt_edge::codec::{decode_to_readings, Codec, DecodeError, Message};
+use iomt_edge::codec::{decode_to_readings, Codec, CodecName, DecodeError, Message, Reason};
 use iomt_edge::model::reading::Reading;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -118,4 +118,19 @@ fn a_truncated_payload_is_an_error_not_a_wrong_reading() {
         }
     }
     assert!(errors > 10_000, "{errors}");
+}
+
+#[test]
+fn every_codec_refuses_an_empty_payload_as_empty() {
+    let mut table = route_table();
+    let mut codecs = Vec::new();
+    for name in formats() {
+        let topic = corpus(name)[0].0.clone();
+        let codec = table.resolve(&topic).unwrap().0.codec.clone();
+        let e = decode(codec.as_ref(), &topic, b"").unwrap_err();
+        assert_eq!(e.reason, Reason::Empty, "{name}: {e}");
+        codecs.push(codec.name());
+    }
+    let all: Vec<&str> = CodecName::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(codecs, all, "every codec was tried");
 }

@@ -36,17 +36,18 @@ fn json_lines(out: &Output) -> Vec<Value> {
 
 #[test]
 fn prints_canonical_readings() {
-    // The Temperature Measurement vector of the shared BLE vectors, as hex.
+    // The Temperature Measurement vector of tests/vectors/ble-gatt.json, as hex.
     let out = decode(
         &["--codec", "ble-2a1c", "--hex"],
         b"06B00E00FEDC070C050B321B04\n",
     );
     let r = json_lines(&out);
     assert_eq!(r.len(), 2);
+    // A 2012 device time decoded today lies outside the default clock window.
     assert_eq!(
         r[0],
         serde_json::json!({"ts":"2012-12-05T11:50:27Z","source":"stdin","subject":null,
-            "metric":"body_temp","value":37.6,"unit":"Cel","flags":[]})
+            "metric":"body_temp","value":37.6,"unit":"Cel","flags":["clock_suspect"]})
     );
     assert_eq!(r[1]["metric"], "temp_site");
     assert_eq!(r[1]["text"], "finger");
@@ -118,6 +119,8 @@ fn an_invalid_payload_exits_2_with_the_reason() {
             "pipelines/formats.toml",
             "--route",
             "11",
+            "--topic",
+            "json/wearable-1",
         ],
         &big,
     );
@@ -170,4 +173,100 @@ fn usage_errors_are_not_payload_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_route_whose_templates_read_the_topic_needs_a_topic() {
+    // Route 10 of formats.toml: topic "csv/+", source "{2}".
+    let out = decode(
+        &[
+            "--codec",
+            "csv",
+            "--pipeline",
+            "pipelines/formats.toml",
+            "--route",
+            "10",
+        ],
+        b"2024-03-01T10:00:00Z,bed-4,72,97,98.6,V\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: route[10] of pipelines/formats.toml takes its source from the topic (`{2}`): \
+         pass --topic with a topic that matches `csv/+`\n"
+    );
+
+    // A route whose source and subject are fixed decodes without one.
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        "[[route]]\ntopic = \"serial/+\"\ncodec = \"csv\"\nsource = \"monitor-1\"\n\
+         subject = \"bed-4\"\n[route.csv]\ncolumns = [\"hr\"]\n\
+         [route.csv.readings]\nhr = { metric = \"heart_rate\" }\n",
+    )
+    .unwrap();
+    let r = json_lines(&decode(
+        &[
+            "--codec",
+            "csv",
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+            "--route",
+            "0",
+        ],
+        b"72\n",
+    ));
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (&r[0]["source"], &r[0]["subject"]),
+        (&"monitor-1".into(), &"bed-4".into())
+    );
+    assert_eq!(r[0]["value"], 72.0);
+}
+
+#[test]
+fn a_codec_that_needs_options_says_where_they_come_from() {
+    let out = decode(&["--codec", "csv"], b"72\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: codec `csv` needs [route.csv] naming the columns: pass --pipeline FILE --route N\n"
+    );
+}
+
+#[test]
+fn device_clocks_are_judged_by_the_pipelines_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = |ingest: &str| {
+        let path = dir.path().join(format!("p{}.toml", ingest.len()));
+        std::fs::write(
+            &path,
+            format!("[ingest]\n{ingest}\n[[route]]\ntopic = \"ble/+/2a1c\"\ncodec = \"ble-2a1c\"\nsource = \"thermometer\"\n"),
+        )
+        .unwrap();
+        path
+    };
+    let flags = |path: &std::path::Path| {
+        let out = decode(
+            &[
+                "--codec",
+                "ble-2a1c",
+                "--hex",
+                "--pipeline",
+                path.to_str().unwrap(),
+                "--route",
+                "0",
+            ],
+            b"06B00E00FEDC070C050B321B04",
+        );
+        json_lines(&out)[0]["flags"].clone()
+    };
+    // The vector's thermometer clock reads 2012.
+    assert_eq!(flags(&pipeline("")), serde_json::json!(["clock_suspect"]));
+    assert_eq!(
+        flags(&pipeline("clock_max_past = \"100years\"")),
+        serde_json::json!([])
+    );
 }

@@ -1,6 +1,6 @@
 //! The shipped demo fixture, replayed by the real `replay` command through the running service
-//! with the default ward pipeline: every reading stored, the deteriorating patient's alarms
-//! raised.
+//! with the demo ward pipeline: every reading stored, the deteriorating patient's alarms raised;
+//! and what `replay` says when the broker is unreachable or fails midway.
 
 mod common;
 
@@ -9,10 +9,34 @@ use std::process::Command;
 use common::*;
 use iomt_edge::replay::load_fixture;
 
-fn default_pipeline_on_free_ports() -> String {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/ward.toml"))
-        .unwrap();
-    on_free_ports(&text, "ward")
+fn pipeline_file(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/pipelines/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// The pipeline the README replays the demo into, on free ports.
+fn demo_pipeline_on_free_ports() -> String {
+    on_free_ports(&pipeline_file("ward-demo.toml"), "ward")
+}
+
+/// A pipeline file's settings: its lines without comments and blank lines.
+fn settings(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split(" #").next().unwrap().trim_end())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_demo_pipeline_is_the_ward_pipeline_but_for_its_clock_window() {
+    let ward = settings(&pipeline_file("ward.toml"));
+    let demo = settings(&pipeline_file("ward-demo.toml"));
+    let differ = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|l| !b.contains(l)).cloned().collect()
+    };
+    assert_eq!(differ(&ward, &demo), ["clock_max_past = \"24h\""]);
+    assert_eq!(differ(&demo, &ward), ["clock_max_past = \"100years\""]);
+    assert_eq!(ward.len(), demo.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +59,7 @@ async fn the_ward_demo_replays_into_stored_readings_and_alarms() {
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let edge = Edge::start(&default_pipeline_on_free_ports(), &data);
+    let edge = Edge::start(&demo_pipeline_on_free_ports(), &data);
     let mut alarms = subscribe(edge.mqtt_port(), "alarms/#").await;
     let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
         .args(["replay", fixture, "--speed", "max", "--broker"])
@@ -54,16 +78,45 @@ async fn the_ward_demo_replays_into_stored_readings_and_alarms() {
     );
     assert!(summary.trim_end().ends_with("messages/s)"), "{summary}");
 
-    // The deteriorating patient raises the SpO2 alarm, and only that bed does.
-    let (topic, payload, _) = next_matching(&mut alarms, |t, p| {
-        t.ends_with("/spo2-low") && !p.is_empty()
-    })
-    .await;
-    assert_eq!(topic, format!("alarms/{SITE}/ward4-bed3/spo2-low"));
-    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-    assert!(v["value"].as_f64().unwrap() < 92.0);
-
+    // The deteriorating patient raises every alarm of the ward pipeline (fixtures/README.md,
+    // README.md), each once, and no other bed raises any.
+    let promised = ["spo2-low", "hr-high", "rr-high", "temp-high", "sys-low"];
+    let mut raised: Vec<(String, f64)> = Vec::new();
+    while raised.len() < promised.len() {
+        let (topic, payload, _) = next_matching(&mut alarms, |_, p| !p.is_empty()).await;
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        raised.push((topic, v["value"].as_f64().unwrap()));
+    }
     edge.wait_metric("iomt_readings_stored_total", expected as f64);
+    // Anything raised besides arrives by now: ingest raised it before the last batch was stored.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    while let Ok((topic, payload, _)) = alarms.try_recv() {
+        assert!(
+            payload.is_empty(),
+            "an alarm beyond the promised ones: {topic}"
+        );
+    }
+    let mut topics: Vec<&str> = raised.iter().map(|(t, _)| t.as_str()).collect();
+    topics.sort();
+    let mut want: Vec<String> = promised
+        .iter()
+        .map(|rule| format!("alarms/{SITE}/ward4-bed3/{rule}"))
+        .collect();
+    want.sort();
+    assert_eq!(topics, want);
+    for (topic, value) in &raised {
+        let rule = topic.rsplit('/').next().unwrap();
+        let breached = match rule {
+            "spo2-low" => *value < 92.0,
+            "hr-high" => *value > 130.0,
+            "rr-high" => *value > 24.0,
+            "temp-high" => *value > 39.0,
+            "sys-low" => *value < 90.0,
+            _ => false,
+        };
+        assert!(breached, "{topic} raised by {value}");
+    }
+
     let m = edge.metrics();
     assert_eq!(
         metric_value(
@@ -72,11 +125,16 @@ async fn the_ward_demo_replays_into_stored_readings_and_alarms() {
         ),
         0.0
     );
-    assert!(metric_value(&m, "iomt_alarms_raised_total{priority=\"high\"}") >= 1.0);
-    assert!(
-        metric_value(&m, "iomt_alarms_raised_total{priority=\"low\"}") >= 1.0,
-        "temperature alarm"
-    );
+    for (priority, n) in [("high", 2.0), ("medium", 2.0), ("low", 1.0)] {
+        assert_eq!(
+            metric_value(
+                &m,
+                &format!("iomt_alarms_raised_total{{priority=\"{priority}\"}}")
+            ),
+            n,
+            "{priority}"
+        );
+    }
     assert!(edge.stop().success());
     let stored = stored_readings(&data);
     assert_eq!(stored.len(), expected);
@@ -103,4 +161,101 @@ fn a_bad_fixture_line_is_named_and_nothing_is_published() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.jsonl:2:"), "{err}");
+}
+
+fn replay_to(fixture: &std::path::Path, broker: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .arg("replay")
+        .arg(fixture)
+        .args(["--speed", "max", "--broker", broker])
+        .output()
+        .unwrap()
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn an_unreachable_broker_is_said_plainly_and_nothing_is_counted() {
+    let port = closed_port();
+    let broker = format!("mqtt://127.0.0.1:{port}");
+    // More messages than the client queues (1024), which once read as "failed after 1024".
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/ward-demo.jsonl");
+    let out = replay_to(std::path::Path::new(fixture), &broker);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("error: cannot connect to {broker}: connection refused; nothing was published\n")
+    );
+}
+
+/// Reads one MQTT packet: its first byte and its body.
+fn read_packet(s: &mut std::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut l = [0u8; 1];
+        s.read_exact(&mut l).ok()?;
+        len |= ((l[0] & 0x7f) as usize) << shift;
+        shift += 7;
+        if l[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((b[0], body))
+}
+
+/// A broker that accepts one client, acknowledges its first `acks` QoS 1 publishes, then
+/// closes the connection (and reads on until the client goes).
+fn broker_that_fails_after(acks: usize) -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut acked = 0;
+        while let Some((first, body)) = read_packet(&mut s) {
+            match first >> 4 {
+                1 => s.write_all(&[0x20, 0x02, 0x00, 0x00]).unwrap(), // CONNECT → CONNACK
+                3 if acked < acks => {
+                    let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    let pkid = &body[2 + topic_len..4 + topic_len];
+                    s.write_all(&[0x40, 0x02, pkid[0], pkid[1]]).unwrap(); // PUBACK
+                    acked += 1;
+                    if acked == acks {
+                        s.shutdown(std::net::Shutdown::Write).unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    (port, handle)
+}
+
+#[test]
+fn a_broken_connection_counts_only_what_the_broker_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("ten.jsonl");
+    let lines: Vec<String> = (0..10)
+        .map(|i| format!(r#"{{"t_ms":{i},"topic":"ward/4/bed/1/vitals","payload":{{"hr":70}}}}"#))
+        .collect();
+    std::fs::write(&fixture, lines.join("\n")).unwrap();
+    let (port, broker) = broker_that_fails_after(3);
+    let out = replay_to(&fixture, &format!("mqtt://127.0.0.1:{port}"));
+    broker.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: the broker connection failed after 3 messages were delivered: "),
+        "{err}"
+    );
 }

@@ -450,3 +450,30 @@ async fn an_mqtt5_client_publishes_through_the_v5_listener() {
         [66.0, 96.0]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_payload_is_dead_lettered_as_empty_whatever_the_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let mut dead = subscribe(port, "edge/deadletter/#").await;
+    publish_all(
+        port,
+        &[
+            ("ward/7/bed/1/vitals".into(), Vec::new()),
+            ("ward/7/bed/1/senml".into(), Vec::new()),
+            vitals(1, T0, 70.0, 97.0),
+        ],
+    )
+    .await;
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let (_, payload, _) = next_matching(&mut dead, |_, _| true).await;
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        reasons.push(format!("{} {}", v["codec"], v["reason"]));
+    }
+    reasons.sort();
+    assert_eq!(reasons, [r#""json" "empty""#, r#""senml-json" "empty""#]);
+    edge.wait_metric("iomt_readings_stored_total", 2.0);
+    assert!(edge.stop().success());
+}

@@ -218,8 +218,10 @@ priority = "high"
     fn untrusted_readings_never_feed_a_rule() {
         let mut e = engine(SPO2_LOW.replace("30s", "0s").as_str());
         let mut r = reading(1, 0, 50.0);
-        r.flags = flags::NO_CONTACT;
-        assert_eq!(e.observe(&r).count(), 0);
+        for untrusted in [flags::NO_CONTACT, flags::CLOCK_SUSPECT, flags::OUT_OF_RANGE] {
+            r.flags = untrusted;
+            assert_eq!(e.observe(&r).count(), 0, "flags {untrusted:#x}");
+        }
         r.flags = 0;
         let ev: Vec<_> = e.observe(&r).collect();
         assert_eq!(ev.len(), 1);

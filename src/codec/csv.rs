@@ -7,7 +7,7 @@
 //! header = false              # true: each message starts with a header line equal to `columns`
 //! delimiter = ","
 //! ts = "time"                 # the time column (absent: receive time)
-//! ts_format = "auto"          # auto | rfc3339 | unix_s | unix_ms | unix_us
+//! ts_format = "auto"          # rfc3339 | unix_s | unix_ms | unix_us | auto (a guess by size)
 //! # ts_pattern = "%d/%m/%Y %H:%M:%S"  # or a strftime pattern in the device's clock …
 //! # utc_offset = "+01:00"            # … which is this far east of UTC
 //! subject = "bed"             # optional columns overriding the topic templates

@@ -3,7 +3,7 @@
 //! ```toml
 //! [route.json]
 //! ts = "/time"              # JSON pointer to the device time (absent: receive time)
-//! ts_format = "auto"        # auto | rfc3339 | unix_s | unix_ms | unix_us
+//! ts_format = "auto"        # rfc3339 | unix_s | unix_ms | unix_us | auto (a guess by size)
 //! subject = "/patient/id"   # optional pointers overriding the topic templates
 //! [[route.json.reading]]
 //! value = "/hr"             # pointer to the value
@@ -363,6 +363,44 @@ optional = true
             let e = decode_to_readings(&c, &msg(p)).unwrap_err();
             assert_eq!(e.reason, *reason, "{}", String::from_utf8_lossy(p));
         }
+    }
+
+    #[test]
+    fn a_patient_id_is_bounded_and_an_empty_one_is_none() {
+        let c = codec(VITALS);
+        let long = "7".repeat(300);
+        let p = format!(r#"{{"ts":1700000000,"patient":"{long}","hr":72}}"#);
+        let e = decode_to_readings(&c, &msg(p.as_bytes())).unwrap_err();
+        assert_eq!(e.reason, Reason::BadValue);
+        assert_eq!(
+            e.detail,
+            "/hr: subject from the payload: 300 bytes, above the limit of 256"
+        );
+        // The route's subject (test_util: bed-1) stands when the payload's is empty.
+        let r = decode_to_readings(&c, &msg(br#"{"ts":1700000000,"patient":"","hr":72}"#)).unwrap();
+        assert_eq!(r[0].subject.as_deref(), Some("bed-1"));
+    }
+
+    #[test]
+    fn a_misread_time_unit_is_flagged_clock_suspect() {
+        let auto = codec("ts = \"/t\"\n[[reading]]\nvalue = \"/hr\"\nmetric = \"heart_rate\"\n");
+        let ms = codec(
+            "ts = \"/t\"\nts_format = \"unix_ms\"\n[[reading]]\nvalue = \"/hr\"\nmetric = \"heart_rate\"\n",
+        );
+        // 9999-12-31T23:59:59Z in ms is above 10^14, so `auto` guesses µs: 1978.
+        let p = br#"{"t":253402300799000,"hr":72}"#;
+        let r = decode_to_readings(&auto, &msg(p)).unwrap();
+        assert_eq!(r[0].ts, 253_402_300_799_000);
+        assert_ne!(r[0].flags & flags::CLOCK_SUSPECT, 0);
+        // Read as stated, it is 9999: far in the future, and flagged too.
+        let r = decode_to_readings(&ms, &msg(p)).unwrap();
+        assert_eq!(r[0].ts, 253_402_300_799_000_000);
+        assert_ne!(r[0].flags & flags::CLOCK_SUSPECT, 0);
+        // A clock reading the receive time's own day is trusted.
+        let now_ms = RECEIVED / 1000;
+        let p = format!(r#"{{"t":{now_ms},"hr":72}}"#);
+        let r = decode_to_readings(&ms, &msg(p.as_bytes())).unwrap();
+        assert_eq!((r[0].ts, r[0].flags), (RECEIVED, 0));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Device formats. Each codec turns one MQTT payload into readings and pushes them through a
-//! [`ReadingSink`], which normalises them (canonical unit, plausibility flags, receive time where
-//! the device gave none) straight into the batch builder. A payload that fails half-way leaves
+//! [`ReadingSink`], which normalises them (canonical unit, plausibility and clock flags, receive
+//! time where the device gave none) straight into the batch builder. A payload that fails half-way leaves
 //! nothing behind: the caller rolls the builder back.
 
 pub mod ble;
@@ -13,6 +13,7 @@ pub mod senml;
 pub mod time;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -81,22 +82,87 @@ pub struct Decoded<'a> {
     pub subject: Option<&'a str>,
 }
 
+/// How far a device time may lie from the receive time before its reading is flagged
+/// [`flags::CLOCK_SUSPECT`]: a device whose clock was never set reports 1970 or 2000, one whose
+/// battery ran flat reports the day it stopped, and a millisecond time read as microseconds
+/// lands in 1970.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockWindow {
+    /// µs before the receive time.
+    max_past: i64,
+    /// µs after the receive time.
+    max_future: i64,
+}
+
+impl ClockWindow {
+    pub const DEFAULT_MAX_PAST: Duration = Duration::from_secs(24 * 3600);
+    pub const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(5 * 60);
+
+    pub fn new(max_past: Duration, max_future: Duration) -> Self {
+        let micros = |d: Duration| d.as_micros().min(i64::MAX as u128) as i64;
+        ClockWindow {
+            max_past: micros(max_past),
+            max_future: micros(max_future),
+        }
+    }
+
+    /// Whether device time `ts` lies outside the window around `received` (both µs).
+    pub fn suspect(&self, ts: i64, received: i64) -> bool {
+        ts < received.saturating_sub(self.max_past) || ts > received.saturating_add(self.max_future)
+    }
+}
+
+impl Default for ClockWindow {
+    fn default() -> Self {
+        ClockWindow::new(Self::DEFAULT_MAX_PAST, Self::DEFAULT_MAX_FUTURE)
+    }
+}
+
+/// The longest source or subject, in bytes. Identifiers go into every batch's dictionaries, every
+/// leaf hash and every alarm topic; one that long is a device or template fault, not a name.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Refuses an identifier longer than [`MAX_ID_BYTES`], naming the field and where it came from,
+/// never its text (it may name a patient).
+fn check_id(field: &str, from: &str, id: &str) -> Result<(), DecodeError> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(DecodeError::new(
+            Reason::BadValue,
+            format!(
+                "{field} from the {from}: {} bytes, above the limit of {MAX_ID_BYTES}",
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Where codecs put readings: normalises each one into the batch builder.
 pub struct ReadingSink<'b> {
     builder: &'b mut BatchBuilder,
     received: i64,
     source: &'b str,
     subject: Option<&'b str>,
+    clock: ClockWindow,
 }
 
 impl<'b> ReadingSink<'b> {
+    /// A sink for the readings of `msg`, judging device clocks by the default window (24 h
+    /// before the receive time, 5 min after); [`ReadingSink::with_clock`] sets the pipeline's.
     pub fn new(builder: &'b mut BatchBuilder, msg: &Message<'b>) -> Self {
         ReadingSink {
             builder,
             received: msg.received,
             source: msg.source,
             subject: msg.subject,
+            clock: ClockWindow::default(),
         }
+    }
+
+    /// Judges device clocks by `clock` (`ingest.clock_max_past` / `clock_max_future`).
+    pub fn with_clock(mut self, clock: ClockWindow) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Normalises and appends one reading.
@@ -138,15 +204,45 @@ impl<'b> ReadingSink<'b> {
                 ))
             }
         };
-        let ts = d.ts.unwrap_or_else(|| {
-            flags |= flags::TIME_FROM_RECEIPT;
-            self.received
-        });
+        let ts = match d.ts {
+            Some(ts) => ts,
+            None => {
+                flags |= flags::TIME_FROM_RECEIPT;
+                self.received
+            }
+        };
+        // A time taken from the receipt (here, or a SenML time relative to it) is the edge's
+        // clock, not the device's.
+        if flags & flags::TIME_FROM_RECEIPT == 0 && self.clock.suspect(ts, self.received) {
+            flags |= flags::CLOCK_SUSPECT;
+        }
+        // An empty name from the payload is no name: the route's applies.
+        let source = match d.source.filter(|s| !s.is_empty()) {
+            Some(s) => {
+                check_id("source", "payload", s)?;
+                s
+            }
+            None => {
+                check_id("source", "topic", self.source)?;
+                self.source
+            }
+        };
+        let subject = match d.subject.filter(|s| !s.is_empty()) {
+            Some(s) => {
+                check_id("subject", "payload", s)?;
+                Some(s)
+            }
+            None => {
+                let s = self.subject.filter(|s| !s.is_empty());
+                s.map(|s| check_id("subject", "topic", s)).transpose()?;
+                s
+            }
+        };
         self.builder.push(Row {
             ts,
             received: self.received,
-            source: d.source.unwrap_or(self.source),
-            subject: d.subject.or(self.subject),
+            source,
+            subject,
             metric: d.metric,
             value,
             text,
@@ -262,7 +358,8 @@ pub struct CodecOptions<'a> {
 /// A device format.
 pub trait Codec: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
-    /// Decodes one payload into `out`. On error the caller discards whatever was pushed.
+    /// Decodes one payload into `out`. On error the caller discards whatever was pushed. Call
+    /// it through [`decode_payload`], which checks what every format shares.
     fn decode(&self, msg: &Message<'_>, out: &mut ReadingSink<'_>) -> Result<(), DecodeError>;
 }
 
@@ -349,13 +446,43 @@ pub fn json_error(e: &serde_json::Error) -> DecodeError {
     }
 }
 
-/// Decodes one payload on its own into owned readings (`iomt-edge decode`, tests).
+/// Decodes one payload with `codec` into `sink`: how ingest, `decode` and the tests reach every
+/// codec, so that what holds for every format is checked once, here. An empty payload is
+/// refused as `empty` before a codec sees it (a JSON parser would call it a syntax error, a
+/// binary decoder a truncation).
+pub fn decode_payload(
+    codec: &dyn Codec,
+    msg: &Message<'_>,
+    sink: &mut ReadingSink<'_>,
+) -> Result<(), DecodeError> {
+    if msg.payload.is_empty() {
+        return Err(DecodeError::new(Reason::Empty, "the payload is empty"));
+    }
+    codec.decode(msg, sink)
+}
+
+/// Decodes one payload on its own into owned readings, judging device clocks by the default
+/// window (tests, fuzzing).
 pub fn decode_to_readings(
     codec: &dyn Codec,
     msg: &Message<'_>,
 ) -> Result<Vec<crate::model::reading::Reading>, DecodeError> {
+    decode_to_readings_with_clock(codec, msg, ClockWindow::default())
+}
+
+/// Decodes one payload on its own into owned readings, judging device clocks by `clock`
+/// (`iomt-edge decode`, with the pipeline's window).
+pub fn decode_to_readings_with_clock(
+    codec: &dyn Codec,
+    msg: &Message<'_>,
+    clock: ClockWindow,
+) -> Result<Vec<crate::model::reading::Reading>, DecodeError> {
     let mut builder = BatchBuilder::new(0, 16);
-    codec.decode(msg, &mut ReadingSink::new(&mut builder, msg))?;
+    decode_payload(
+        codec,
+        msg,
+        &mut ReadingSink::new(&mut builder, msg).with_clock(clock),
+    )?;
     let batch = builder
         .take()
         .into_record_batch()
@@ -379,5 +506,184 @@ pub(crate) mod test_util {
             source: "dev-1",
             subject: Some("bed-1"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::{msg, RECEIVED};
+    use super::*;
+    use crate::model::reading::Reading;
+
+    const HOUR: i64 = 3_600_000_000;
+    const MINUTE: i64 = 60_000_000;
+
+    /// A heart rate of 72 at `ts`, naming no source or subject of its own.
+    fn heart_rate(ts: Option<i64>, flags: u16) -> Decoded<'static> {
+        Decoded {
+            ts,
+            metric: Metric::HeartRate,
+            value: RawValue::Number(72.0, ""),
+            flags,
+            source: None,
+            subject: None,
+        }
+    }
+
+    /// Pushes `d` through a sink for message `m` with `clock`: the stored reading, or why not.
+    fn push_to(
+        m: &Message<'_>,
+        d: Decoded<'_>,
+        clock: ClockWindow,
+    ) -> Result<Reading, DecodeError> {
+        let mut builder = BatchBuilder::new(0, 4);
+        ReadingSink::new(&mut builder, m)
+            .with_clock(clock)
+            .push(d)?;
+        let batch = builder.take().into_record_batch().unwrap();
+        let mut r = crate::model::batch::BatchView::new(&batch)
+            .unwrap()
+            .readings()
+            .unwrap();
+        Ok(r.remove(0))
+    }
+
+    /// Pushes one heart rate at device time `ts` through a sink with `clock`.
+    fn push(ts: Option<i64>, reading_flags: u16, clock: ClockWindow) -> Reading {
+        push_to(&msg(b"x"), heart_rate(ts, reading_flags), clock).unwrap()
+    }
+
+    fn suspect(r: &Reading) -> bool {
+        r.flags & flags::CLOCK_SUSPECT != 0
+    }
+
+    #[test]
+    fn device_times_outside_the_window_are_clock_suspect() {
+        let default = ClockWindow::default();
+        for (offset, want) in [
+            (0, false),
+            (-24 * HOUR, false),
+            (-24 * HOUR - 1, true),
+            (5 * MINUTE, false),
+            (5 * MINUTE + 1, true),
+            // 1970 and 9999.
+            (-RECEIVED, true),
+            (253_402_300_799_000_000 - RECEIVED, true),
+        ] {
+            let r = push(Some(RECEIVED + offset), 0, default);
+            assert_eq!(suspect(&r), want, "offset {offset} µs");
+            assert_eq!(r.ts, RECEIVED + offset, "the device time is kept");
+        }
+        let week = ClockWindow::new(Duration::from_secs(7 * 86_400), Duration::ZERO);
+        assert!(!suspect(&push(Some(RECEIVED - 6 * 24 * HOUR), 0, week)));
+        assert!(suspect(&push(Some(RECEIVED + 1), 0, week)));
+    }
+
+    #[test]
+    fn a_time_taken_from_the_receipt_is_never_suspect() {
+        let r = push(None, 0, ClockWindow::default());
+        assert_eq!(r.ts, RECEIVED);
+        assert_eq!(r.flags, flags::TIME_FROM_RECEIPT);
+        // A SenML relative time is the receive time plus an offset: the edge's clock.
+        let r = push(
+            Some(RECEIVED - 48 * HOUR),
+            flags::TIME_FROM_RECEIPT,
+            ClockWindow::default(),
+        );
+        assert!(!suspect(&r));
+    }
+
+    #[test]
+    fn identifiers_longer_than_256_bytes_refuse_the_message() {
+        let long = "p".repeat(MAX_ID_BYTES + 1);
+        let ok = "p".repeat(MAX_ID_BYTES);
+        let window = ClockWindow::default();
+        for (field, from, decoded, route_source, route_subject) in [
+            (
+                "source",
+                "payload",
+                Decoded {
+                    source: Some(&long),
+                    ..heart_rate(None, 0)
+                },
+                "dev-1",
+                None,
+            ),
+            (
+                "subject",
+                "payload",
+                Decoded {
+                    subject: Some(&long),
+                    ..heart_rate(None, 0)
+                },
+                "dev-1",
+                None,
+            ),
+            ("source", "topic", heart_rate(None, 0), long.as_str(), None),
+            (
+                "subject",
+                "topic",
+                heart_rate(None, 0),
+                "dev-1",
+                Some(long.as_str()),
+            ),
+        ] {
+            let m = Message {
+                source: route_source,
+                subject: route_subject,
+                ..msg(b"x")
+            };
+            let e = push_to(&m, decoded, window).unwrap_err();
+            assert_eq!(e.reason, Reason::BadValue);
+            assert_eq!(
+                e.detail,
+                format!("{field} from the {from}: 257 bytes, above the limit of 256")
+            );
+        }
+        let r = push_to(
+            &msg(b"x"),
+            Decoded {
+                source: Some(&ok),
+                subject: Some(&ok),
+                ..heart_rate(None, 0)
+            },
+            window,
+        )
+        .unwrap();
+        assert_eq!((r.source.len(), r.subject.unwrap().len()), (256, 256));
+    }
+
+    #[test]
+    fn an_empty_name_from_the_payload_is_no_name() {
+        let window = ClockWindow::default();
+        // test_util::msg's route names source dev-1 and subject bed-1.
+        let r = push_to(
+            &msg(b"x"),
+            Decoded {
+                source: Some(""),
+                subject: Some(""),
+                ..heart_rate(None, 0)
+            },
+            window,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.source.as_str(), r.subject.as_deref()),
+            ("dev-1", Some("bed-1"))
+        );
+        let m = Message {
+            subject: None,
+            ..msg(b"x")
+        };
+        let r = push_to(
+            &m,
+            Decoded {
+                subject: Some(""),
+                ..heart_rate(None, 0)
+            },
+            window,
+        )
+        .unwrap();
+        assert_eq!(r.subject, None);
     }
 }

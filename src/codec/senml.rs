@@ -30,6 +30,7 @@ use serde::Deserialize;
 
 use super::{Codec, DecodeError, Decoded, Message, RawValue, ReadingSink, Reason, UnknownNames};
 use crate::model::reading::{flags, Metric};
+use crate::model::units;
 
 /// The SenML version this codec understands (RFC 8428).
 pub const SENML_VERSION: i64 = 10;
@@ -580,7 +581,9 @@ impl Codec for SenmlCodec {
                 continue;
             };
             let value = match &r.value {
-                ResolvedValue::Number(v) | ResolvedValue::Sum(v) => RawValue::Number(*v, &r.unit),
+                ResolvedValue::Number(v) | ResolvedValue::Sum(v) => {
+                    RawValue::Number(*v, units::from_senml(&r.unit))
+                }
                 ResolvedValue::Text(s) | ResolvedValue::Data(s) => RawValue::Text(s),
                 ResolvedValue::Bool(b) => RawValue::Text(if *b { "true" } else { "false" }),
             };
@@ -603,7 +606,14 @@ impl Codec for SenmlCodec {
                 source: None,
                 subject: None,
             })
-            .map_err(|e| DecodeError::new(e.reason, format!("record {i}: {}", e.detail)))?;
+            .map_err(|e| {
+                let note = if e.reason == Reason::BadUnit && r.unit == "%" {
+                    " (SenML `%` is the ratio `/`, RFC 8428 section 12.1)"
+                } else {
+                    ""
+                };
+                DecodeError::new(e.reason, format!("record {i}: {}{note}", e.detail))
+            })?;
             pushed += 1;
         }
         if pushed == 0 {
@@ -626,7 +636,7 @@ mod tests {
     fn vectors() -> Value {
         serde_json::from_str(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/senml-rfc8428.json"
+            "/tests/vectors/senml-rfc8428.json"
         )))
         .unwrap()
     }
@@ -681,6 +691,40 @@ mod tests {
         assert!((r[1].value.unwrap() - 37.0).abs() < 1e-9);
         assert_eq!(r[1].ts, 1_700_000_001_000_000);
         assert_eq!(r[2].text.as_deref(), Some("V"));
+    }
+
+    #[test]
+    fn units_of_the_senml_registry() {
+        let c = SenmlOptions::default().build_json().unwrap();
+        // RFC 8428 section 12.1: `beat/min` for heart rate, `/` and (deprecated) `%` for a ratio,
+        // `%RH`, `Cel`, `K`, `Pa`.
+        let p = br#"[{"bn":"urn:dev:ow:10e2073a01080063:","n":"heart_rate","u":"beat/min","v":72},
+                     {"n":"spo2","u":"/","v":0.97},
+                     {"n":"perfusion_index","u":"%","v":0.05},
+                     {"n":"humidity","u":"%RH","v":45},
+                     {"n":"ambient_temp","u":"K","v":293.15},
+                     {"n":"bp_systolic","u":"Pa","v":16000}]"#;
+        let r = decode_to_readings(&c, &msg(p)).unwrap();
+        let got: Vec<(Metric, f64)> = r.iter().map(|r| (r.metric, r.value.unwrap())).collect();
+        let want = [
+            (Metric::HeartRate, 72.0),
+            (Metric::Spo2, 97.0),
+            (Metric::PerfusionIndex, 5.0),
+            (Metric::Humidity, 45.0),
+            (Metric::AmbientTemp, 20.0),
+            (Metric::BpSystolic, 120.00992),
+        ];
+        for ((m, v), (wm, wv)) in got.iter().zip(want) {
+            assert_eq!(*m, wm);
+            assert!((v - wv).abs() < 1e-9, "{m}: {v} vs {wv}");
+        }
+        assert_eq!(got.len(), want.len());
+        let e = decode_to_readings(&c, &msg(br#"[{"n":"body_temp","u":"%","v":37}]"#)).unwrap_err();
+        assert_eq!(e.reason, Reason::BadUnit);
+        assert!(e.detail.contains("SenML `%` is the ratio"), "{e}");
+        let e = decode_to_readings(&c, &msg(br#"[{"n":"resp_rate","u":"beat/min","v":16}]"#))
+            .unwrap_err();
+        assert_eq!(e.reason, Reason::BadUnit);
     }
 
     #[test]
@@ -812,7 +856,7 @@ mod cbor_tests {
     fn cbor_packs_resolve_like_the_rfc_examples() {
         let vectors: Value = serde_json::from_str(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/senml-rfc8428.json"
+            "/tests/vectors/senml-rfc8428.json"
         )))
         .unwrap();
         let received = RECEIVED as f64 / 1e6;
@@ -834,7 +878,7 @@ mod cbor_tests {
             {"bn": "urn:dev:ow:10e2:", "bt": 1.7e9, "n": "heart_rate", "u": "/min", "v": 72},
             {"n": "body_temp", "u": "Cel", "v": 37.25, "t": 1},
             {"n": "consciousness", "vs": "A"},
-            {"n": "spo2", "u": "%", "s": 97}
+            {"n": "spo2", "u": "/", "s": 0.97}
         ]);
         let r = decode_to_readings(&c, &msg(&to_cbor(&pack))).unwrap();
         assert_eq!(r.len(), 4);
@@ -843,7 +887,7 @@ mod cbor_tests {
         assert_eq!(r[1].value, Some(37.25));
         assert_eq!(r[1].ts, 1_700_000_001_000_000);
         assert_eq!(r[2].text.as_deref(), Some("A"));
-        assert_eq!(r[3].value, Some(97.0));
+        assert!((r[3].value.unwrap() - 97.0).abs() < 1e-9);
         // Half-precision floats, indefinite-length arrays, maps and strings decode too:
         // [_ {0: (_ "sp", "o2"), 2: 97.0 as f16}]
         let indefinite = [

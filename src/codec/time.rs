@@ -10,7 +10,9 @@ use super::{DecodeError, Reason};
 #[serde(rename_all = "snake_case")]
 pub enum TsFormat {
     /// Strings as RFC 3339; numbers as Unix seconds, milliseconds or microseconds by magnitude
-    /// (below 10^11: s, below 10^14: ms, else µs).
+    /// (below 10^11: s, below 10^14: ms, else µs). Only a guess: a millisecond time after the
+    /// year 5138 reads as microseconds (9999 becomes 1978), one before March 1973 as seconds. A
+    /// route should state its devices' unit; a misread time is at least flagged `clock_suspect`.
     #[default]
     Auto,
     Rfc3339,

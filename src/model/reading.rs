@@ -161,6 +161,10 @@ pub mod flags {
     pub const IRREGULAR_PULSE: u16 = 1 << 8;
     /// The device reported a value beyond its measuring range (IEEE 11073 ±INF): `value` is null.
     pub const BEYOND_RANGE: u16 = 1 << 9;
+    /// The device time lies further from the receive time than the pipeline allows
+    /// (`ingest.clock_max_past` before it, `ingest.clock_max_future` after it): an unset or
+    /// drifted clock, or a time read in the wrong unit. Never set when `ts` is the receive time.
+    pub const CLOCK_SUSPECT: u16 = 1 << 10;
 
     pub const NAMES: &[(u16, &str)] = &[
         (OUT_OF_RANGE, "out_of_range"),
@@ -173,6 +177,7 @@ pub mod flags {
         (TEST_DATA, "test_data"),
         (IRREGULAR_PULSE, "irregular_pulse"),
         (BEYOND_RANGE, "beyond_range"),
+        (CLOCK_SUSPECT, "clock_suspect"),
     ];
 
     pub fn names(bits: u16) -> Vec<&'static str> {
@@ -183,8 +188,11 @@ pub mod flags {
             .collect()
     }
 
-    /// Flags that mean a value must not be trusted for clinical decisions.
-    pub const UNTRUSTED: u16 = OUT_OF_RANGE | NO_CONTACT | INVALID | TEST_DATA | BEYOND_RANGE;
+    /// Flags that mean a value must not be trusted for clinical decisions. A suspect clock is
+    /// among them: rules judge device time, so a reading from the wrong day would hold a
+    /// condition for a time it never held.
+    pub const UNTRUSTED: u16 =
+        OUT_OF_RANGE | NO_CONTACT | INVALID | TEST_DATA | BEYOND_RANGE | CLOCK_SUSPECT;
 }
 
 /// One stored reading, owned. The hot path never builds these: codecs push straight into the
@@ -204,7 +212,7 @@ pub struct Reading {
     pub flags: u16,
 }
 
-/// The canonical JSON form of a reading (DESIGN.md): one line per reading in `decode`.
+/// The canonical JSON form of a reading (docs/design.md): one line per reading in `decode`.
 #[derive(Debug, Serialize)]
 pub struct CanonicalJson<'a> {
     pub ts: String,
@@ -257,7 +265,7 @@ fn dict_utf8(name: &str, nullable: bool) -> Field {
     )
 }
 
-/// The Arrow schema of every batch (DESIGN.md, Readings).
+/// The Arrow schema of every batch (docs/design.md, Readings).
 pub fn schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
     SCHEMA
@@ -291,6 +299,33 @@ mod tests {
         }
         assert_eq!(Metric::from_loinc("8310-5"), Some(Metric::BodyTemp));
         assert_eq!(Metric::from_name("nope"), None);
+    }
+
+    #[test]
+    fn flag_bits_keep_their_numbers() {
+        // Stored batches and their leaf hashes carry these bits: a renumbering would change
+        // what every stored reading means.
+        let bits: Vec<(u16, &str)> = flags::NAMES.to_vec();
+        assert_eq!(
+            bits,
+            [
+                (1 << 0, "out_of_range"),
+                (1 << 1, "no_contact"),
+                (1 << 2, "questionable"),
+                (1 << 3, "from_storage"),
+                (1 << 4, "time_from_receipt"),
+                (1 << 5, "calibrating"),
+                (1 << 6, "invalid"),
+                (1 << 7, "test_data"),
+                (1 << 8, "irregular_pulse"),
+                (1 << 9, "beyond_range"),
+                (1 << 10, "clock_suspect"),
+            ]
+        );
+        assert_eq!(
+            flags::names(flags::CLOCK_SUSPECT | flags::OUT_OF_RANGE),
+            ["out_of_range", "clock_suspect"]
+        );
     }
 
     #[test]

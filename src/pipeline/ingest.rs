@@ -23,7 +23,7 @@ use super::output::{Outgoing, OutputHandle};
 use super::routes::{Route, RouteTable};
 use super::AckToken;
 use crate::alarm::AlarmEngine;
-use crate::codec::{DecodeError, Message, ReadingSink, Reason};
+use crate::codec::{decode_payload, ClockWindow, DecodeError, Message, ReadingSink, Reason};
 use crate::config::{BatchConfig, IngestConfig};
 use crate::model::batch::{BatchBuilder, Columns};
 use crate::model::events::{
@@ -75,6 +75,7 @@ pub struct Ingest {
     builder: BatchBuilder,
     batch: BatchConfig,
     ingest: IngestConfig,
+    clock: ClockWindow,
     store: Arc<dyn Store>,
     health: Arc<Health>,
     /// The first seq no process has handed out: every seq below it is durably reserved.
@@ -117,6 +118,7 @@ impl Ingest {
             builder: BatchBuilder::new(next_seq, batch.max_rows.min(1 << 16)),
             batch: batch.clone(),
             ingest: ingest.clone(),
+            clock: ingest.clock_window(),
             seq_reserved: next_seq,
             store,
             health,
@@ -288,7 +290,11 @@ impl Ingest {
         };
         let mark = self.builder.len();
         let codec = route.codec.clone();
-        let result = codec.decode(&message, &mut ReadingSink::new(&mut self.builder, &message));
+        let result = decode_payload(
+            codec.as_ref(),
+            &message,
+            &mut ReadingSink::new(&mut self.builder, &message).with_clock(self.clock),
+        );
         if let Err(err) = result {
             self.builder.rollback(mark);
             DecodeFailed {

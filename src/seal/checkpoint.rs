@@ -245,7 +245,7 @@ mod tests {
     fn vector() -> Value {
         serde_json::from_str(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/signed-note.json"
+            "/tests/vectors/signed-note.json"
         )))
         .unwrap()
     }

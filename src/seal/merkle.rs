@@ -3,7 +3,7 @@
 //!
 //! Hand-written because the well-kept Rust implementations either pull in a second crypto
 //! library or hash the empty tree and odd nodes differently from RFC 6962; this one is checked
-//! against the RFC's own test values (../shared/vectors/merkle-rfc6962.json).
+//! against the RFC's own test values (tests/vectors/merkle-rfc6962.json).
 
 use ring::digest::{Context, SHA256};
 
@@ -271,7 +271,7 @@ mod tests {
     fn vectors() -> Value {
         serde_json::from_str(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/merkle-rfc6962.json"
+            "/tests/vectors/merkle-rfc6962.json"
         )))
         .unwrap()
     }

@@ -191,7 +191,7 @@ mod tests {
     fn vectors() -> Value {
         serde_json::from_str(include_str!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/vectors/ble-gatt.json"
+            "/tests/vectors/ble-gatt.json"
         )))
         .unwrap()
     }
