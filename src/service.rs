@@ -263,6 +263,7 @@ impl Service {
             None => {
                 let (b, publisher, acker) = EmbeddedBroker::start(
                     &config.broker,
+                    config.ingest.max_payload_bytes,
                     input_tx,
                     health.intake(),
                     metrics.clone(),

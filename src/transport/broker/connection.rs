@@ -369,41 +369,40 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 Ok(None) => break,
                 Err(e) => return Err(self.protocol_error(&e)),
             };
-            if f.len() > max {
-                if !f.is_publish() {
+            let head = if f.is_publish() {
+                let head = match publish_head(&self.buf, &f) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => return Err(self.protocol_error(&e)),
+                };
+                // A payload ingest would refuse for its size is never buffered: it is thrown
+                // away as it arrives, and only its size is handed over (to be counted,
+                // dead-lettered and acknowledged in order).
+                let size = f.len() - head.head_len;
+                if size > self.shared.max_payload || f.len() > max {
+                    let have = self.buf.len().min(f.len());
+                    self.buf.advance(have);
+                    self.skip = f.len() - have;
+                    handled = true;
+                    self.publish(head, Bytes::new(), size, None, stopping, writer_done)
+                        .await?;
+                    continue;
+                }
+                Some(head)
+            } else {
+                if f.len() > max {
                     return Err(self.protocol_error(&WireError::TooLarge {
                         kind: "non-PUBLISH",
                         size: f.len(),
                         limit: max,
                     }));
                 }
-                let head = match publish_head(&self.buf, &f) {
-                    Ok(Some(h)) => h,
-                    Ok(None) => break,
-                    Err(e) => return Err(self.protocol_error(&e)),
-                };
-                // Throw the payload away as it arrives: it is never buffered whole.
-                let size = f.len() - head.head_len;
-                let have = self.buf.len().min(f.len());
-                self.buf.advance(have);
-                self.skip = f.len() - have;
-                handled = true;
-                self.publish(head, Bytes::new(), size, None, stopping, writer_done)
-                    .await?;
-                continue;
-            }
+                None
+            };
             if self.buf.len() < f.len() {
                 self.buf.reserve(f.len() - self.buf.len());
                 break;
             }
-            let head = if f.is_publish() {
-                match publish_head(&self.buf, &f) {
-                    Ok(h) => h,
-                    Err(e) => return Err(self.protocol_error(&e)),
-                }
-            } else {
-                None
-            };
             let packet = match self.proto.read(&mut self.buf, max) {
                 Ok(p) => p,
                 Err(e) => return Err(self.protocol_error(&e)),

@@ -65,6 +65,8 @@ pub struct Shared {
     /// cannot hand anything more in.
     input: Mutex<Option<InputSender>>,
     max_packet: usize,
+    /// Payloads above this are not buffered (ingest would refuse them anyway).
+    max_payload: usize,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
     /// True while messages may be taken in.
@@ -150,6 +152,7 @@ impl EmbeddedBroker {
     /// nothing is taken in until `intake` turns true.
     pub async fn start(
         c: &BrokerConfig,
+        max_payload: usize,
         input: InputSender,
         intake: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
@@ -174,6 +177,7 @@ impl EmbeddedBroker {
             subscriptions: Subscriptions::default(),
             input: Mutex::new(Some(input)),
             max_packet: c.max_packet_bytes,
+            max_payload,
             connect_timeout: CONNECT_TIMEOUT,
             metrics,
             intake,
