@@ -4,50 +4,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::mosquitto::Mosquitto;
 use common::*;
 
-struct Mosquitto(Child, u16);
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn mosquitto(dir: &std::path::Path) -> Mosquitto {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.join("mosquitto.conf");
-    // A window of 100 unacknowledged messages: ingest must flush on it rather than wait for a
-    // full batch, or it would stall.
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 100\nmax_queued_messages 100000\npersistence false\n"),
-    )
-    .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto is installed (.ci/run installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Mosquitto(child, port)
-}
-
+/// The test pipeline subscribed to the mosquitto on `port`, with a small receive window: it
+/// must not stall a commit cycle.
 fn external_pipeline(port: u16) -> String {
     pipeline("").replace(
         "[broker]\n",
@@ -55,12 +18,25 @@ fn external_pipeline(port: u16) -> String {
     )
 }
 
+/// Waits until the service has stored nothing new for a second.
+async fn wait_quiet(edge: &Edge) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored = edge.metric("iomt_readings_stored_total");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        if edge.metric("iomt_readings_stored_total") == stored {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still storing after 60 s");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loses_nothing_the_external_broker_delivered() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = mosquitto(dir.path());
+    let broker = Mosquitto::start(dir.path(), "max_queued_messages 0");
     let data = dir.path().join("data");
-    let text = external_pipeline(broker.1);
+    let text = external_pipeline(broker.port);
 
     // First start creates the persistent session and its subscriptions.
     let edge = Edge::start(&text, &data);
@@ -71,9 +47,7 @@ async fn a_crash_loses_nothing_the_external_broker_delivered() {
     let first: Vec<_> = (0..200)
         .map(|i| vitals(i % 8, 1_700_000_000 + i as i64, 70.0, 97.0))
         .collect();
-    // Wait until the subscription is in place: the first message must arrive.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    publish_all(broker.1, &first).await;
+    publish_all(broker.port, &first).await;
     edge.wait_metric("iomt_readings_stored_total", 400.0);
     edge.wait_metric("iomt_acks_sent_total", 200.0);
 
@@ -84,36 +58,18 @@ async fn a_crash_loses_nothing_the_external_broker_delivered() {
     let (half1, half2) = more.split_at(1400);
     let publisher = {
         let half2 = half2.to_vec();
-        let port = broker.1;
+        let port = broker.port;
         tokio::spawn(async move { publish_all(port, &half2).await })
     };
-    publish_all(broker.1, half1).await;
+    publish_all(broker.port, half1).await;
     edge.crash();
     publisher.await.unwrap();
 
     // The restarted service resumes the session and gets every unacknowledged message.
     let edge = Edge::start(&text, &data);
-    let deadline = Instant::now() + Duration::from_secs(60);
     // The broker resends the session's unacknowledged messages as soon as the service is
-    // connected (it is when `start` returns). If the first run had stored everything before the
-    // kill, there is nothing to resend and the count stays 0: the check below still holds.
-    loop {
-        let stored = edge.metric("iomt_readings_stored_total");
-        if edge.metric("iomt_queue_depth{stage=\"commit\"}") == 0.0 {
-            // Quiet for a moment: nothing more is coming.
-            tokio::time::sleep(Duration::from_millis(1000)).await;
-            if edge.metric("iomt_readings_stored_total") == stored {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redelivery did not finish: stored {}, log:\n{}",
-            edge.metric("iomt_readings_stored_total"),
-            edge.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // connected (it is when `start` returns).
+    wait_quiet(&edge).await;
     assert!(edge.stop().success());
 
     let stored = stored_readings(&data);
@@ -135,15 +91,14 @@ async fn a_crash_loses_nothing_the_external_broker_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alarms_and_dead_letters_go_out_through_the_external_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = mosquitto(dir.path());
-    let edge = Edge::start(&external_pipeline(broker.1), &dir.path().join("data"));
-    let mut out = subscribe(broker.1, "#").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let broker = Mosquitto::start(dir.path(), "");
+    let edge = Edge::start(&external_pipeline(broker.port), &dir.path().join("data"));
+    let mut out = subscribe(broker.port, "#").await;
     let mut msgs: Vec<_> = (0..=3)
         .map(|i| vitals(5, 1_700_000_000 + i * 10, 80.0, 85.0))
         .collect();
     msgs.push(("ward/7/bed/5/vitals".into(), b"garbage".to_vec()));
-    publish_all(broker.1, &msgs).await;
+    publish_all(broker.port, &msgs).await;
     let alarm_topic = format!("alarms/{SITE}/w7-b5/spo2-low");
     let (_, alarm, retained) = next_matching(&mut out, |t, _| t == alarm_topic).await;
     assert!(!alarm.is_empty());
@@ -153,4 +108,87 @@ async fn alarms_and_dead_letters_go_out_through_the_external_broker() {
     let dl: serde_json::Value = serde_json::from_slice(&dl).unwrap();
     assert_eq!(dl["reason"], "syntax");
     assert!(edge.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_acknowledges_everything_it_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let data = dir.path().join("data");
+    let text = external_pipeline(broker.port);
+    let edge = Edge::start(&text, &data);
+    let msgs: Vec<_> = (0..500)
+        .map(|i| vitals(i % 8, 1_700_000_000 + i as i64, 70.0, 97.0))
+        .collect();
+    publish_all(broker.port, &msgs).await;
+    edge.wait_metric("iomt_readings_stored_total", 1000.0);
+    assert!(edge.stop().success());
+    // Had the last acknowledgements not gone out before the DISCONNECT, the broker would
+    // resend their messages now.
+    let edge = Edge::start(&text, &data);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        edge.metric("iomt_readings_stored_total"),
+        0.0,
+        "nothing resent"
+    );
+    assert!(edge.stop().success());
+    assert_eq!(stored_readings(&data).len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_undecodable_messages_are_dead_lettered_and_acknowledged_never_looped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let data = dir.path().join("data");
+    // Payloads above 4 KiB are refused by ingest; packets above 64 KiB are withheld by the
+    // broker (announced as MQTT 5's Maximum Packet Size).
+    let text = external_pipeline(broker.port)
+        .replace("[broker]\n", "[broker]\nmax_packet_bytes = 65536\n");
+    let edge = Edge::start(&text, &data);
+    let mut dead = subscribe(broker.port, "edge/deadletter/#").await;
+    let big = format!(
+        r#"{{"ts":1700000000,"hr":70,"pad":"{}"}}"#,
+        "x".repeat(20_000)
+    );
+    let huge = format!(
+        r#"{{"ts":1700000000,"hr":70,"pad":"{}"}}"#,
+        "x".repeat(200_000)
+    );
+    publish_all(
+        broker.port,
+        &[
+            vitals(1, 1_700_000_000, 70.0, 97.0),
+            ("ward/7/bed/1/vitals".into(), big.into_bytes()),
+            ("ward/7/bed/1/vitals".into(), b"\xff not json".to_vec()),
+            ("ward/7/bed/1/vitals".into(), huge.into_bytes()),
+            vitals(1, 1_700_000_001, 71.0, 98.0),
+        ],
+    )
+    .await;
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let (_, p, _) = next_matching(&mut dead, |_, _| true).await;
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        reasons.push(v["reason"].as_str().unwrap().to_owned());
+    }
+    reasons.sort();
+    assert_eq!(reasons, ["oversized", "syntax"]);
+    edge.wait_metric("iomt_readings_stored_total", 4.0);
+    wait_quiet(&edge).await;
+    assert!(edge.stop().success());
+    // Nothing was left unacknowledged, so a restart gets nothing again; and the session was
+    // never broken by the huge message.
+    let edge = Edge::start(&text, &data);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(edge.metric("iomt_readings_stored_total"), 0.0);
+    let log = edge.log();
+    assert!(edge.stop().success());
+    assert_eq!(
+        log.matches("connected to the external broker").count(),
+        2,
+        "one connection per run, no reconnect loop:\n{log}"
+    );
+    assert!(!log.contains("connection failed"), "{log}");
+    assert_eq!(stored_readings(&data).len(), 4);
 }

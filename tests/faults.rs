@@ -291,3 +291,127 @@ async fn a_stage_that_fails_stops_the_service_with_its_reason() {
         assert_seqs_never_reused(&readings);
     }
 }
+
+/// The test pipeline subscribed to an external broker on `port`.
+fn external_on(port: u16) -> String {
+    pipeline("").replace(
+        "[broker]\n",
+        &format!("[broker]\nexternal = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"edge-faults\"\n"),
+    )
+}
+
+/// Waits until the running service has stored at least `at_least` readings and stores nothing
+/// more for a second: what the broker held for it has arrived. (The store itself is read, and
+/// compared with what was acknowledged, once the service is stopped.)
+async fn wait_drained(edge: &Edge, at_least: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let stored = edge.metric("iomt_readings_stored_total");
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let now = edge.metric("iomt_readings_stored_total");
+        if now == stored && now as usize >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stored {now}, waiting for {at_least}"
+        );
+    }
+}
+
+/// External mode, a stop while publishers are mid-stream: the broker keeps what the service
+/// did not acknowledge, and the next run stores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_live_load_in_external_mode_loses_nothing_the_broker_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The broker must queue what arrives while the service restarts (its default is 1,000).
+    let broker = common::mosquitto::Mosquitto::start(dir.path(), "max_queued_messages 0");
+    let text = external_on(broker.port);
+    let edge = Edge::start(&text, &data);
+    let load = Load::start(Target::new(broker.port), 4, 64, None);
+    load.wait_acked(3_000, Duration::from_secs(60)).await;
+    let (status, _) = tokio::task::spawn_blocking(move || edge.stop_timed())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let edge = Edge::start(&text, &data);
+    let before = load.acked_count();
+    load.wait_acked(before + 1_000, Duration::from_secs(60))
+        .await;
+    let acked = load.stop().await;
+    wait_drained(&edge, 1_000).await;
+    assert!(edge.stop().success());
+    let readings = stored_readings(&data);
+    assert_all_stored(&acked, &stored_ids(&readings));
+    assert_seqs_never_reused(&readings);
+}
+
+/// The hospital's broker restarts mid-stream (persistence on, as a broker that promises
+/// QoS 1 must run): the service reconnects to its session and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_broker_restarted_mid_stream_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let persistence = dir.path().join("mosquitto-db/");
+    std::fs::create_dir_all(&persistence).unwrap();
+    // Started as root, mosquitto drops to its own user, which must be able to save there.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&persistence, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut broker = common::mosquitto::Mosquitto::start(
+        dir.path(),
+        &format!(
+            "max_queued_messages 0\npersistence true\npersistence_location {}\n",
+            persistence.display()
+        ),
+    );
+    let edge = Edge::start(&external_on(broker.port), &data);
+    let load = Load::start(Target::new(broker.port), 4, 64, None);
+    load.wait_acked(2_000, Duration::from_secs(60)).await;
+    tokio::task::spawn_blocking(move || {
+        broker.restart();
+        broker
+    })
+    .await
+    .map(|b| {
+        // Keep the restarted broker alive to the end of the test.
+        std::mem::forget(b);
+    })
+    .unwrap();
+    let before = load.acked_count();
+    load.wait_acked(before + 2_000, Duration::from_secs(60))
+        .await;
+    let acked = load.stop().await;
+    wait_drained(&edge, acked.len()).await;
+    let log = edge.log();
+    assert!(edge.stop().success());
+    assert!(
+        log.matches("connected to the external broker").count() >= 2,
+        "it reconnected:\n{log}"
+    );
+    let readings = stored_readings(&data);
+    assert_all_stored(&acked, &stored_ids(&readings));
+}
+
+/// A slow link to the broker (every chunk from it delayed): the service keeps up as the link
+/// allows, stays healthy, loses nothing, and still stops within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_external_broker_loses_nothing_and_stops_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = common::mosquitto::Mosquitto::start(dir.path(), "max_queued_messages 0");
+    let slow = common::proxy::slow(broker.port, Duration::from_millis(20), 4096).await;
+    let edge = Edge::start(&external_on(slow), &data);
+    let load = Load::start(Target::new(broker.port), 2, 64, Some(1_500));
+    let acked = load.finish(Duration::from_secs(60)).await;
+    assert_eq!(acked.len(), 3_000);
+    wait_drained(&edge, 3_000).await;
+    assert_eq!(edge.health().0, 200, "slow is not unhealthy");
+    let (status, took) = tokio::task::spawn_blocking(move || edge.stop_timed())
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(took < Duration::from_secs(15), "stopped in {took:?}");
+    let readings = stored_readings(&data);
+    assert_all_stored(&acked, &stored_ids(&readings));
+}

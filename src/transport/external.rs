@@ -232,6 +232,11 @@ async fn run(
 
 /// Acknowledges stored messages to the external broker. Tokens of an earlier connection are
 /// dropped: the broker resends those messages on the resumed session.
+///
+/// Acknowledgements already queued when a connection drops go out on the next one. With the
+/// session resumed, their packet ids name the same messages, resent: right. With the session
+/// lost (a broker that forgot it), they reach the broker before the new SUBSCRIBE (requests go
+/// out in order), so before it has any message for this client that they could name.
 #[derive(Debug, Clone)]
 pub struct ClientAcker {
     client: AsyncClient,

@@ -5,6 +5,8 @@
 
 pub mod formats;
 pub mod load;
+pub mod mosquitto;
+pub mod proxy;
 pub mod raw;
 pub mod tmpfs;
 
@@ -366,7 +368,8 @@ pub fn write_store(data: &Path, n: u64, rows: usize, record_check: bool) {
 pub fn client(port: u16, id: &str) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30))
-        .set_inflight(200);
+        .set_inflight(200)
+        .set_max_packet_size(4 << 20, 4 << 20);
     AsyncClient::new(opts, 1000)
 }
 
