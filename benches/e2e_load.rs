@@ -1,28 +1,44 @@
-//! End-to-end load benchmark: N single-reading JSON messages published at QoS 1 over several
-//! MQTT connections to the running service (embedded broker, sealing and storage on). Reports
-//! messages/s from first publish to last reading stored, receive→stored latency p50/p99, peak
-//! RSS, and fails unless every message was stored. When `mosquitto` is installed, the same
-//! messages from the same publisher go through mosquitto to one subscriber: that pass-through
-//! rate is the ceiling of this machine.
+//! End-to-end load benchmark, every figure from one run on one machine:
+//!
+//! 1. **ceiling**: the embedded broker alone, with a consumer that only counts and acknowledges
+//!    at once: this machine's MQTT ingest ceiling for this publisher;
+//! 2. **service, JSON**: N single-reading JSON messages through the whole service (decode,
+//!    alarms, Arrow, leaf hashes, AES-GCM, sled flush). A PUBACK means stored, so the run ends
+//!    when the last PUBACK arrives; also receive→stored latency and RSS;
+//! 3. **service, SenML packs**: the same with 10 readings a message, in readings/s;
+//! 4. **external mode**: publishers offer a fixed rate (50,000 msg/s by default) to a mosquitto
+//!    in its default configuration, the service consumes its MQTT 5 session; every message
+//!    mosquitto acknowledged must be stored (at least once), and the run fails otherwise;
+//! 5. **mosquitto pass-through**: the same publisher through mosquitto to one QoS 1 subscriber.
 //!
 //! ```sh
-//! cargo bench --bench e2e_load                       # 1,000,000 messages, 4 connections
-//! IOMT_BENCH_MESSAGES=200000 IOMT_BENCH_CONNECTIONS=2 cargo bench --bench e2e_load
+//! cargo bench --bench e2e_load
+//! IOMT_BENCH_MESSAGES=200000 IOMT_BENCH_CONNECTIONS=2 IOMT_BENCH_EXTERNAL_RATE=60000 \
+//!     IOMT_BENCH_EXTERNAL_SECONDS=10 cargo bench --bench e2e_load
 //! ```
 //!
-//! The publisher and subscriber speak MQTT 3.1.1 by hand: client libraries cost more CPU per
-//! message than the brokers under test (rumqttc, paho), and `mosquitto_pub -l` stops at 65,535
-//! messages.
+//! Publishers speak MQTT 3.1.1 by hand (tests/common/raw.rs): client libraries cost more CPU per
+//! message than the brokers under test.
 
+#[path = "../tests/common/mosquitto.rs"]
+mod mosquitto;
+#[path = "../tests/common/raw.rs"]
+mod raw;
+
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iomt_edge::config::PipelineConfig;
+use iomt_edge::model::metrics::Metrics;
+use iomt_edge::pipeline::health::Health;
+use iomt_edge::pipeline::input;
+use iomt_edge::pipeline::Acker;
 use iomt_edge::service::Service;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use iomt_edge::transport::broker::EmbeddedBroker;
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -32,9 +48,11 @@ site = "bench"
 listen = "127.0.0.1:0"
 listen_v5 = "127.0.0.1:0"
 listen_ws = "127.0.0.1:0"
-subscriber_backlog_bytes = 8388608
 [http]
 listen = "127.0.0.1:0"
+[ingest]
+queue_bytes = 67108864
+clock_max_past = "100years"
 [batch]
 max_rows = 16384
 max_age = "200ms"
@@ -45,9 +63,15 @@ source = "dev-{2}"
 subject = "bed-{2}"
 [route.json]
 ts = "/ts"
+ts_format = "unix_ms"
 [[route.json.reading]]
 value = "/hr"
 metric = "heart_rate"
+[[route]]
+topic = "bench/+/senml"
+codec = "senml-json"
+source = "dev-{2}"
+subject = "bed-{2}"
 "#;
 
 /// Unacknowledged QoS 1 publishes per connection.
@@ -60,98 +84,110 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
+/// What a payload looks like.
+#[derive(Clone, Copy)]
+enum Payload {
+    /// `{"ts":…,"hr":…}` on bench/<c>/hr: one reading.
+    Json,
+    /// A SenML pack of 10 heart-rate records on bench/<c>/senml.
+    Senml10,
+}
+
+impl Payload {
+    fn topic(self, c: usize) -> String {
+        match self {
+            Payload::Json => format!("bench/{c}/hr"),
+            Payload::Senml10 => format!("bench/{c}/senml"),
         }
-        out.push(b);
-        if n == 0 {
-            return;
+    }
+
+    fn write(self, i: u64, out: &mut String) {
+        use std::fmt::Write;
+        out.clear();
+        let ms = 1_700_000_000_000u64 + i;
+        match self {
+            Payload::Json => {
+                let _ = write!(out, r#"{{"ts":{ms},"hr":{}}}"#, 60 + i % 60);
+            }
+            Payload::Senml10 => {
+                let _ = write!(
+                    out,
+                    r#"[{{"bn":"urn:dev:hr:","bt":{},"n":"heart_rate","u":"beat/min","v":{}}}"#,
+                    ms as f64 / 1e3,
+                    60 + i % 60
+                );
+                for k in 1..10 {
+                    let _ = write!(out, r#",{{"t":{}.{k},"v":{}}}"#, 0, 60 + (i + k) % 60);
+                }
+                out.push(']');
+            }
         }
     }
 }
 
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut p = vec![0x10];
-    remaining_length(body.len(), &mut p);
-    p.extend(body);
-    p
+/// How fast a publisher sends: as its window allows, or at a fixed rate.
+#[derive(Clone, Copy)]
+enum Pace {
+    Window,
+    /// Messages per second, for this connection.
+    Rate(f64),
 }
 
-fn publish_packet(topic: &str, pkid: u16, payload: &[u8], out: &mut Vec<u8>) {
-    out.push(0x32); // PUBLISH, QoS 1
-    remaining_length(2 + topic.len() + 2 + payload.len(), out);
-    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    out.extend_from_slice(topic.as_bytes());
-    out.extend_from_slice(&pkid.to_be_bytes());
-    out.extend_from_slice(payload);
-}
-
-/// Reads one MQTT packet: (first byte, body).
-async fn read_packet<R: AsyncReadExt + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<u8> {
-    let first = r.read_u8().await?;
-    let (mut len, mut mult) = (0usize, 1usize);
-    loop {
-        let b = r.read_u8().await?;
-        len += (b & 0x7f) as usize * mult;
-        mult *= 128;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    buf.resize(len, 0);
-    r.read_exact(buf).await?;
-    Ok(first)
-}
-
-async fn connect(addr: SocketAddr, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.set_nodelay(true).unwrap();
-    s.write_all(&connect_packet(id)).await.unwrap();
-    let mut buf = Vec::new();
-    let t = read_packet(&mut s, &mut buf).await.unwrap();
-    assert_eq!((t, buf.get(1)), (0x20, Some(&0)), "CONNACK refused");
-    s
-}
-
-/// Publishes `count` messages on one connection, at most WINDOW unacknowledged; returns when the
-/// broker has acknowledged them all.
+/// Publishes `count` messages on one connection, at most WINDOW unacknowledged; returns the
+/// number the broker acknowledged, once all are.
 async fn publish(
     addr: SocketAddr,
-    conn: usize,
+    c: usize,
     count: usize,
+    payload: Payload,
+    pace: Pace,
     first_sent: Arc<AtomicU64>,
     t0: Instant,
-) {
-    let stream = connect(addr, &format!("bench-pub-{conn}")).await;
+) -> u64 {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).unwrap();
+    raw::handshake(
+        &mut stream,
+        &format!("bench-pub-{c}-{}", rand::random::<u32>()),
+        4,
+    )
+    .await
+    .expect("CONNACK");
     let (mut rd, wr) = stream.into_split();
     let window = Arc::new(Semaphore::new(WINDOW));
     let acks = {
         let window = window.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
-            let mut acked = 0;
-            while acked < count {
-                let t = read_packet(&mut rd, &mut buf).await.expect("puback");
-                if t >> 4 == 4 {
-                    acked += 1;
-                    window.add_permits(1);
+            let mut acked = 0u64;
+            while acked < count as u64 {
+                match raw::read_packet(&mut rd, &mut buf).await {
+                    Ok(t) if t >> 4 == 4 => {
+                        acked += 1;
+                        window.add_permits(1);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
                 }
             }
+            acked
         })
     };
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
-    let topic = format!("bench/{conn}/hr");
-    let mut packet = Vec::with_capacity(128);
+    let topic = payload.topic(c);
+    let mut packet = Vec::with_capacity(512);
+    let mut text = String::with_capacity(512);
     let mut pkid: u16 = 0;
+    let start = Instant::now();
     first_sent.fetch_min(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     for i in 0..count {
+        if let Pace::Rate(r) = pace {
+            let due = start + Duration::from_secs_f64(i as f64 / r);
+            if due > Instant::now() + Duration::from_millis(1) {
+                wr.flush().await.unwrap();
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
         match window.try_acquire() {
             Ok(p) => p.forget(),
             Err(_) => {
@@ -161,44 +197,45 @@ async fn publish(
         }
         pkid = pkid.checked_add(1).unwrap_or(1);
         packet.clear();
-        let payload = format!(
-            r#"{{"ts":{},"hr":{}}}"#,
-            1_700_000_000_000i64 + i as i64,
-            60 + i % 60
-        );
-        publish_packet(&topic, pkid, payload.as_bytes(), &mut packet);
+        payload.write((c * count + i) as u64, &mut text);
+        raw::publish_packet(topic.as_bytes(), 1, pkid, text.as_bytes(), 4, &mut packet);
         wr.write_all(&packet).await.unwrap();
     }
     wr.flush().await.unwrap();
-    acks.await.unwrap();
+    acks.await.unwrap()
 }
 
+/// Publishes `total` messages over `connections`; returns (first publish since t0, acked).
 async fn publish_all(
     addr: SocketAddr,
     total: usize,
     connections: usize,
+    payload: Payload,
+    pace: Pace,
     t0: Instant,
-) -> Arc<AtomicU64> {
+) -> (Duration, u64) {
     let first = Arc::new(AtomicU64::new(u64::MAX));
+    let per = total / connections;
     let tasks: Vec<_> = (0..connections)
-        .map(|c| {
-            let n = total / connections + usize::from(c < total % connections);
-            tokio::spawn(publish(addr, c, n, first.clone(), t0))
-        })
+        .map(|c| tokio::spawn(publish(addr, c, per, payload, pace, first.clone(), t0)))
         .collect();
+    let mut acked = 0;
     for t in tasks {
-        t.await.unwrap();
+        acked += t.await.unwrap();
     }
-    first
+    (Duration::from_nanos(first.load(Ordering::Relaxed)), acked)
 }
 
-fn peak_rss_mib() -> f64 {
+fn rss_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// A quantile from the Prometheus histogram text, interpolated within its bucket.
@@ -238,7 +275,63 @@ fn histogram_quantile(text: &str, name: &str, q: f64) -> f64 {
     lo
 }
 
-async fn bench_service(total: usize, connections: usize) -> (f64, bool) {
+/// The ceiling: the embedded broker with a consumer that only counts, acknowledging each
+/// message the moment it reaches the queue ingest would read.
+async fn bench_ceiling(total: usize, connections: usize) -> f64 {
+    let config = PipelineConfig::parse(PIPELINE, "bench pipeline").unwrap();
+    let metrics = Metrics::new();
+    let health = Health::new(metrics.clone());
+    let (tx, rx) = input::queue(config.ingest.queue_bytes);
+    let (mut broker, _publisher, mut acker) = EmbeddedBroker::start(
+        &config.broker,
+        config.ingest.max_payload_bytes,
+        tx,
+        health.intake(),
+        metrics,
+    )
+    .await
+    .expect("broker starts");
+    health.running();
+    let addr = broker.listeners.mqtt;
+    let counted = Arc::new(AtomicU64::new(0));
+    let consumer = {
+        let counted = counted.clone();
+        std::thread::spawn(move || {
+            let mut tokens = Vec::with_capacity(1024);
+            loop {
+                match rx.recv_deadline(Instant::now() + Duration::from_millis(1)) {
+                    Ok(Some(m)) => {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                        tokens.extend(m.ack);
+                        if tokens.len() < 1024 {
+                            continue;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => return,
+                }
+                if !tokens.is_empty() {
+                    acker.ack(&tokens);
+                    tokens.clear();
+                }
+            }
+        })
+    };
+    let t0 = Instant::now();
+    let (first, acked) =
+        publish_all(addr, total, connections, Payload::Json, Pace::Window, t0).await;
+    let secs = (t0.elapsed() - first).as_secs_f64();
+    broker.stop_accepting().await;
+    broker.finish(Instant::now() + Duration::from_secs(5)).await;
+    let _ = consumer.join();
+    let rate = acked as f64 / secs;
+    println!("1. ceiling: embedded broker, consumer that only counts and acknowledges");
+    println!("   {acked} messages in {secs:.2} s  ->  {rate:.0} messages/s");
+    rate
+}
+
+/// The whole service in this process (JSON or SenML packs). Returns (messages/s, readings/s, ok).
+async fn bench_service(total: usize, connections: usize, payload: Payload) -> (f64, f64, bool) {
     let dir = tempfile::tempdir().unwrap();
     let config = PipelineConfig::parse(PIPELINE, "bench pipeline").unwrap();
     let service = Service::start(config, dir.path())
@@ -247,92 +340,157 @@ async fn bench_service(total: usize, connections: usize) -> (f64, bool) {
     let addr = service.endpoints.mqtt.unwrap();
     let metrics = service.metrics.clone();
     let t0 = Instant::now();
-    let first = publish_all(addr, total, connections, t0).await;
-    let published = t0.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (metrics.readings_stored.get() as usize) < total && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let stored_at = t0.elapsed();
-    let stored = metrics.readings_stored.get() as usize;
-    let lost = 0u64;
+    let (first, acked) = publish_all(addr, total, connections, payload, Pace::Window, t0).await;
+    let secs = (t0.elapsed() - first).as_secs_f64();
+    let stored = metrics.readings_stored.get();
     let text = metrics.render();
+    let (rss, _) = rss_mib();
     service.shutdown();
     let summary = service.wait().await.expect("clean stop");
-    let start = Duration::from_nanos(first.load(Ordering::Relaxed));
-    let secs = (stored_at - start).as_secs_f64();
-    let rate = total as f64 / secs;
+    let per = match payload {
+        Payload::Json => 1,
+        Payload::Senml10 => 10,
+    };
+    let rate = acked as f64 / secs;
+    let readings_rate = stored as f64 / secs;
     let name = "iomt_receive_to_stored_seconds";
-    println!("iomt-edge (embedded broker, JSON decode, alarms, Arrow, SHA-256 leaves, AES-256-GCM, sled flush):");
-    println!("  messages            {total} over {connections} connections, QoS 1");
+    let label = match payload {
+        Payload::Json => "2. service, JSON, 1 reading a message",
+        Payload::Senml10 => "3. service, SenML packs of 10 readings",
+    };
+    println!("{label} (embedded broker, decode, alarms, Arrow, SHA-256 leaves, AES-256-GCM, sled flush; PUBACK once stored):");
+    println!("   {acked} messages over {connections} connections, QoS 1, window {WINDOW}");
     println!(
-        "  all acknowledged in {:.2} s",
-        (published - start).as_secs_f64()
+        "   all acknowledged (= stored) in {secs:.2} s  ->  {rate:.0} messages/s, {readings_rate:.0} readings/s"
     );
-    println!("  all stored in       {secs:.2} s  ->  {rate:.0} messages/s stored");
     println!(
-        "  receive->stored     p50 {:.1} ms, p99 {:.1} ms (histogram, interpolated)",
+        "   receive->stored  p50 {:.1} ms, p99 {:.1} ms (histogram, interpolated)",
         histogram_quantile(&text, name, 0.5) * 1e3,
         histogram_quantile(&text, name, 0.99) * 1e3
     );
-    println!("  batches             {}", summary.batches);
     println!(
-        "  peak RSS            {:.0} MiB (whole process, publisher included)",
-        peak_rss_mib()
+        "   batches {}, RSS at the end {rss:.0} MiB (whole bench process, publishers included)",
+        summary.batches
     );
-    let ok = stored == total && summary.readings as usize == total && lost == 0;
+    let ok = acked == total as u64 && stored == acked * per && summary.readings == stored;
     if !ok {
-        println!("  FAILURE: published {total}, stored {stored}, broker drops {lost}");
+        println!("   FAILURE: published {total}, acknowledged {acked}, stored {stored}");
     }
-    (rate, ok)
+    (rate, readings_rate, ok)
 }
 
-async fn bench_mosquitto(total: usize, connections: usize) -> Option<f64> {
-    let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())?;
+/// External mode through a mosquitto in its default configuration, at an offered rate.
+async fn bench_external(rate: usize, seconds: usize, connections: usize) -> Option<(f64, bool)> {
+    if !mosquitto::installed() {
+        println!("4. external mode: mosquitto not installed, skipped");
+        return None;
+    }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.path().join("m.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 10000000\npersistence false\n"),
+    let broker = mosquitto::Mosquitto::start(dir.path(), "");
+    let text = PIPELINE.replace(
+        "[broker]\n",
+        &format!(
+            "[broker]\nexternal = \"mqtt://127.0.0.1:{}\"\nclient_id = \"bench-edge\"\n",
+            broker.port
+        ),
+    );
+    let config = PipelineConfig::parse(&text, "bench pipeline").unwrap();
+    let data = dir.path().join("data");
+    let service = Service::start(config, &data).await.expect("service starts");
+    let health = service.health();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !health.report().ok() {
+        assert!(Instant::now() < deadline, "external broker not connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let metrics = service.metrics.clone();
+    let total = rate * seconds;
+    let addr: SocketAddr = format!("127.0.0.1:{}", broker.port).parse().unwrap();
+    let t0 = Instant::now();
+    let per_connection = rate as f64 / connections as f64;
+    let (first, acked) = publish_all(
+        addr,
+        total,
+        connections,
+        Payload::Json,
+        Pace::Rate(per_connection),
+        t0,
+    )
+    .await;
+    let published = (t0.elapsed() - first).as_secs_f64();
+    // Every message mosquitto acknowledged must reach the store.
+    let wait = Instant::now() + Duration::from_secs(60);
+    while (metrics.readings_stored.get()) < acked && Instant::now() < wait {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stored_at = (t0.elapsed() - first).as_secs_f64();
+    service.shutdown();
+    let summary = service.wait().await.expect("clean stop");
+    drop(broker);
+    // Count distinct messages in the store: at-least-once may store a message twice.
+    let unique = stored_unique(&data, "bench");
+    let achieved = acked as f64 / stored_at;
+    println!("4. external mode: publishers -> mosquitto 2 (default configuration) -> iomt-edge (MQTT 5 session, receive window 8192):");
+    println!(
+        "   offered {rate} messages/s for {seconds} s over {connections} connections: {acked} acknowledged by mosquitto in {published:.2} s"
+    );
+    println!(
+        "   stored {} readings ({unique} distinct messages) {stored_at:.2} s after the first publish  ->  {achieved:.0} messages/s end to end",
+        summary.readings
+    );
+    let ok = unique as u64 >= acked && acked == total as u64;
+    if !ok {
+        println!(
+            "   FAILURE: {} messages mosquitto acknowledged are not stored",
+            acked.saturating_sub(unique as u64)
+        );
+    } else {
+        println!("   lost: 0");
+    }
+    Some((achieved, ok))
+}
+
+/// Distinct message ids (device times) in a stopped service's store.
+fn stored_unique(data: &std::path::Path, site: &str) -> usize {
+    use iomt_edge::model::batch::BatchView;
+    use iomt_edge::seal::Sealer;
+    use iomt_edge::store::{open_node_keys, KeyMode, SledStore, Store};
+    let store = SledStore::open(&data.join("store")).unwrap();
+    let keys = open_node_keys(
+        &store,
+        &data.join("keys"),
+        &format!("iomt-edge/{site}"),
+        KeyMode::ReadOnly,
     )
     .unwrap();
-    let mut child = Command::new(exe)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut sub = loop {
-        if let Ok(s) = TcpStream::connect(addr).await {
-            drop(s);
-            break connect(addr, "bench-sub").await;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    // SUBSCRIBE bench/+/hr at QoS 1.
-    let filter = b"bench/+/hr";
-    let mut p = vec![0x82];
-    remaining_length(2 + 2 + filter.len() + 1, &mut p);
-    p.extend_from_slice(&1u16.to_be_bytes());
-    p.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-    p.extend_from_slice(filter);
-    p.push(1);
-    sub.write_all(&p).await.unwrap();
-    let mut buf = Vec::new();
-    assert_eq!(
-        read_packet(&mut sub, &mut buf).await.unwrap(),
-        0x90,
-        "SUBACK"
+    let sealer = Sealer::new(keys.master);
+    let mut ts = HashSet::new();
+    for h in store.headers().unwrap() {
+        let batch = sealer.open(&store.batch(h.id).unwrap().unwrap()).unwrap();
+        let view = BatchView::new(&batch).unwrap();
+        ts.extend((0..view.len()).map(|i| view.row(i).ts));
+    }
+    ts.len()
+}
+
+/// mosquitto pass-through: the same publisher, one QoS 1 subscriber.
+async fn bench_mosquitto(total: usize, connections: usize) -> Option<f64> {
+    if !mosquitto::installed() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broker = mosquitto::Mosquitto::start(
+        dir.path(),
+        "max_inflight_messages 1000\nmax_queued_messages 10000000",
     );
+    let addr: SocketAddr = format!("127.0.0.1:{}", broker.port).parse().unwrap();
+    let mut sub = TcpStream::connect(addr).await.unwrap();
+    raw::handshake(&mut sub, "bench-sub", 4).await.unwrap();
+    sub.write_all(&raw::subscribe_packet("bench/+/hr", 1))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(raw::read_packet(&mut sub, &mut buf).await.unwrap(), 0x90);
     let (mut rd, mut wr) = sub.into_split();
     let t0 = Instant::now();
     let received = tokio::spawn(async move {
@@ -340,12 +498,13 @@ async fn bench_mosquitto(total: usize, connections: usize) -> Option<f64> {
         let mut n = 0;
         let mut acks = Vec::with_capacity(4096);
         while n < total {
-            let t = read_packet(&mut rd, &mut buf).await.expect("publish");
+            let t = raw::read_packet(&mut rd, &mut buf).await.expect("publish");
             if t >> 4 == 3 {
                 n += 1;
                 if (t >> 1) & 3 == 1 {
                     let tlen = u16::from_be_bytes([buf[0], buf[1]]) as usize;
-                    acks.extend_from_slice(&[0x40, 2, buf[2 + tlen], buf[3 + tlen]]);
+                    let pkid = u16::from_be_bytes([buf[2 + tlen], buf[3 + tlen]]);
+                    acks.extend_from_slice(&raw::puback_packet(pkid));
                     if acks.len() >= 4 * 256 {
                         wr.write_all(&acks).await.unwrap();
                         acks.clear();
@@ -355,14 +514,12 @@ async fn bench_mosquitto(total: usize, connections: usize) -> Option<f64> {
         }
         t0.elapsed()
     });
-    let first = publish_all(addr, total, connections, t0).await;
+    let (first, _) = publish_all(addr, total, connections, Payload::Json, Pace::Window, t0).await;
     let done = received.await.unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    let secs = (done - Duration::from_nanos(first.load(Ordering::Relaxed))).as_secs_f64();
+    let secs = (done - first).as_secs_f64();
     let rate = total as f64 / secs;
-    println!("mosquitto pass-through (same publisher, one QoS 1 subscriber):");
-    println!("  all received in     {secs:.2} s  ->  {rate:.0} messages/s");
+    println!("5. mosquitto pass-through (same publisher, one QoS 1 subscriber):");
+    println!("   all received in {secs:.2} s  ->  {rate:.0} messages/s");
     Some(rate)
 }
 
@@ -374,6 +531,8 @@ fn main() {
     }
     let total = env_or("IOMT_BENCH_MESSAGES", 1_000_000);
     let connections = env_or("IOMT_BENCH_CONNECTIONS", 4);
+    let ext_rate = env_or("IOMT_BENCH_EXTERNAL_RATE", 50_000);
+    let ext_seconds = env_or("IOMT_BENCH_EXTERNAL_SECONDS", 20);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -384,16 +543,26 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model()
     );
-    let (ours, ok) = runtime.block_on(bench_service(total, connections));
-    let ceiling = runtime.block_on(bench_mosquitto(total, connections));
-    match ceiling {
-        Some(m) => println!(
-            "ratio: iomt-edge stored / mosquitto pass-through = {:.2}",
-            ours / m
-        ),
-        None => println!("mosquitto not installed: no pass-through ceiling measured"),
+    let ceiling = runtime.block_on(bench_ceiling(total, connections));
+    let (json, _, ok_json) = runtime.block_on(bench_service(total, connections, Payload::Json));
+    let (_, senml_readings, ok_senml) =
+        runtime.block_on(bench_service(total / 10, connections, Payload::Senml10));
+    let external = runtime.block_on(bench_external(ext_rate, ext_seconds, connections));
+    let mosquitto = runtime.block_on(bench_mosquitto(total, connections));
+    println!("ratios (same run):");
+    println!(
+        "   service JSON / ceiling           = {:.2}",
+        json / ceiling
+    );
+    println!(
+        "   SenML readings/s / ceiling msg/s = {:.2}",
+        senml_readings / ceiling
+    );
+    if let Some(m) = mosquitto {
+        println!("   service JSON / mosquitto         = {:.2}", json / m);
     }
-    if !ok {
+    let ok_external = external.is_none_or(|(_, ok)| ok);
+    if !(ok_json && ok_senml && ok_external) {
         std::process::exit(1);
     }
 }

@@ -477,3 +477,118 @@ async fn an_empty_payload_is_dead_lettered_as_empty_whatever_the_codec() {
     edge.wait_metric("iomt_readings_stored_total", 2.0);
     assert!(edge.stop().success());
 }
+
+/// Subjects taken from payloads become alarm topic levels percent-encoded: `ward7/bed3` and
+/// `ward7_bed3` are two patients with two alarms, and clearing one leaves the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_from_payloads_get_alarm_topics_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+[[route]]
+topic = "gw/+/obs"
+codec = "json"
+source = "gw{2}"
+[route.json]
+ts = "/ts"
+subject = "/patient"
+[[route.json.reading]]
+value = "/spo2"
+metric = "spo2"
+"#;
+    let text = pipeline(extra).replace("for = \"30s\"", "for = \"0s\"");
+    let edge = Edge::start(&text, &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, "alarms/#").await;
+    let obs = |patient: &str, t: i64, spo2: f64| {
+        (
+            "gw/1/obs".to_owned(),
+            format!(r#"{{"ts":{t},"patient":"{patient}","spo2":{spo2}}}"#).into_bytes(),
+        )
+    };
+    publish_all(
+        port,
+        &[obs("ward7/bed3", T0, 85.0), obs("ward7_bed3", T0, 86.0)],
+    )
+    .await;
+    let slash = format!("alarms/{SITE}/ward7%2Fbed3/spo2-low");
+    let underscore = format!("alarms/{SITE}/ward7_bed3/spo2-low");
+    let mut raised = BTreeSet::new();
+    while raised.len() < 2 {
+        let (t, p, _) = next_matching(&mut alarms, |_, p| !p.is_empty()).await;
+        let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        raised.insert((t, v["subject"].as_str().unwrap().to_owned()));
+    }
+    assert_eq!(
+        raised,
+        BTreeSet::from([
+            (slash.clone(), "ward7/bed3".to_owned()),
+            (underscore.clone(), "ward7_bed3".to_owned())
+        ])
+    );
+    // Clearing the first leaves the second retained.
+    publish_all(port, &[obs("ward7/bed3", T0 + 10, 97.0)]).await;
+    let (t, p, _) = next_matching(&mut alarms, |_, p| p.is_empty()).await;
+    assert_eq!(t, slash);
+    assert!(p.is_empty());
+    let mut late = subscribe(port, "alarms/#").await;
+    let (t, p, retained) = next_matching(&mut late, |_, _| true).await;
+    assert!(retained && !p.is_empty());
+    assert_eq!(t, underscore);
+    assert!(edge.stop().success());
+}
+
+/// Logs at info level and above carry no patient identifier and no payload value: subjects,
+/// topics (which name beds and patients), values and client ids stay at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_at_info_carry_no_patient_identifiers_or_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+[[route]]
+topic = "gw/+/obs"
+codec = "json"
+source = "gw{2}"
+[route.json]
+ts = "/ts"
+subject = "/patient"
+[[route.json.reading]]
+value = "/spo2"
+metric = "spo2"
+"#;
+    let text = pipeline(extra).replace("for = \"30s\"", "for = \"0s\"");
+    // The default log level of the binary, as an operator runs it.
+    let edge = Edge::start_with_env(&text, &dir.path().join("data"), &[("RUST_LOG", "")]);
+    let port = edge.mqtt_port();
+    let patient = "MRN-4711-Doe";
+    publish_all(
+        port,
+        &[
+            // Raises and clears an alarm for the patient.
+            (
+                "gw/1/obs".into(),
+                format!(r#"{{"ts":{T0},"patient":"{patient}","spo2":83.25}}"#).into_bytes(),
+            ),
+            (
+                "gw/1/obs".into(),
+                format!(r#"{{"ts":{},"patient":"{patient}","spo2":97.75}}"#, T0 + 5).into_bytes(),
+            ),
+            // An undecodable payload and an unrouted topic naming the patient.
+            (
+                "gw/1/obs".into(),
+                format!(r#"{{"ts":{T0},"patient":"{patient}","spo2":"83.25"}}"#).into_bytes(),
+            ),
+            (format!("unrouted/{patient}"), b"{}".to_vec()),
+        ],
+    )
+    .await;
+    edge.wait_metric("iomt_alarms_cleared_total", 1.0);
+    edge.wait_metric("iomt_dead_letters_total", 1.0);
+    let log = edge.log();
+    assert!(edge.stop().success());
+    assert!(
+        log.contains("alarm raised"),
+        "the events were logged:\n{log}"
+    );
+    for secret in [patient, "83.25", "97.75"] {
+        assert!(!log.contains(secret), "`{secret}` in the log:\n{log}");
+    }
+}

@@ -368,3 +368,144 @@ impl DeadLetters<'_> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::PipelineConfig;
+    use crate::pipeline::input::{queue, Received};
+    use crate::pipeline::output::Output;
+    use crate::pipeline::Publisher;
+    use crate::store::SledStore;
+
+    /// Records, for each alarm published, its seq and the store's reservation at that moment.
+    struct Witness {
+        store: Arc<dyn Store>,
+        seen: Arc<Mutex<Vec<(u64, u64)>>>,
+    }
+
+    impl Publisher for Witness {
+        fn publish(&mut self, _topic: String, payload: Bytes, _retain: bool) -> Result<(), String> {
+            let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            let reserved = self.store.seq_reserved().unwrap();
+            self.seen
+                .lock()
+                .unwrap()
+                .push((v["seq"].as_u64().unwrap(), reserved));
+            Ok(())
+        }
+    }
+
+    /// One message can carry tens of thousands of readings: whatever it carries, no seq
+    /// leaves ingest (in a batch, or named by an alarm) before the store durably reserves it.
+    #[test]
+    fn no_seq_leaves_ingest_before_it_is_durably_reserved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        // Start just below a reservation boundary, as a restarted node would.
+        store.reserve_seq(1_000).unwrap();
+        let config = PipelineConfig::parse(
+            r#"
+[ingest]
+max_payload_bytes = 4194304
+clock_max_past = "100years"
+[[route]]
+topic = "pack/+"
+codec = "senml-json"
+source = "dev-{2}"
+[[rule]]
+name = "hr-any"
+metric = "heart_rate"
+above = 0
+priority = "low"
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route::build(r).unwrap())
+            .collect();
+        let metrics = Metrics::new();
+        let health = Health::new(metrics.clone());
+        health.running();
+        let ingest = Ingest::new(
+            RouteTable::new(routes),
+            AlarmEngine::from_config(&config.rules),
+            &config.ingest,
+            &config.batch,
+            store.clone(),
+            health,
+            metrics,
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (output, _probe, output_thread) = Output::new(
+            "w".into(),
+            Box::new(Witness {
+                store: store.clone(),
+                seen: seen.clone(),
+            }),
+            1 << 20,
+        )
+        .spawn()
+        .unwrap();
+        let (tx, rx) = queue(16 << 20);
+        let (commit_tx, commit_rx) = flume::bounded::<PendingBatch>(64);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Two packs of 30,000 readings, each far above any fixed margin.
+        for p in 0..2 {
+            let mut pack = String::from("[");
+            for i in 0..30_000 {
+                if i > 0 {
+                    pack.push(',');
+                }
+                pack.push_str(&format!(
+                    r#"{{"n":"heart_rate","u":"/min","v":{},"t":{}}}"#,
+                    60 + i % 40,
+                    1_700_000_000 + p * 100_000 + i
+                ));
+            }
+            pack.push(']');
+            runtime
+                .block_on(tx.send(Received::new(
+                    Bytes::from(format!("pack/{p}")),
+                    Bytes::from(pack),
+                    None,
+                )))
+                .unwrap();
+        }
+        drop(tx);
+        let witness_store = store.clone();
+        let batches = std::thread::spawn(move || {
+            let mut checked = 0;
+            for b in commit_rx.iter() {
+                if let Some(&last) = b.columns.seq.last() {
+                    assert!(
+                        witness_store.seq_reserved().unwrap() > last,
+                        "batch up to seq {last} left before its reservation"
+                    );
+                    checked += b.columns.len();
+                }
+            }
+            checked
+        });
+        let summary = ingest.run(rx, commit_tx, output).unwrap();
+        assert_eq!(batches.join().unwrap(), 60_000);
+        output_thread.join().unwrap();
+        assert_eq!(summary.next_seq, 61_000);
+        let seen = seen.lock().unwrap();
+        assert!(!seen.is_empty(), "the rule raised alarms");
+        for &(seq, reserved) in seen.iter() {
+            assert!(
+                seq < reserved,
+                "alarm names seq {seq}, reserved only below {reserved}"
+            );
+        }
+    }
+}

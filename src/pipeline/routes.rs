@@ -96,3 +96,40 @@ impl RouteTable {
         Some((&self.routes[resolved.route], resolved))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        let c = crate::config::PipelineConfig::parse(
+            r#"
+[[route]]
+topic = "t/#"
+codec = "senml-json"
+source = "{topic}"
+subject = "s-{2}"
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        RouteTable::new(c.routes.iter().map(|r| Route::build(r).unwrap()).collect())
+    }
+
+    #[test]
+    fn the_route_cache_is_bounded_in_bytes() {
+        let mut t = table();
+        // Ever new 10 KiB topics: far more than the cache may hold.
+        for i in 0..3_000 {
+            let topic = format!("t/{i}/{}", "x".repeat(10 << 10));
+            let (_, r) = t.resolve(&topic).expect("routed");
+            assert_eq!(r.subject.as_deref(), Some(format!("s-{i}").as_str()));
+            assert!(
+                t.cache_bytes <= CACHE_BYTES + 2 * topic.len() + 64 + 16,
+                "{} bytes cached",
+                t.cache_bytes
+            );
+        }
+        assert!(t.cache.len() < 3_000, "the cache started over");
+    }
+}

@@ -133,8 +133,16 @@ impl Edge {
             .append(true)
             .open(&stderr)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-            .envs(env.iter().copied())
+        let mut command = Command::new(env!("CARGO_BIN_EXE_iomt-edge"));
+        for (k, v) in env {
+            // An empty value removes the variable: the service runs with its default.
+            if v.is_empty() {
+                command.env_remove(k);
+            } else {
+                command.env(k, v);
+            }
+        }
+        let child = command
             .arg("run")
             .arg("--pipeline")
             .arg(&pipeline)
