@@ -124,9 +124,9 @@ pub struct BrokerConfig {
     /// limit is announced to it as MQTT 5's Maximum Packet Size).
     #[serde(default = "BrokerConfig::default_max_packet_bytes")]
     pub max_packet_bytes: usize,
-    /// What the embedded broker keeps for each subscription of a slow subscriber (a dashboard)
-    /// before it drops the oldest (counted in `iomt_subscriber_messages_lost_total`). Device
-    /// data never waits here: it goes straight to ingest.
+    /// What the embedded broker keeps for each subscription filter that a slow subscriber (a
+    /// dashboard) has not read yet, before it drops the oldest. Device data never waits here:
+    /// it goes straight to ingest.
     #[serde(default = "BrokerConfig::default_subscriber_backlog_bytes")]
     pub subscriber_backlog_bytes: usize,
     /// External broker: how many messages it may send before they are acknowledged (MQTT 5
@@ -153,7 +153,7 @@ impl BrokerConfig {
         1 << 20
     }
     const fn default_subscriber_backlog_bytes() -> usize {
-        8 << 20
+        2 << 20
     }
     const fn default_inflight() -> u16 {
         8192

@@ -176,33 +176,3 @@ impl InternalEvent for AlarmChanged<'_> {
         );
     }
 }
-
-pub struct BrokerAlert<'a> {
-    pub kind: &'a str,
-    /// Client ids may name a patient's device: logged at debug level only.
-    pub client_id: &'a str,
-    pub description: &'a str,
-}
-
-impl InternalEvent for BrokerAlert<'_> {
-    fn emit(self, m: &Metrics) {
-        m.broker_alerts.with_label_values(&[self.kind]).inc();
-        if self.kind == "cursor_jump" {
-            m.subscriber_messages_lost.inc();
-            if log_due("cursor-jump") {
-                warn!("a slow subscriber of the embedded broker missed messages (its backlog is bounded; logged once a minute)");
-            }
-        } else if log_due(&format!("alert/{}", self.kind)) {
-            warn!(
-                kind = self.kind,
-                "broker alert (logged once a minute per kind)"
-            );
-        }
-        debug!(
-            kind = self.kind,
-            client = self.client_id,
-            description = self.description,
-            "broker alert"
-        );
-    }
-}

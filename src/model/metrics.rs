@@ -30,8 +30,6 @@ pub struct Metrics {
     pub stored_latency: Histogram,
     pub queue_depth: IntGaugeVec,
     pub queue_bytes: IntGaugeVec,
-    pub broker_alerts: IntCounterVec,
-    pub subscriber_messages_lost: IntCounter,
     pub topics_refused: IntCounterVec,
     pub connections: IntGauge,
     pub acks_sent: IntCounter,
@@ -124,15 +122,6 @@ impl Metrics {
                     &["stage"],
                 )
                 .unwrap(),
-            ),
-            broker_alerts: counter_vec(
-                "iomt_broker_alerts_total",
-                "alerts raised by the embedded broker, by kind",
-                &["kind"],
-            ),
-            subscriber_messages_lost: counter(
-                "iomt_subscriber_messages_lost_total",
-                "times a slow subscriber of the embedded broker missed messages (its backlog is bounded)",
             ),
             topics_refused: counter_vec(
                 "iomt_topics_refused_total",

@@ -70,11 +70,15 @@ where
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(4096);
-    let connect = tokio::time::timeout(
-        shared.connect_timeout,
-        read_connect(&mut rd, &mut buf, shared.max_packet),
-    )
-    .await;
+    // A stop does not wait for a client that has not even sent its CONNECT.
+    let mut stopping = shared.stopping.clone();
+    let connect = tokio::select! {
+        c = tokio::time::timeout(
+            shared.connect_timeout,
+            read_connect(&mut rd, &mut buf, shared.max_packet),
+        ) => c,
+        _ = raised(&mut stopping) => return,
+    };
     let (proto, packet) = match connect {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
