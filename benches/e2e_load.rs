@@ -288,6 +288,7 @@ async fn bench_ceiling(total: usize, connections: usize) -> f64 {
         tx,
         health.intake(),
         metrics,
+        Box::new(|why| panic!("{why}")),
     )
     .await
     .expect("broker starts");

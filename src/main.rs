@@ -113,6 +113,7 @@ fn main() -> ExitCode {
         // Colour codes are noise in a log file or a journal.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    install_panic_hook();
     let cli = Cli::parse();
     if let Command::Decode {
         codec,
@@ -186,13 +187,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { pipeline, data } => {
             let config = PipelineConfig::load_or_default(pipeline.as_ref())?;
+            // Installed before anything starts: a signal during the start is taken as a stop,
+            // not as the default action (an immediate exit).
+            let mut signals = Signals::install()?;
             let service = Service::start(config, &data).await?;
             let stop = service.shutdown_handle();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                signals.next().await;
                 info!("signal received: stopping (a second signal exits at once)");
                 stop.send_replace(true);
-                wait_for_signal().await;
+                signals.next().await;
                 say!("error: second signal: exiting without waiting for the stop");
                 std::process::exit(1);
             });
@@ -313,13 +317,61 @@ fn decode_command(req: &DecodeRequest<'_>) -> ExitCode {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    match Signals::install() {
+        Ok(mut s) => s.next().await,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// A panic's message may quote data (rumqttd's, a topic): it is logged at debug level only; the
+/// thread and the place are logged as an error.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(
+            thread,
+            location,
+            "a thread panicked (its message is logged at debug level)"
+        );
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::debug!(thread, message, "panic message");
+    }));
 }
 
 #[cfg(test)]

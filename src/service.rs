@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::alarm::AlarmEngine;
 use crate::config::PipelineConfig;
 use crate::model::metrics::Metrics;
-use crate::pipeline::commit::{Commit, CommitError, CommitSummary, GiveUp};
+use crate::pipeline::commit::{Commit, CommitError, CommitSummary, GiveUp, WriteWatch};
 use crate::pipeline::health::Health;
 use crate::pipeline::ingest::{Ingest, IngestError, IngestSummary, PendingBatch};
 use crate::pipeline::input;
@@ -225,6 +225,8 @@ impl Service {
 
         let (input_tx, input_rx) = input::queue(config.ingest.queue_bytes);
         metrics.probe_queue_bytes("ingest", input_rx.probe());
+        // Stages report here when they end; so do parts of the transports that must not.
+        let (ended_tx, ended) = mpsc::unbounded_channel::<Ended>();
         let (transport, publisher, acker, endpoints): (
             Transport,
             Box<dyn Publisher>,
@@ -237,6 +239,7 @@ impl Service {
                     .client_id
                     .clone()
                     .unwrap_or_else(|| format!("iomt-edge-{}", config.site));
+                let tx = ended_tx.clone();
                 let (b, publisher, acker) = ExternalBroker::start(
                     url,
                     &client_id,
@@ -244,6 +247,9 @@ impl Service {
                     &config.broker,
                     input_tx,
                     health.clone(),
+                    Arc::new(move |why| {
+                        let _ = tx.send(("transport", why));
+                    }),
                 )
                 .map_err(ServiceError::External)?;
                 let endpoints = Endpoints {
@@ -261,12 +267,16 @@ impl Service {
                 )
             }
             None => {
+                let tx = ended_tx.clone();
                 let (b, publisher, acker) = EmbeddedBroker::start(
                     &config.broker,
                     config.ingest.max_payload_bytes,
                     input_tx,
                     health.intake(),
                     metrics.clone(),
+                    Box::new(move |why| {
+                        let _ = tx.send(("transport", why));
+                    }),
                 )
                 .await?;
                 let l = b.listeners;
@@ -286,26 +296,26 @@ impl Service {
             }
         };
 
-        let (ended_tx, ended) = mpsc::unbounded_channel();
-        let (output_handle, output_probe, output_join) = Output::new(
+        let (output_stage, output_handle, output_probe) = Output::new(
             config.site.clone(),
             publisher,
             config.ingest.output_queue_bytes,
-        )
-        .spawn()
-        .map_err(ServiceError::Spawn)?;
+        );
         metrics.probe_queue_bytes("output", output_probe);
-        // The output thread ends when ingest drops the last handle; it reports nothing.
-        let output = Stage {
-            name: "output",
-            join: output_join,
-        };
+        // Ends once ingest drops the last handle.
+        let output = spawn_stage(
+            "output",
+            &ended_tx,
+            |_: &()| "stopped".into(),
+            move || output_stage.run(),
+        )?;
 
         let (commit_tx, commit_rx) =
             flume::bounded::<PendingBatch>(config.ingest.queue_batches.max(1));
         let probe = commit_rx.clone();
         metrics.probe_queue("commit", move || probe.len() as i64);
         let give_up = GiveUp::default();
+        let writes = Arc::new(WriteWatch::default());
         let commit_stage = Commit::new(
             Sealer::new(keys.master),
             store.clone(),
@@ -313,6 +323,7 @@ impl Service {
             health.clone(),
             acker,
             give_up.clone(),
+            writes.clone(),
         )?;
         let commit = spawn_stage(
             "commit",
@@ -347,6 +358,8 @@ impl Service {
             data_dir.to_owned(),
             config.store.min_free_bytes,
             health.clone(),
+            metrics.clone(),
+            writes,
         ));
 
         let (http_stop, http_stop_rx) = watch::channel(false);
@@ -471,11 +484,12 @@ impl Service {
         transport.stop_accepting().await;
         let ingest = ingest.join(deadline).await;
         let commit = commit.join(deadline).await;
-        if !transport.finish(deadline).await {
-            problems.push("the last acknowledgements could not all be sent in time".into());
-        }
+        // Output ends once ingest has: its last alarms reach the transport before it closes.
         if let Err(e) = output.join(deadline).await {
             problems.push(e);
+        }
+        if !transport.finish(deadline).await {
+            problems.push("the last acknowledgements could not all be sent in time".into());
         }
         disk.abort();
 
@@ -489,8 +503,11 @@ impl Service {
             (Ok(Ok(i)), Ok(Ok(c))) => {
                 // Everything handed out is stored: the next run starts at the exact next seq.
                 // (After anything less, the reservation stays above every seq handed out.)
-                if let Err(e) = store.reserve_seq(i.next_seq) {
-                    warn!(error = %e, "could not record the next seq; the reservation stands");
+                let (store, next) = (store.clone(), i.next_seq);
+                let recorded = tokio::task::spawn_blocking(move || store.reserve_seq(next));
+                match tokio::time::timeout_at(deadline.into(), recorded).await {
+                    Ok(Ok(Ok(()))) => {}
+                    _ => warn!("could not record the next seq; the reservation stands"),
                 }
                 summary = ServiceSummary {
                     next_seq: i.next_seq,

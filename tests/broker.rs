@@ -7,7 +7,7 @@ mod common;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use common::raw::{ack_pkid, handshake, publish_packet, read_packet};
+use common::raw::{self, ack_pkid, handshake, publish_packet, read_packet};
 use common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -21,6 +21,14 @@ async fn raw_client(edge: &Edge, version: u8) -> TcpStream {
     handshake(&mut s, &format!("raw-{}", rand::random::<u32>()), version)
         .await
         .unwrap();
+    s
+}
+
+async fn raw_client_named(edge: &Edge, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", edge.mqtt_port()))
+        .await
+        .unwrap();
+    handshake(&mut s, id, 4).await.unwrap();
     s
 }
 
@@ -402,4 +410,270 @@ async fn a_stop_closes_the_listeners_first_and_answers_mqtt5_clients_why() {
         TcpStream::connect(("127.0.0.1", port)).await.is_err(),
         "the listener is closed"
     );
+}
+
+/// A topic whose first character is not ASCII once killed rumqttd's router (its topic matching
+/// slices the first byte). Such a message is still ingested; the broker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_ascii_topic_cannot_take_the_broker_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+[[route]]
+topic = "+/obs"
+codec = "json"
+source = "{1}"
+[route.json]
+ts = "/ts"
+[[route.json.reading]]
+value = "/hr"
+metric = "heart_rate"
+"#;
+    let data = dir.path().join("data");
+    let edge = Edge::start(&pipeline(extra), &data);
+    let port = edge.mqtt_port();
+    // A subscriber to everything makes every publish go to the router.
+    let mut all = subscribe(port, "#").await;
+    let mut s = raw_client(&edge, 4).await;
+    let mut p = Vec::new();
+    publish_packet(
+        "é/obs".as_bytes(),
+        1,
+        1,
+        &vitals_payload(T0, 61.0),
+        4,
+        &mut p,
+    );
+    s.write_all(&p).await.unwrap();
+    assert_eq!(ack_pkid(&expect(&mut s, 4).await), 1);
+    // Still a broker: the subscriber gets the next message, a new client connects.
+    publish_all(port, &[vitals(1, T0, 70.0, 97.0)]).await;
+    let (t, _, _) = next_matching(&mut all, |t, _| t.starts_with("ward/")).await;
+    assert_eq!(t, "ward/7/bed/1/vitals");
+    let _late = raw_client(&edge, 5).await;
+    assert_eq!(edge.health().0, 200);
+    assert!(edge.stop().success());
+    let sources: Vec<String> = stored_readings(&data)
+        .into_iter()
+        .map(|r| r.source)
+        .collect();
+    assert!(sources.contains(&"é".to_owned()), "{sources:?}");
+}
+
+/// Clients cannot plant or clear this service's alarms (or dead letters): publishes and wills
+/// on its own topics are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_cannot_publish_on_the_services_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = pipeline("").replace("for = \"30s\"", "for = \"0s\"");
+    let edge = Edge::start(&text, &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    publish_all(port, &[vitals(3, T0, 70.0, 85.0)]).await;
+    let alarm = format!("alarms/{SITE}/w7-b3/spo2-low");
+    let mut watch = subscribe(port, &alarm).await;
+    let (_, real, _) = next_matching(&mut watch, |_, p| !p.is_empty()).await;
+
+    // MQTT 3.1.1: an empty retained message that would clear it is acknowledged and dropped.
+    let mut s = raw_client(&edge, 4).await;
+    let mut p = vec![0x33]; // PUBLISH, QoS 1, retain
+    raw::remaining_length(2 + alarm.len() + 2, &mut p);
+    p.extend_from_slice(&(alarm.len() as u16).to_be_bytes());
+    p.extend_from_slice(alarm.as_bytes());
+    p.extend_from_slice(&9u16.to_be_bytes());
+    s.write_all(&p).await.unwrap();
+    assert_eq!(ack_pkid(&expect(&mut s, 4).await), 9);
+    // MQTT 5: refused, reason 0x87 (not authorized).
+    let mut s5 = raw_client(&edge, 5).await;
+    let mut p = Vec::new();
+    publish_packet(b"edge/deadletter/fake", 1, 4, b"{}", 5, &mut p);
+    s5.write_all(&p).await.unwrap();
+    let ack = expect(&mut s5, 4).await;
+    assert_eq!((ack_pkid(&ack), ack.get(2)), (4, Some(&0x87)));
+
+    // The real alarm is still retained, unchanged.
+    let mut late = subscribe(port, &alarm).await;
+    let (_, retained, flag) = next_matching(&mut late, |_, _| true).await;
+    assert!(flag);
+    assert_eq!(retained, real);
+    assert_eq!(
+        edge.metric("iomt_topics_refused_total{reason=\"reserved\"}"),
+        2.0
+    );
+    assert!(edge.stop().success());
+}
+
+/// An MQTT 5 publisher's message (with properties) reaches an MQTT 3.1.1 subscriber, and keeps
+/// reaching it: properties are dropped for 3.1.1 instead of wedging its deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_messages_reach_mqtt3_subscribers() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let mut feed = subscribe(port, "ward/#").await;
+    let (client, mut ev) = rumqttc::v5::AsyncClient::new(
+        rumqttc::v5::MqttOptions::new("v5-publisher", "127.0.0.1", port),
+        300,
+    );
+    let poll = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let props = PublishProperties {
+        content_type: Some("application/json".into()),
+        user_properties: vec![("device".into(), "bed-7".into())],
+        ..Default::default()
+    };
+    // More than rumqttd's 100 unacknowledged deliveries: a wedged subscriber would stop early.
+    for i in 0..150 {
+        let (topic, payload) = vitals(7, T0 + i, 70.0, 97.0);
+        client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props.clone())
+            .await
+            .unwrap();
+    }
+    for i in 0..150 {
+        let (_, payload, _) = next_matching(&mut feed, |_, _| true).await;
+        assert_eq!(payload, vitals(7, T0 + i, 70.0, 97.0).1);
+    }
+    poll.abort();
+    assert!(edge.stop().success());
+}
+
+/// A dashboard whose client id is reused (a reconnect that takes its session over) keeps
+/// getting device messages: the old connection's end does not erase the new one's subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_session_keeps_its_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let mut first = raw_client_named(&edge, "dashboard").await;
+    first
+        .write_all(&raw::subscribe_packet("ward/#", 1))
+        .await
+        .unwrap();
+    expect(&mut first, 9).await;
+    let mut second = raw_client_named(&edge, "dashboard").await;
+    second
+        .write_all(&raw::subscribe_packet("ward/#", 1))
+        .await
+        .unwrap();
+    expect(&mut second, 9).await;
+    // The first connection is closed by the takeover.
+    let mut body = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if read_packet(&mut first, &mut body).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the old connection ends");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish_all(edge.mqtt_port(), &[vitals(2, T0, 70.0, 97.0)]).await;
+    let delivery = expect(&mut second, 3).await;
+    assert!(delivery.windows(5).any(|w| w == b"ward/"));
+    assert!(edge.stop().success());
+}
+
+/// QoS 2 is exactly-once within a connection: a PUBLISH sent again with DUP before its PUBREL
+/// is not stored twice, and the flow ends with PUBCOMP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_qos2_publish_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let edge = Edge::start(&pipeline(""), &data);
+    let mut s = raw_client(&edge, 4).await;
+    let mut p = Vec::new();
+    publish_packet(
+        b"ward/7/bed/6/vitals",
+        2,
+        11,
+        &vitals_payload(T0, 77.0),
+        4,
+        &mut p,
+    );
+    let mut dup = p.clone();
+    dup[0] |= 0b1000; // DUP
+    s.write_all(&p).await.unwrap();
+    s.write_all(&dup).await.unwrap();
+    assert_eq!(ack_pkid(&expect(&mut s, 5).await), 11, "PUBREC");
+    s.write_all(&[0x62, 2, 0, 11]).await.unwrap(); // PUBREL
+    assert_eq!(ack_pkid(&expect(&mut s, 7).await), 11, "PUBCOMP");
+    assert!(edge.stop().success());
+    let stored = stored_readings(&data);
+    assert_eq!(stored.len(), 1, "stored once");
+}
+
+/// A client that sends without ever reading cannot make the broker take in (and queue
+/// acknowledgements and deliveries for) more and more: once its writer is stuck and far
+/// behind, its connection stops being read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_not_read_without_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let mut s = raw_client(&edge, 4).await;
+    // It subscribes to its own messages, so what it does not read piles up fast (kernel
+    // buffers take megabytes before a write blocks).
+    let mut sub = raw::subscribe_packet("ward/#", 1);
+    let last = sub.len() - 1;
+    sub[last] = 0; // QoS 0
+    s.write_all(&sub).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let mut p = Vec::new();
+        let padding = "x".repeat(200);
+        for i in 0..400_000u32 {
+            p.clear();
+            let pkid = (i % 65_535) as u16 + 1;
+            let payload = format!(r#"{{"ts":1700000000,"hr":70,"pad":"{padding}"}}"#);
+            publish_packet(
+                b"ward/7/bed/1/vitals",
+                1,
+                pkid,
+                payload.as_bytes(),
+                4,
+                &mut p,
+            );
+            if s.write_all(&p).await.is_err() {
+                break;
+            }
+        }
+        s
+    });
+    let sample = "iomt_messages_received_total{route=\"ward/+/bed/+/vitals\"}";
+    let mut last = -1.0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = edge.metric(sample);
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still reading after 60 s ({now} messages)"
+        );
+    }
+    assert!(
+        last < 400_000.0,
+        "the connection stopped being read before the client stopped sending ({last})"
+    );
+    assert!(!writer.is_finished(), "the client is still trying to send");
+    writer.abort();
+    assert!(edge.stop().success());
+}
+
+/// A stop does not wait for clients that connected and never sent CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_idle_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = pipeline("").replacen("[broker]\n", "stop_timeout = \"3s\"\n[broker]\n", 1);
+    let edge = Edge::start(&text, &dir.path().join("data"));
+    let _idle = TcpStream::connect(("127.0.0.1", edge.mqtt_port()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, took) = tokio::task::spawn_blocking(move || edge.stop_timed())
+        .await
+        .unwrap();
+    assert!(status.success(), "a clean stop");
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
 }

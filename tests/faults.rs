@@ -265,10 +265,15 @@ async fn a_stage_that_fails_stops_the_service_with_its_reason() {
     for (failpoint, stage) in [
         ("commit-group=20*off->panic", "commit"),
         ("ingest-message=2000*off->panic", "ingest"),
+        ("output-message=panic", "output"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let edge = Edge::start_with_env(&pipeline(""), &data, &[("FAILPOINTS", failpoint)]);
+        // A rule every reading raises an alarm for: output has work from the start.
+        let text = pipeline(
+            "[[rule]]\nname = \"hr-any\"\nmetric = \"heart_rate\"\nabove = 0\npriority = \"low\"\n",
+        );
+        let edge = Edge::start_with_env(&text, &data, &[("FAILPOINTS", failpoint)]);
         let port = edge.mqtt_port();
         let load = Load::start(Target::new(port), 2, 32, None);
         let (status, log) = tokio::task::spawn_blocking(move || edge.wait_for_exit_keeping_log())

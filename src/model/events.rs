@@ -48,9 +48,12 @@ impl InternalEvent for DecodeFailed<'_> {
             .with_label_values(&[self.codec, reason])
             .inc();
         if log_due(&format!("decode/{}/{reason}", self.codec)) {
-            warn!(route = self.route, codec = self.codec, reason, detail = %self.error.detail,
-                "payload could not be decoded; sent to the dead-letter topic (logged once a minute per codec and reason)");
+            warn!(route = self.route, codec = self.codec, reason,
+                "payload could not be decoded; sent to the dead-letter topic (logged once a minute per codec and reason; the detail at debug level)");
         }
+        // Details name fields, but a field's name can be a device's (a SenML name, a topic
+        // level): not at warn.
+        debug!(route = self.route, codec = self.codec, reason, detail = %self.error.detail, "decode failed");
     }
 }
 

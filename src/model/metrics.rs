@@ -35,6 +35,7 @@ pub struct Metrics {
     pub acks_sent: IntCounter,
     pub next_seq: IntGauge,
     pub healthy: IntGauge,
+    pub disk_free_bytes: IntGauge,
     pub intake_open: IntGauge,
     pub alarm_subjects_untracked: IntCounter,
     depth_probes: Mutex<Vec<(String, bool, DepthProbe)>>,
@@ -135,6 +136,10 @@ impl Metrics {
             ),
             next_seq: gauge("iomt_next_seq", "the seq the next reading will get"),
             healthy: gauge("iomt_healthy", "1 while /healthz answers ok"),
+            disk_free_bytes: gauge(
+                "iomt_disk_free_bytes",
+                "bytes free on the data directory's filesystem",
+            ),
             intake_open: gauge(
                 "iomt_intake_open",
                 "1 while messages are taken in; 0 while they could not be stored (store failing, disk nearly full) or the service is not running",

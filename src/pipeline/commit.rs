@@ -40,6 +40,29 @@ pub enum CommitError {
     },
 }
 
+/// The store write in progress, if any, and when it began: a write that never returns (a disk
+/// that hangs rather than fails) must show as a problem, not as silence.
+#[derive(Debug, Default)]
+pub struct WriteWatch(Mutex<Option<Instant>>);
+
+impl WriteWatch {
+    fn begin(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn end(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// How long the write in progress has been waiting.
+    pub fn waiting(&self) -> Option<std::time::Duration> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed())
+    }
+}
+
 /// When the stage must give up retrying a failing store: unset while the service runs, set to
 /// the stop deadline once it stops.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +90,7 @@ pub struct Commit {
     health: Arc<Health>,
     acker: Box<dyn Acker>,
     give_up: GiveUp,
+    writes: Arc<WriteWatch>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +107,7 @@ impl Commit {
         health: Arc<Health>,
         acker: Box<dyn Acker>,
         give_up: GiveUp,
+        writes: Arc<WriteWatch>,
     ) -> Result<Self, StoreError> {
         let next_id = store.last_header()?.map_or(0, |h| h.id + 1);
         Ok(Commit {
@@ -93,6 +118,7 @@ impl Commit {
             health,
             acker,
             give_up,
+            writes,
         })
     }
 
@@ -172,7 +198,10 @@ impl Commit {
             key: "store-put".into(),
             reason: "injected write failure".into(),
         }));
-        self.store.put_batches(sealed)
+        self.writes.begin();
+        let r = self.store.put_batches(sealed);
+        self.writes.end();
+        r
     }
 
     fn store_with_retry(&self, sealed: &[SealedBatch]) -> Result<(), CommitError> {

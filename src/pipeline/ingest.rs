@@ -151,7 +151,9 @@ impl Ingest {
                 Ok(Some(msg)) => {
                     messages += 1;
                     last_message = Instant::now();
-                    self.handle(&msg.topic, &msg.payload, msg.payload_size, &output)?;
+                    if !msg.refused {
+                        self.handle(&msg.topic, &msg.payload, msg.payload_size, &output)?;
+                    }
                     if let Some(ack) = msg.ack {
                         acks.push(ack);
                     }
@@ -443,16 +445,15 @@ priority = "low"
         )
         .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (output, _probe, output_thread) = Output::new(
+        let (output_stage, output, _probe) = Output::new(
             "w".into(),
             Box::new(Witness {
                 store: store.clone(),
                 seen: seen.clone(),
             }),
             1 << 20,
-        )
-        .spawn()
-        .unwrap();
+        );
+        let output_thread = std::thread::spawn(move || output_stage.run());
         let (tx, rx) = queue(16 << 20);
         let (commit_tx, commit_rx) = flume::bounded::<PendingBatch>(64);
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -24,6 +24,9 @@ pub struct Received {
     pub payload_size: usize,
     /// `None` for QoS 0: nothing to acknowledge.
     pub ack: Option<AckToken>,
+    /// The transport refused the message (its token says why): ingest only carries the
+    /// acknowledgement, in order with the others.
+    pub refused: bool,
 }
 
 impl Received {
@@ -34,6 +37,18 @@ impl Received {
             topic,
             payload,
             ack,
+            refused: false,
+        }
+    }
+
+    /// A refused message: nothing but its acknowledgement (carrying the reason) goes on.
+    pub fn refused(ack: AckToken) -> Self {
+        Received {
+            topic: Bytes::new(),
+            payload: Bytes::new(),
+            payload_size: 0,
+            ack: Some(ack),
+            refused: true,
         }
     }
 }
@@ -45,6 +60,7 @@ pub struct Incoming {
     pub payload: Bytes,
     pub payload_size: usize,
     pub ack: Option<AckToken>,
+    pub refused: bool,
     /// This message's share of the queue's bytes, given back when the message is dropped.
     _room: OwnedSemaphorePermit,
 }
@@ -106,6 +122,7 @@ impl InputSender {
                 payload: m.payload,
                 payload_size: m.payload_size,
                 ack: m.ack,
+                refused: m.refused,
                 _room: room,
             })
             .map_err(|_| InputClosed)

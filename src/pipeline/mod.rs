@@ -21,6 +21,9 @@ pub struct AckToken {
     session: u64,
     packet_id: u16,
     qos: u8,
+    /// 0, or the MQTT 5 reason code a refused message is acknowledged with: a refusal travels
+    /// the same ordered path, so acknowledgements keep the order their messages came in.
+    reason: u8,
 }
 
 impl AckToken {
@@ -30,7 +33,17 @@ impl AckToken {
             session,
             packet_id,
             qos,
+            reason: 0,
         }
+    }
+
+    /// A token that acknowledges with an MQTT 5 reason code instead of success.
+    pub fn refusing(self, reason: u8) -> Self {
+        AckToken { reason, ..self }
+    }
+
+    pub fn reason(&self) -> u8 {
+        self.reason
     }
 
     pub fn session(&self) -> u64 {

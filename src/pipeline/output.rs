@@ -4,7 +4,6 @@
 //! bounded in bytes: ingest waits when it is full (back-pressure), nothing is dropped.
 
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -50,30 +49,46 @@ impl Outgoing {
 /// Bytes queued, and a condition to wait on for room.
 #[derive(Debug)]
 struct Room {
-    used: Mutex<usize>,
+    state: Mutex<RoomState>,
     freed: Condvar,
     capacity: usize,
 }
 
+#[derive(Debug, Default)]
+struct RoomState {
+    used: usize,
+    /// The stage has ended: nobody frees room any more, so nobody may wait for it.
+    closed: bool,
+}
+
 impl Room {
     /// Waits until `n` more bytes fit (or the queue is empty: one message larger than the
-    /// whole queue still passes, alone).
-    fn take(&self, n: usize) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + n > self.capacity {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+    /// whole queue still passes, alone). False once the stage has ended.
+    fn take(&self, n: usize) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !s.closed && s.used > 0 && s.used + n > self.capacity {
+            s = self.freed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        *used += n;
+        if s.closed {
+            return false;
+        }
+        s.used += n;
+        true
     }
 
     fn give(&self, n: usize) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used = used.saturating_sub(n);
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.used = s.used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.freed.notify_all();
     }
 
     fn used(&self) -> usize {
-        *self.used.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).used
     }
 }
 
@@ -87,66 +102,72 @@ pub struct OutputHandle {
 impl OutputHandle {
     pub fn send(&self, o: Outgoing) {
         let n = o.bytes();
-        self.room.take(n);
-        if self.tx.send((o, n)).is_err() {
+        if !self.room.take(n) || self.tx.send((o, n)).is_err() {
             self.room.give(n);
-            error!("output stage has stopped; a message could not be published");
+            error!("the output stage has stopped; an alarm or dead letter could not be published");
         }
     }
 }
 
-/// The output stage, built and ready to spawn.
+/// The output stage, built and ready to run on a thread of its own.
 pub struct Output {
     site: String,
     publisher: Box<dyn Publisher>,
-    max_bytes: usize,
+    rx: flume::Receiver<(Outgoing, usize)>,
+    room: Arc<Room>,
+}
+
+/// Closes the queue's room when the stage ends, a panic included, so that no sender waits for
+/// room nobody will free.
+struct CloseOnDrop(Arc<Room>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 impl Output {
-    pub fn new(site: String, publisher: Box<dyn Publisher>, max_bytes: usize) -> Self {
-        Output {
-            site,
-            publisher,
-            max_bytes,
-        }
-    }
-
-    /// Starts the output thread; it ends once every handle is dropped and the queue is
-    /// drained. Also returns a probe of the queued bytes, for metrics.
-    pub fn spawn(
-        self,
-    ) -> std::io::Result<(OutputHandle, impl Fn() -> i64 + Send + Sync, JoinHandle<()>)> {
-        let Output {
-            site,
-            mut publisher,
-            max_bytes,
-        } = self;
+    /// The stage, the handle ingest queues messages with, and a probe of the queued bytes.
+    pub fn new(
+        site: String,
+        publisher: Box<dyn Publisher>,
+        max_bytes: usize,
+    ) -> (Self, OutputHandle, impl Fn() -> i64 + Send + Sync) {
         let (tx, rx) = flume::unbounded::<(Outgoing, usize)>();
         let room = Arc::new(Room {
-            used: Mutex::new(0),
+            state: Mutex::new(RoomState::default()),
             freed: Condvar::new(),
             capacity: max_bytes.max(1),
         });
-        let stage_room = room.clone();
-        let join = thread::Builder::new()
-            .name("output".into())
-            .spawn(move || {
-                for (o, n) in rx.iter() {
-                    let (topic, payload, retain) = encode(&site, &o);
-                    stage_room.give(n);
-                    if let Err(e) = publisher.publish(topic.clone(), payload, retain) {
-                        // The topic names a subject: only at debug level.
-                        error!(error = %e, "could not publish an alarm or dead letter");
-                        debug!(topic, "the message that could not be published");
-                    }
-                }
-            })?;
         let probe_room = room.clone();
-        Ok((
+        (
+            Output {
+                site,
+                publisher,
+                rx,
+                room: room.clone(),
+            },
             OutputHandle { tx, room },
             move || probe_room.used() as i64,
-            join,
-        ))
+        )
+    }
+
+    /// Publishes until every handle is dropped and the queue is drained.
+    pub fn run(mut self) {
+        let _close = CloseOnDrop(self.room.clone());
+        for (o, n) in self.rx.iter() {
+            // Fault tests: `output-message=panic` fails the stage.
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("output-message");
+            let (topic, payload, retain) = encode(&self.site, &o);
+            self.room.give(n);
+            if let Err(e) = self.publisher.publish(topic.clone(), payload, retain) {
+                // The topic names a subject: only at debug level.
+                error!(error = %e, "could not publish an alarm or dead letter");
+                debug!(topic, "the message that could not be published");
+            }
+        }
     }
 }
 

@@ -45,6 +45,9 @@ pub struct Load {
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<BTreeSet<u64>>>,
     sent: Arc<AtomicU64>,
+    /// PUBACKs that came before the PUBACK of a message sent earlier on the same connection
+    /// (MQTT requires them in the order of the PUBLISHes).
+    out_of_order: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -55,6 +58,7 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(BTreeSet::new()));
         let sent = Arc::new(AtomicU64::new(0));
+        let out_of_order = Arc::new(AtomicU64::new(0));
         let tasks = (0..connections)
             .map(|c| {
                 tokio::spawn(publisher(
@@ -65,6 +69,7 @@ impl Load {
                     stop.clone(),
                     acked.clone(),
                     sent.clone(),
+                    out_of_order.clone(),
                 ))
             })
             .collect();
@@ -72,6 +77,7 @@ impl Load {
             stop,
             acked,
             sent,
+            out_of_order,
             tasks,
         }
     }
@@ -90,6 +96,11 @@ impl Load {
         self.sent.load(Ordering::Relaxed)
     }
 
+    /// PUBACKs received out of their messages' order.
+    pub fn out_of_order(&self) -> u64 {
+        self.out_of_order.load(Ordering::Relaxed)
+    }
+
     /// Waits until at least `n` ids are acknowledged, for up to `within`.
     pub async fn wait_acked(&self, n: usize, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
@@ -103,12 +114,18 @@ impl Load {
         }
     }
 
-    /// Stops publishing and returns every id acknowledged.
+    /// Stops publishing and returns every id acknowledged. Panics if any PUBACK came out of
+    /// order.
     pub async fn stop(self) -> BTreeSet<u64> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }
+        assert_eq!(
+            self.out_of_order.load(Ordering::Relaxed),
+            0,
+            "PUBACKs out of order"
+        );
         let acked = self.acked.lock().unwrap().clone();
         acked
     }
@@ -122,6 +139,11 @@ impl Load {
                 .expect("publishers finished")
                 .unwrap();
         }
+        assert_eq!(
+            self.out_of_order.load(Ordering::Relaxed),
+            0,
+            "PUBACKs out of order"
+        );
         let acked = self.acked.lock().unwrap().clone();
         acked
     }
@@ -130,6 +152,7 @@ impl Load {
 /// Ids are `c * 10^7 + n`: unique across connections and reconnections.
 const PER_CONNECTION: u64 = 10_000_000;
 
+#[allow(clippy::too_many_arguments)]
 async fn publisher(
     target: Target,
     c: usize,
@@ -138,6 +161,7 @@ async fn publisher(
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<BTreeSet<u64>>>,
     sent: Arc<AtomicU64>,
+    out_of_order: Arc<AtomicU64>,
 ) {
     let mut next = c as u64 * PER_CONNECTION;
     let mut mine = 0u64;
@@ -164,12 +188,19 @@ async fn publisher(
             let inflight = inflight.clone();
             let acked = acked.clone();
             let room = room.clone();
+            let out_of_order = out_of_order.clone();
             tokio::spawn(async move {
                 let mut body = Vec::new();
                 let mut n = 0u64;
+                let mut last = None;
                 while let Ok(t) = read_packet(&mut rd, &mut body).await {
                     if t >> 4 == 4 {
                         if let Some(id) = inflight.lock().unwrap().remove(&ack_pkid(&body)) {
+                            // Ids increase with each PUBLISH of a connection.
+                            if last.is_some_and(|l| id < l) {
+                                out_of_order.fetch_add(1, Ordering::Relaxed);
+                            }
+                            last = Some(id);
                             acked.lock().unwrap().insert(id);
                             n += 1;
                             room.add_permits(1);

@@ -3,13 +3,16 @@
 //! A device's publish goes straight to ingest, carrying an ack token; its PUBACK (PUBREC for
 //! QoS 2) is written only when the commit stage says its readings are stored. So every
 //! acknowledgement a device holds stands for stored readings, whatever happens to this process
-//! afterwards. Everything else (subscriptions, deliveries to subscribers and their acks,
+//! afterwards. A publish this broker refuses (an invalid topic name, a topic of this service's
+//! own) takes the same path, with a reason code, so that acknowledgements keep the order of
+//! their messages. Everything else (subscriptions, deliveries to subscribers and their acks,
 //! retained messages) goes through rumqttd's router on the client's own link, and the router
 //! also gets a device's publish when some subscription may want it or it is retained.
 //!
 //! Two tasks serve a connection: the reader parses what the client sends and may wait (for room
-//! in ingest's queue, or for intake to reopen) without ever holding up the writer, which sends
-//! acknowledgements, deliveries and pings back.
+//! in ingest's queue, for intake to reopen, for its writer to catch up) without ever holding up
+//! the writer, which sends acknowledgements, deliveries and pings back. A client that stops
+//! reading is closed once a write has waited [`WRITE_TIMEOUT`].
 //!
 //! When the broker stops, readers stop reading at once (nothing new is taken), and writers keep
 //! sending acknowledgements until the commit stage has stored what was taken; then they send
@@ -24,7 +27,7 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
-    PublishProperties,
+    PublishProperties, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,13 +35,24 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::sessions::Acks;
+use super::sessions::{Acks, Backlog};
+use super::subscriptions::Refused;
 use super::wire::{frame, publish_head, Proto, PublishHead, WireError};
 use super::Shared;
 use crate::model::events::{InternalEvent, TopicRefused};
+use crate::pipeline::ingest::OWN_TOPIC_PREFIXES;
 use crate::pipeline::input::{InputSender, Received};
 use crate::pipeline::AckToken;
 use crate::topic::check_topic_name;
+
+/// A write to a client that waits longer than this (the client does not read) closes it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The last write of a stop waits at most this long.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// MQTT 5 reason codes a refused publish is acknowledged with.
+const NOT_AUTHORIZED: u8 = 0x87;
+const TOPIC_NAME_INVALID: u8 = 0x90;
 
 /// What the reader asks the writer to send.
 #[derive(Debug)]
@@ -61,6 +75,20 @@ enum End {
     TakenOver,
     /// The broker stopped.
     Stopped,
+}
+
+/// Whether rumqttd's router can take a topic: its topic matching slices the first byte, and
+/// panics (killing the router thread) when that is not a whole character.
+fn router_safe(topic: &[u8]) -> bool {
+    topic.first().is_some_and(u8::is_ascii)
+}
+
+/// Topics this service publishes itself: a client may neither publish there nor leave a will
+/// there, or it could plant or clear an alarm.
+fn reserved(topic: &[u8]) -> bool {
+    OWN_TOPIC_PREFIXES
+        .iter()
+        .any(|p| topic.starts_with(p.as_bytes()))
 }
 
 /// Serves one accepted connection until it ends.
@@ -111,6 +139,19 @@ where
         client_id = format!("iomt-auto-{}", shared.next_auto_id());
         assigned = Some(client_id.clone());
     }
+    // rumqttd refuses these (silently); say why.
+    if client_id.contains(['+', '#', '/', '$']) {
+        let _ = refuse(&mut wr, &proto, ConnectReturnCode::ClientIdentifierNotValid).await;
+        return;
+    }
+    if let Some(w) = &will {
+        let ok = check_topic_name(&w.topic).is_ok() && router_safe(&w.topic) && !reserved(&w.topic);
+        if !ok {
+            TopicRefused { reason: "will" }.emit(&shared.metrics);
+            let _ = refuse(&mut wr, &proto, ConnectReturnCode::NotAuthorized).await;
+            return;
+        }
+    }
     // A stopping broker takes no new clients.
     let Some(input) = shared.input() else {
         let _ = refuse(&mut wr, &proto, ConnectReturnCode::ServiceUnavailable).await;
@@ -136,10 +177,10 @@ where
         disconnect_router(link_tx).await;
         return;
     }
-    if connect.clean_session {
-        // The router forgot this client's old subscriptions; so does the index.
-        shared.subscriptions.forget(&client_id);
-    }
+    let (session, acks_rx, backlog) = shared.sessions.open();
+    shared
+        .subscriptions
+        .connect(&client_id, session, connect.clean_session);
     let props = proto.is_v5().then(|| ConnAckProperties {
         max_packet_size: Some(shared.max_packet.min(u32::MAX as usize) as u32),
         assigned_client_identifier: assigned,
@@ -148,16 +189,22 @@ where
         ..ConnAckProperties::default()
     });
     let mut out = BytesMut::new();
-    if proto.write(Packet::ConnAck(ack, props), &mut out).is_err()
-        || wr.write_all(&out).await.is_err()
-    {
+    let written = proto.write(Packet::ConnAck(ack, props), &mut out).is_ok()
+        && matches!(
+            tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await,
+            Ok(Ok(()))
+        );
+    if !written {
+        shared.sessions.close(session);
+        shared
+            .subscriptions
+            .disconnect(&client_id, session, connect.clean_session);
         disconnect_router(link_tx).await;
         return;
     }
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
 
     shared.metrics.connections.inc();
-    let (session, acks_rx) = shared.sessions.open();
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (writer_done_tx, writer_done) = watch::channel(None::<End>);
     let writer = tokio::spawn(write_loop(
@@ -166,6 +213,7 @@ where
         link_rx,
         acks_rx,
         control_rx,
+        backlog.clone(),
         shared.finish.clone(),
         writer_done_tx,
     ));
@@ -177,8 +225,10 @@ where
         input: Some(input),
         link_tx,
         control: control_tx,
+        backlog,
         session,
         client_id: client_id.clone(),
+        clean_session: connect.clean_session,
         keep_alive,
         qos2_pending: HashSet::new(),
         skip: 0,
@@ -203,9 +253,9 @@ where
     let _ = writer.await;
     shared.sessions.close(session);
     shared.metrics.connections.dec();
-    if connect.clean_session {
-        shared.subscriptions.forget(&client_id);
-    }
+    shared
+        .subscriptions
+        .disconnect(&client_id, session, connect.clean_session);
     debug!(session, ?end, "connection closed");
 }
 
@@ -268,7 +318,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
         code,
     };
     if proto.write(Packet::ConnAck(ack, None), &mut out).is_ok() {
-        wr.write_all(&out).await?;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await;
     }
     wr.shutdown().await
 }
@@ -283,7 +333,8 @@ async fn disconnect_router(mut link_tx: LinkTx) {
 }
 
 /// Publishes the client's will (at QoS 0: the router delivers it at each subscription's QoS).
-/// MQTT 5's will delay is not honoured: the will goes out when the connection ends.
+/// MQTT 5's will delay is not honoured: the will goes out when the connection ends. Its topic
+/// was checked at CONNECT.
 async fn publish_will(link_tx: &mut LinkTx, will: LastWill) {
     let p = Publish::new(will.topic, will.message, will.retain);
     let _ = link_tx.send(Packet::Publish(p, None)).await;
@@ -298,13 +349,25 @@ struct Reader<R> {
     input: Option<InputSender>,
     link_tx: LinkTx,
     control: mpsc::UnboundedSender<Control>,
+    /// Packets queued for the writer and not yet written.
+    backlog: Arc<Backlog>,
     session: u64,
     client_id: String,
+    clean_session: bool,
     keep_alive: Duration,
     /// QoS 2 packet ids taken in and not yet released: a duplicate is not taken twice.
     qos2_pending: HashSet<u16>,
     /// Bytes of an oversized publish still to be thrown away as they arrive.
     skip: usize,
+}
+
+/// What woke the reader.
+enum Wake {
+    /// Bytes read; 0 at end of stream or on an error.
+    Read(usize),
+    Expired,
+    Stopping,
+    WriterDone(End),
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -320,11 +383,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             if *stopping.borrow() {
                 return self.finish(End::Stopped, &mut writer_done).await;
             }
+            // A client whose writer is far behind (it does not read) is not read either.
+            tokio::select! {
+                _ = self.backlog.room() => {}
+                _ = raised(&mut stopping) => return self.finish(End::Stopped, &mut writer_done).await,
+                end = ended(&mut writer_done) => return end,
+            }
             // MQTT: the server closes a client silent for 1.5 keep-alive periods (0: never).
             let expiry = (!self.keep_alive.is_zero())
                 .then(|| last_packet + self.keep_alive + self.keep_alive / 2);
             let wake = tokio::select! {
-                n = self.rd.read_buf(&mut self.buf) => Wake::Read(n.map_or(0, |n| n)),
+                n = self.rd.read_buf(&mut self.buf) => Wake::Read(n.unwrap_or(0)),
                 _ = sleep_until_opt(expiry) => Wake::Expired,
                 _ = raised(&mut stopping) => Wake::Stopping,
                 end = ended(&mut writer_done) => Wake::WriterDone(end),
@@ -427,15 +496,15 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         End::Abnormal
     }
 
+    fn send_control(&self, p: Packet) {
+        self.backlog.add(1);
+        let _ = self.control.send(Control::Packet(Box::new(p)));
+    }
+
     /// MQTT 5 clients are told why the server closes.
     fn send_disconnect(&self, reason_code: DisconnectReasonCode) {
         if self.proto.is_v5() {
-            let _ = self
-                .control
-                .send(Control::Packet(Box::new(Packet::Disconnect(
-                    Disconnect { reason_code },
-                    None,
-                ))));
+            self.send_control(Packet::Disconnect(Disconnect { reason_code }, None));
         }
     }
 
@@ -466,22 +535,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 } else {
                     PubCompReason::PacketIdentifierNotFound
                 };
-                let comp = PubComp {
-                    pkid: rel.pkid,
-                    reason,
-                };
-                let _ = self
-                    .control
-                    .send(Control::Packet(Box::new(Packet::PubComp(comp, None))));
+                self.send_control(Packet::PubComp(
+                    PubComp {
+                        pkid: rel.pkid,
+                        reason,
+                    },
+                    None,
+                ));
                 Ok(())
             }
             Packet::Subscribe(sub, props) => {
-                for f in &sub.filters {
-                    self.shared
-                        .subscriptions
-                        .subscribe(&self.client_id, &f.path);
-                }
-                let _ = self.link_tx.send(Packet::Subscribe(sub, props)).await;
+                self.subscribe(sub, props).await;
                 Ok(())
             }
             Packet::Unsubscribe(unsub, props) => {
@@ -492,9 +556,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 Ok(())
             }
             Packet::PingReq(_) => {
-                let _ = self
-                    .control
-                    .send(Control::Packet(Box::new(Packet::PingResp(PingResp))));
+                self.send_control(Packet::PingResp(PingResp));
                 Ok(())
             }
             Packet::Disconnect(d, _) => Err(
@@ -510,6 +572,47 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
     }
 
+    /// A SUBSCRIBE goes to the router whole, or is refused whole (with a SUBACK of failures):
+    /// for an invalid filter, past the filter quotas, or a shared subscription in a persistent
+    /// session (rumqttd's router panics on those when the session ends with deliveries due).
+    async fn subscribe(&mut self, sub: Subscribe, props: Option<SubscribeProperties>) {
+        let mut refused = None;
+        for f in &sub.filters {
+            if !self.clean_session && f.path.starts_with("$share/") {
+                refused = Some(SubscribeReasonCode::SharedSubscriptionsNotSupported);
+            } else {
+                match self.shared.subscriptions.check(&self.client_id, &f.path) {
+                    Ok(()) => {}
+                    Err(Refused::Invalid) => {
+                        refused = Some(SubscribeReasonCode::TopicFilterInvalid)
+                    }
+                    Err(Refused::Quota) => refused = Some(SubscribeReasonCode::QuotaExceeded),
+                }
+            }
+        }
+        if let Some(code) = refused {
+            let code = if self.proto.is_v5() {
+                code
+            } else {
+                SubscribeReasonCode::Failure
+            };
+            self.send_control(Packet::SubAck(
+                SubAck {
+                    pkid: sub.pkid,
+                    return_codes: vec![code; sub.filters.len()],
+                },
+                None,
+            ));
+            return;
+        }
+        for f in &sub.filters {
+            self.shared
+                .subscriptions
+                .subscribe(&self.client_id, self.session, &f.path);
+        }
+        let _ = self.link_tx.send(Packet::Subscribe(sub, props)).await;
+    }
+
     /// A device's publish: checked, offered to the router if anyone may want it, and queued
     /// for ingest with its ack token (once intake is open and ingest's queue has room).
     async fn publish(
@@ -521,36 +624,34 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         stopping: &mut watch::Receiver<bool>,
         writer_done: &mut watch::Receiver<Option<End>>,
     ) -> Result<(), End> {
-        let topic = match check_topic_name(&head.topic) {
-            Ok(t) => t.to_owned(),
-            Err(e) => {
-                TopicRefused { reason: e.as_str() }.emit(&self.shared.metrics);
-                if self.proto.is_v5() && head.qos > 0 {
-                    // MQTT 5 can refuse one message and keep the connection.
-                    let p = if head.qos == 1 {
-                        Packet::PubAck(
-                            PubAck {
-                                pkid: head.packet_id,
-                                reason: PubAckReason::TopicNameInvalid,
-                            },
-                            None,
-                        )
-                    } else {
-                        Packet::PubRec(
-                            PubRec {
-                                pkid: head.packet_id,
-                                reason: PubRecReason::TopicNameInvalid,
-                            },
-                            None,
-                        )
-                    };
-                    let _ = self.control.send(Control::Packet(Box::new(p)));
-                    return Ok(());
-                }
+        let token = (head.qos > 0).then(|| AckToken::new(self.session, head.packet_id, head.qos));
+        if let Err(e) = check_topic_name(&head.topic) {
+            TopicRefused { reason: e.as_str() }.emit(&self.shared.metrics);
+            if !self.proto.is_v5() {
                 // MQTT 3.1.1 §4.7.3: the server closes the connection.
                 return Err(self.protocol_error(&WireError::Malformed(e.to_string())));
             }
-        };
+            // MQTT 5 can refuse one message and keep the connection.
+            return match token {
+                Some(t) => {
+                    let refused = Received::refused(t.refusing(TOPIC_NAME_INVALID));
+                    self.hand_over(refused, stopping, writer_done).await
+                }
+                None => Ok(()),
+            };
+        }
+        if reserved(&head.topic) {
+            // Acknowledged (MQTT 5: as not authorized; 3.1.1 has no refusal but closing, and a
+            // closed device would only resend) and dropped.
+            TopicRefused { reason: "reserved" }.emit(&self.shared.metrics);
+            return match token {
+                Some(t) => {
+                    let refused = Received::refused(t.refusing(NOT_AUTHORIZED));
+                    self.hand_over(refused, stopping, writer_done).await
+                }
+                None => Ok(()),
+            };
+        }
         if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
             self.send_disconnect(DisconnectReasonCode::TopicAliasInvalid);
             return Err(End::Abnormal);
@@ -559,24 +660,43 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             // A duplicate of a message already taken in: its PUBREC comes when it is stored.
             return Ok(());
         }
-        if size == payload.len() && (head.retain || self.shared.subscriptions.wanted(&topic)) {
-            let p = Publish::new(head.topic.clone(), payload.clone(), head.retain);
-            let props = props.map(|mut p| {
-                p.topic_alias = None;
-                p.subscription_identifiers.clear();
-                p
-            });
-            let _ = self.link_tx.send(Packet::Publish(p, props)).await;
+        let whole = size == payload.len();
+        if whole && router_safe(&head.topic) {
+            // Checked UTF-8 above.
+            let name = std::str::from_utf8(&head.topic).unwrap_or_default();
+            let wanted = self.shared.subscriptions.wanted(name);
+            let retain = head.retain && self.shared.retained.admit(&head.topic, payload.len());
+            if retain || wanted {
+                let p = Publish::new(head.topic.clone(), payload.clone(), retain);
+                let props = props.map(|mut p| {
+                    p.topic_alias = None;
+                    p.subscription_identifiers.clear();
+                    p
+                });
+                let _ = self.link_tx.send(Packet::Publish(p, props)).await;
+            }
         }
-        let ack = (head.qos > 0).then(|| AckToken::new(self.session, head.packet_id, head.qos));
+        // Exact copies: a slice would keep the connection's whole read buffer alive while the
+        // message waits, and the queue counts only the message's own bytes.
         let received = Received {
-            topic: head.topic,
-            payload,
+            topic: Bytes::copy_from_slice(&head.topic),
+            payload: Bytes::copy_from_slice(&payload),
             payload_size: size,
-            ack,
+            ack: token,
+            refused: false,
         };
-        // Wait for intake to be open (store healthy, disk not full) and for room in ingest's
-        // queue, without reading on: the client's further packets wait in TCP.
+        self.hand_over(received, stopping, writer_done).await
+    }
+
+    /// Queues a message for ingest once intake is open (store healthy, disk not full) and
+    /// ingest's queue has room, without reading on meanwhile: the client's further packets
+    /// wait in TCP.
+    async fn hand_over(
+        &mut self,
+        received: Received,
+        stopping: &mut watch::Receiver<bool>,
+        writer_done: &mut watch::Receiver<Option<End>>,
+    ) -> Result<(), End> {
         let mut intake = self.shared.intake.clone();
         let Some(input) = self.input.as_ref() else {
             return Err(End::Stopped);
@@ -593,15 +713,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             end = ended(writer_done) => Err(end),
         }
     }
-}
-
-/// What woke the reader.
-enum Wake {
-    /// Bytes read; 0 at end of stream or on an error.
-    Read(usize),
-    Expired,
-    Stopping,
-    WriterDone(End),
 }
 
 /// Waits until the flag turns true (forever if its sender is gone). Never holds the watch's
@@ -629,27 +740,36 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 /// Writes everything the client gets: acknowledgements from commit, the router's deliveries and
 /// acks, the reader's pings and refusals. Ends when the reader closes, the router closes the
-/// session, the socket fails, or, when the broker stops, once the last acknowledgements are out.
+/// session, the socket fails or stalls, or, when the broker stops, once the last
+/// acknowledgements are out.
+#[allow(clippy::too_many_arguments)]
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     proto: Proto,
     mut link_rx: LinkRx,
     mut acks: mpsc::UnboundedReceiver<Acks>,
     mut control: mpsc::UnboundedReceiver<Control>,
+    backlog: Arc<Backlog>,
     mut finish: watch::Receiver<bool>,
     done: watch::Sender<Option<End>>,
 ) {
     let mut out = BytesMut::with_capacity(4096);
     let end = loop {
         let mut closing = None;
+        // Items counted in the backlog that this round writes.
+        let mut written = 0;
         tokio::select! {
             biased;
             c = control.recv() => match c {
-                Some(Control::Packet(p)) => encode(&proto, *p, &mut out),
+                Some(Control::Packet(p)) => {
+                    encode(&proto, *p, &mut out);
+                    written += 1;
+                }
                 Some(Control::Close) | None => closing = Some(End::Clean),
             },
             a = acks.recv() => {
                 if let Some(a) = a {
+                    written += a.len();
                     encode_acks(&proto, a, &mut out);
                 }
             }
@@ -676,6 +796,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             },
             _ = raised(&mut finish) => {
                 while let Ok(a) = acks.try_recv() {
+                    written += a.len();
                     encode_acks(&proto, a, &mut out);
                 }
                 if proto.is_v5() {
@@ -688,11 +809,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // Take whatever else is ready, so one write carries many packets.
         if closing.is_none() {
             while let Ok(a) = acks.try_recv() {
+                written += a.len();
                 encode_acks(&proto, a, &mut out);
             }
             while let Ok(c) = control.try_recv() {
                 match c {
-                    Control::Packet(p) => encode(&proto, *p, &mut out),
+                    Control::Packet(p) => {
+                        encode(&proto, *p, &mut out);
+                        written += 1;
+                    }
                     Control::Close => {
                         closing = Some(End::Clean);
                         break;
@@ -701,43 +826,74 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
-                break End::Abnormal;
+            let limit = if closing == Some(End::Stopped) {
+                FINAL_WRITE_TIMEOUT
+            } else {
+                WRITE_TIMEOUT
+            };
+            // A client that does not read would hold this write, and with it the writer, for
+            // ever: it is closed instead.
+            match tokio::time::timeout(limit, wr.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                _ => break End::Abnormal,
             }
             out.clear();
         }
+        backlog.done(written);
         if let Some(end) = closing {
             break end;
         }
     };
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, wr.shutdown()).await;
     let _ = done.send(Some(end));
 }
 
+/// MQTT 3.1.1 has no properties: rumqttd's v4 writer panics on a packet that carries them (a
+/// delivery of an MQTT 5 publisher's message, for one), so they are dropped first.
+fn without_properties(p: Packet) -> Packet {
+    match p {
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(p, _) => Packet::PubAck(p, None),
+        Packet::PubRec(p, _) => Packet::PubRec(p, None),
+        Packet::PubRel(p, _) => Packet::PubRel(p, None),
+        Packet::PubComp(p, _) => Packet::PubComp(p, None),
+        Packet::SubAck(p, _) => Packet::SubAck(p, None),
+        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
+        Packet::ConnAck(p, _) => Packet::ConnAck(p, None),
+        Packet::Disconnect(p, _) => Packet::Disconnect(p, None),
+        other => other,
+    }
+}
+
 fn encode(proto: &Proto, p: Packet, out: &mut BytesMut) {
+    let p = if proto.is_v5() {
+        p
+    } else {
+        without_properties(p)
+    };
     if let Err(e) = proto.write(p, out) {
         debug!(error = %e, "a packet could not be encoded");
     }
 }
 
 fn encode_acks(proto: &Proto, acks: Acks, out: &mut BytesMut) {
-    for (pkid, qos) in acks {
+    for (pkid, qos, reason) in acks {
         let p = if qos == 2 {
-            Packet::PubRec(
-                PubRec {
-                    pkid,
-                    reason: PubRecReason::Success,
-                },
-                None,
-            )
+            let reason = match reason {
+                0 => PubRecReason::Success,
+                NOT_AUTHORIZED => PubRecReason::NotAuthorized,
+                TOPIC_NAME_INVALID => PubRecReason::TopicNameInvalid,
+                _ => PubRecReason::UnspecifiedError,
+            };
+            Packet::PubRec(PubRec { pkid, reason }, None)
         } else {
-            Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            )
+            let reason = match reason {
+                0 => PubAckReason::Success,
+                NOT_AUTHORIZED => PubAckReason::NotAuthorized,
+                TOPIC_NAME_INVALID => PubAckReason::TopicNameInvalid,
+                _ => PubAckReason::UnspecifiedError,
+            };
+            Packet::PubAck(PubAck { pkid, reason }, None)
         };
         encode(proto, p, out);
     }

@@ -12,6 +12,7 @@
 //! is an error at start, not a silent split of the devices between two brokers.
 
 mod connection;
+mod retained;
 mod router;
 mod sessions;
 mod subscriptions;
@@ -61,6 +62,7 @@ pub struct Shared {
     router: Router,
     sessions: Arc<Sessions>,
     subscriptions: Subscriptions,
+    retained: retained::Retained,
     /// Ingest's queue; taken away when the broker stops, so new and stopping connections
     /// cannot hand anything more in.
     input: Mutex<Option<InputSender>>,
@@ -76,6 +78,9 @@ pub struct Shared {
     /// Turns true once the last acknowledgements are queued: writers send them and close.
     finish: watch::Receiver<bool>,
     next_auto_id: AtomicU64,
+    /// Connections served at once, CONNECT pending or not: past `max_connections` (and a few
+    /// for the CONNACK that says so), a new one is closed at once.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -150,12 +155,15 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError
 impl EmbeddedBroker {
     /// Binds the listeners and starts the router. Connections are served from now on, but
     /// nothing is taken in until `intake` turns true.
+    /// `router_ended` is called if rumqttd's router thread ever ends: the broker is then dead
+    /// for subscribers, and the service must fail rather than pretend.
     pub async fn start(
         c: &BrokerConfig,
         max_payload: usize,
         input: InputSender,
         intake: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
+        router_ended: Box<dyn FnOnce(String) + Send>,
     ) -> Result<(Self, LinkPublisher, SessionAcker), BrokerError> {
         let (mqtt, mqtt_addr) = bind(c.listen).await?;
         let v5 = match c.listen_v5 {
@@ -167,7 +175,7 @@ impl EmbeddedBroker {
             None => None,
         };
         let router = Router::start(c).map_err(BrokerError::Router)?;
-        let publisher = LinkPublisher::new(&router).map_err(BrokerError::Router)?;
+        let publisher = LinkPublisher::new(&router, router_ended).map_err(BrokerError::Router)?;
         let (stopping_tx, stopping) = watch::channel(false);
         let (finish_tx, finish) = watch::channel(false);
         let sessions = Arc::new(Sessions::default());
@@ -175,6 +183,7 @@ impl EmbeddedBroker {
             router,
             sessions: sessions.clone(),
             subscriptions: Subscriptions::default(),
+            retained: retained::Retained::default(),
             input: Mutex::new(Some(input)),
             max_packet: c.max_packet_bytes,
             max_payload,
@@ -184,6 +193,7 @@ impl EmbeddedBroker {
             stopping,
             finish,
             next_auto_id: AtomicU64::new(0),
+            slots: Arc::new(tokio::sync::Semaphore::new(c.max_connections + 16)),
         });
         let tracker = Arc::new(Tracker::default());
         let listeners = Listeners {
@@ -279,12 +289,18 @@ async fn accept_loop(
             },
             _ = connection::raised(&mut stopping) => return,
         };
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            debug!(%peer, "refused: as many connections as allowed");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         debug!(%peer, websocket, "accepted");
         let guard = tracker.track();
         let shared = shared.clone();
         tokio::spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             if websocket {
                 serve_websocket(stream, shared).await;
             } else {
@@ -306,11 +322,21 @@ async fn serve_websocket(stream: TcpStream, shared: Arc<Shared>) {
             .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
         Ok(resp)
     };
-    let upgrade = tokio::time::timeout(
-        shared.connect_timeout,
-        async_tungstenite::tokio::accept_hdr_async(stream, callback),
-    )
-    .await;
+    // Messages and frames no larger than an MQTT packet may be (tungstenite's defaults allow
+    // 64 MiB).
+    let config = async_tungstenite::tungstenite::protocol::WebSocketConfig {
+        max_message_size: Some(shared.max_packet + 1024),
+        max_frame_size: Some(shared.max_packet + 1024),
+        ..Default::default()
+    };
+    let mut stopping = shared.stopping.clone();
+    let upgrade = tokio::select! {
+        u = tokio::time::timeout(
+            shared.connect_timeout,
+            async_tungstenite::tokio::accept_hdr_async_with_config(stream, callback, Some(config)),
+        ) => u,
+        _ = connection::raised(&mut stopping) => return,
+    };
     match upgrade {
         Ok(Ok(ws)) => connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared).await,
         Ok(Err(e)) => debug!(error = %e, "websocket handshake failed"),

@@ -90,45 +90,46 @@ impl Router {
 /// at the QoS of its subscription and keeps retained ones.
 pub struct LinkPublisher {
     tx: LinkTx,
-    runtime: tokio::runtime::Runtime,
 }
 
 impl LinkPublisher {
     /// Links to the router; the link's receiving half is drained on a thread of its own (the
     /// router queues notifications to every link and stops a link whose queue is never read).
-    pub fn new(router: &Router) -> Result<Self, String> {
+    pub fn new(router: &Router, ended: Box<dyn FnOnce(String) + Send>) -> Result<Self, String> {
         let (tx, mut rx, _) = router
             .link("iomt-edge-output", true)
             .map_err(|e| format!("the router refused the output link: {e}"))?;
         thread::Builder::new()
             .name("output-acks".into())
             .spawn(move || loop {
+                // This link lives as long as the router: its end is the router's.
                 match rx.recv() {
                     Ok(Some(Notification::Unschedule)) => {
                         if rx.ready().is_err() {
-                            return;
+                            return ended("rumqttd's router stopped".into());
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => return,
+                    Err(_) => return ended("rumqttd's router stopped".into()),
                 }
             })
             .map_err(|e| e.to_string())?;
-        // LinkTx publishes a retained message only through its async `send`, which never
-        // actually waits; a current-thread runtime on this stage's own thread drives it.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map_err(|e| e.to_string())?;
-        Ok(LinkPublisher { tx, runtime })
+        Ok(LinkPublisher { tx })
     }
 }
 
 impl Publisher for LinkPublisher {
     fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String> {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
         let packet = Packet::Publish(Publish::new(Bytes::from(topic), payload, retain), None);
-        self.runtime
-            .block_on(self.tx.send(packet))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        // LinkTx publishes a retained message only through its async `send`, which never
+        // actually waits (it hands the packet over with a blocking channel send): one poll
+        // completes it, with no runtime needed on this thread.
+        let mut send = std::pin::pin!(self.tx.send(packet));
+        match send.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(r) => r.map(|_| ()).map_err(|e| e.to_string()),
+            Poll::Pending => Err("the router's link did not take the message".into()),
+        }
     }
 }
