@@ -156,7 +156,7 @@ impl BrokerConfig {
         2 << 20
     }
     const fn default_inflight() -> u16 {
-        8192
+        u16::MAX
     }
 }
 
@@ -272,6 +272,12 @@ pub struct BatchConfig {
     /// arrived for this long: their publishers may be waiting for those acknowledgements.
     #[serde(default = "BatchConfig::default_linger", with = "humantime_serde")]
     pub linger: Duration,
+    /// A batch is also cut once this many of its messages wait for their acknowledgement: a
+    /// publisher's window of unacknowledged messages (and an external broker's receive window)
+    /// must never fill while a batch is still open. In external mode, a quarter of
+    /// `broker.inflight` if that is less.
+    #[serde(default = "BatchConfig::default_max_unacked")]
+    pub max_unacked: usize,
 }
 
 impl BatchConfig {
@@ -283,6 +289,9 @@ impl BatchConfig {
     }
     const fn default_max_age() -> Duration {
         Duration::from_millis(200)
+    }
+    const fn default_max_unacked() -> usize {
+        2048
     }
     const fn default_linger() -> Duration {
         Duration::from_millis(5)

@@ -335,11 +335,19 @@ impl Service {
             move || commit_stage.run(commit_rx),
         )?;
 
+        let mut batch = config.batch.clone();
+        if config.broker.external.is_some() {
+            // The broker stops sending once its window is unacknowledged: batches are cut well
+            // before, so acknowledgements flow while messages still arrive.
+            batch.max_unacked = batch
+                .max_unacked
+                .min(usize::from(config.broker.inflight / 4).max(1));
+        }
         let ingest_stage = Ingest::new(
             RouteTable::new(routes),
             AlarmEngine::from_config(&config.rules),
             &config.ingest,
-            &config.batch,
+            &batch,
             store.clone(),
             health.clone(),
             metrics.clone(),

@@ -167,6 +167,7 @@ impl Ingest {
             let Some(o) = opened else { continue };
             let now = Instant::now();
             let full = self.builder.len() >= self.batch.max_rows
+                || acks.len() >= self.batch.max_unacked
                 || self.builder.columns().approx_bytes() >= self.batch.max_bytes;
             let old = now >= o + self.batch.max_age;
             let lingered = !acks.is_empty() && now >= last_message + self.batch.linger;

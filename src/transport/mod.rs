@@ -4,3 +4,13 @@
 pub mod broker;
 pub mod external;
 pub mod http;
+pub mod wire;
+
+/// Waits until the flag turns true (forever if its sender is gone). Never holds the watch's
+/// lock across an await, unlike a `wait_for` result kept in a `select!` (which would also make
+/// the task's future not `Send`).
+pub(crate) async fn raised(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

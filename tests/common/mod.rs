@@ -235,7 +235,12 @@ impl Edge {
     /// SIGTERM, and the exit status.
     pub fn stop(mut self) -> ExitStatus {
         signal(&self.child, "TERM");
-        self.wait_exit()
+        let status = self.wait_exit();
+        if !status.success() {
+            // Shown with the failing test's output, so a failed stop says why.
+            eprintln!("service exited with {status}; its log:\n{}", self.log());
+        }
+        status
     }
 
     /// SIGTERM, and the exit status with how long the process took to exit.

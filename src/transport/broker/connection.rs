@@ -37,13 +37,14 @@ use tracing::debug;
 
 use super::sessions::{Acks, Backlog};
 use super::subscriptions::Refused;
-use super::wire::{frame, publish_head, Proto, PublishHead, WireError};
 use super::Shared;
 use crate::model::events::{InternalEvent, TopicRefused};
 use crate::pipeline::ingest::OWN_TOPIC_PREFIXES;
 use crate::pipeline::input::{InputSender, Received};
 use crate::pipeline::AckToken;
 use crate::topic::check_topic_name;
+use crate::transport::raised;
+use crate::transport::wire::{frame, publish_head, Proto, PublishHead, WireError};
 
 /// A write to a client that waits longer than this (the client does not read) closes it.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -712,14 +713,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             _ = raised(stopping) => Err(End::Stopped),
             end = ended(writer_done) => Err(end),
         }
-    }
-}
-
-/// Waits until the flag turns true (forever if its sender is gone). Never holds the watch's
-/// lock across an await, unlike a `wait_for` result kept in a `select!`.
-pub(super) async fn raised(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 

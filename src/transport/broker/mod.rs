@@ -16,7 +16,6 @@ mod retained;
 mod router;
 mod sessions;
 mod subscriptions;
-mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -287,7 +286,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = connection::raised(&mut stopping) => return,
+            _ = crate::transport::raised(&mut stopping) => return,
         };
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
             debug!(%peer, "refused: as many connections as allowed");
@@ -335,7 +334,7 @@ async fn serve_websocket(stream: TcpStream, shared: Arc<Shared>) {
             shared.connect_timeout,
             async_tungstenite::tokio::accept_hdr_async_with_config(stream, callback, Some(config)),
         ) => u,
-        _ = connection::raised(&mut stopping) => return,
+        _ = crate::transport::raised(&mut stopping) => return,
     };
     match upgrade {
         Ok(Ok(ws)) => connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared).await,

@@ -1,6 +1,6 @@
-//! MQTT on the wire: which protocol version a connection speaks (from its CONNECT), where each
-//! packet ends, and the head of a PUBLISH (flags, packet id, topic), read straight from the
-//! bytes. rumqttd's codecs (`rumqttd::protocol::{v4, v5}`) parse and write whole packets; this
+//! MQTT on the wire, for the embedded broker's connections and the external session: which
+//! protocol version a connection speaks (from its CONNECT), where each packet ends, and the
+//! head of a PUBLISH (flags, packet id, topic), read straight from the bytes. rumqttd's codecs (`rumqttd::protocol::{v4, v5}`) parse and write whole packets; this
 //! module adds what they do not give: the version before parsing, the head of a publish too large
 //! to buffer, and its QoS and packet id (private fields of rumqttd's `Publish`).
 
@@ -48,6 +48,7 @@ pub struct Frame {
 }
 
 impl Frame {
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.header_len + self.remaining
     }
