@@ -20,10 +20,8 @@
 //! Publishers speak MQTT 3.1.1 by hand (tests/common/raw.rs): client libraries cost more CPU per
 //! message than the brokers under test.
 
-#[path = "../tests/common/mosquitto.rs"]
-mod mosquitto;
-#[path = "../tests/common/raw.rs"]
-mod raw;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -41,6 +39,8 @@ use iomt_edge::transport::broker::EmbeddedBroker;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+
+use common::{env_or, mosquitto, raw};
 
 const PIPELINE: &str = r#"
 site = "bench"
@@ -76,13 +76,6 @@ subject = "bed-{2}"
 
 /// Unacknowledged QoS 1 publishes per connection.
 const WINDOW: usize = 400;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What a payload looks like.
 #[derive(Clone, Copy)]
@@ -159,26 +152,9 @@ async fn publish(
     )
     .await
     .expect("CONNACK");
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let window = Arc::new(Semaphore::new(WINDOW));
-    let acks = {
-        let window = window.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut acked = 0u64;
-            while acked < count as u64 {
-                match raw::read_packet(&mut rd, &mut buf).await {
-                    Ok(t) if t >> 4 == 4 => {
-                        acked += 1;
-                        window.add_permits(1);
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-            acked
-        })
-    };
+    let acks = raw::count_pubacks(rd, count as u64, window.clone());
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
     let topic = payload.topic(c);
     let mut packet = Vec::with_capacity(512);

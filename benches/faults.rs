@@ -15,22 +15,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::load::{stored_ids, Load, Target};
-use common::{pipeline, stored_readings, Edge};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{env_or, free_port, pipeline, stored_readings, Edge};
 
 /// Prints the verdict of one scenario; false if anything acknowledged is missing or a seq was
 /// reused.

@@ -8,10 +8,10 @@
 //! IOMT_BENCH_DEVICES=1000 IOMT_BENCH_SECONDS=60 IOMT_BENCH_BURST=200000 cargo bench --bench rss
 //! ```
 
-#[path = "../tests/common/raw.rs"]
-mod raw;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,22 +20,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use common::{env_or, free_port, raw};
+
 const LIMIT_MIB: f64 = 100.0;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -138,27 +125,10 @@ async fn burst(port: u16, total: usize) -> u64 {
                 raw::handshake(&mut s, &format!("burst-{c}"), 4)
                     .await
                     .unwrap();
-                let (mut rd, mut wr) = s.into_split();
+                let (rd, mut wr) = s.into_split();
                 let n = total / 4;
                 let window = Arc::new(tokio::sync::Semaphore::new(400));
-                let reader = {
-                    let window = window.clone();
-                    tokio::spawn(async move {
-                        let mut body = Vec::new();
-                        let mut acked = 0u64;
-                        while acked < n as u64 {
-                            match raw::read_packet(&mut rd, &mut body).await {
-                                Ok(t) if t >> 4 == 4 => {
-                                    acked += 1;
-                                    window.add_permits(1);
-                                }
-                                Ok(_) => {}
-                                Err(_) => break,
-                            }
-                        }
-                        acked
-                    })
-                };
+                let reader = raw::count_pubacks(rd, n as u64, window.clone());
                 let mut packet = Vec::new();
                 let topic = format!("ward/99/bed/{c}/vitals");
                 let mut pkid: u16 = 0;
@@ -217,7 +187,15 @@ fn main() {
         .replace("127.0.0.1:8083", "127.0.0.1:0")
         .replace("127.0.0.1:9100", &format!("127.0.0.1:{http}"))
         // The burst carries 2023 device times.
-        .replacen("[ingest]\n", "[ingest]\nclock_max_past = \"100years\"\n", 1);
+        .replacen(
+            "clock_max_past = \"24h\"",
+            "clock_max_past = \"100years\"",
+            1,
+        );
+    assert!(
+        text.contains("100years"),
+        "pipelines/ward.toml sets clock_max_past"
+    );
     let pipeline = dir.path().join("p.toml");
     std::fs::write(&pipeline, text).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
@@ -226,7 +204,7 @@ fn main() {
         .arg("--data")
         .arg(dir.path().join("data"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("service.log")).unwrap())
         .spawn()
         .expect("start iomt-edge");
     let service = Service(child);
@@ -234,7 +212,11 @@ fn main() {
     let http_addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(http_addr, "iomt_healthy") < 1.0 {
-        assert!(Instant::now() < deadline, "service did not become healthy");
+        assert!(
+            Instant::now() < deadline,
+            "service did not become healthy: {}",
+            std::fs::read_to_string(dir.path().join("service.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     println!(

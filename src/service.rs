@@ -22,13 +22,13 @@ use tracing::{info, warn};
 use crate::alarm::AlarmEngine;
 use crate::config::PipelineConfig;
 use crate::model::metrics::Metrics;
-use crate::pipeline::commit::{Commit, CommitError, CommitSummary, GiveUp, WriteWatch};
+use crate::pipeline::commit::{Commit, CommitError, CommitSummary, WriteWatch};
 use crate::pipeline::health::Health;
 use crate::pipeline::ingest::{Ingest, IngestError, IngestSummary, PendingBatch};
 use crate::pipeline::input;
 use crate::pipeline::output::Output;
 use crate::pipeline::routes::{Route, RouteTable};
-use crate::pipeline::{disk, Acker, Publisher};
+use crate::pipeline::{disk, Acker, GiveUp, Publisher};
 use crate::seal::keys::KeyError;
 use crate::seal::Sealer;
 use crate::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store, StoreError};
@@ -225,6 +225,9 @@ impl Service {
 
         let (input_tx, input_rx) = input::queue(config.ingest.queue_bytes);
         metrics.probe_queue_bytes("ingest", input_rx.probe());
+        // Set once the service stops: what still retries (commit on a failing store, alarms for
+        // a broker that takes none) gives up shortly before the stop deadline.
+        let give_up = GiveUp::default();
         // Stages report here when they end; so do parts of the transports that must not.
         let (ended_tx, ended) = mpsc::unbounded_channel::<Ended>();
         let (transport, publisher, acker, endpoints): (
@@ -247,6 +250,7 @@ impl Service {
                     &config.broker,
                     input_tx,
                     health.clone(),
+                    give_up.clone(),
                     Arc::new(move |why| {
                         let _ = tx.send(("transport", why));
                     }),
@@ -314,7 +318,6 @@ impl Service {
             flume::bounded::<PendingBatch>(config.ingest.queue_batches.max(1));
         let probe = commit_rx.clone();
         metrics.probe_queue("commit", move || probe.len() as i64);
-        let give_up = GiveUp::default();
         let writes = Arc::new(WriteWatch::default());
         let commit_stage = Commit::new(
             Sealer::new(keys.master),

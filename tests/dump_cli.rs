@@ -167,26 +167,24 @@ fn an_older_store_with_another_key_names_the_batch_the_key_does_not_open() {
     assert_eq!(store.key_check_value().unwrap(), None);
 }
 
-/// Rewrites the stored value of batch `id` in the store of `data`, bypassing the library.
-fn damage(data: &Path, tree: &str, id: u64, change: impl FnOnce(&mut Vec<u8>)) {
-    let db = sled::open(data.join("store")).unwrap();
-    let tree = db.open_tree(tree).unwrap();
-    let mut value = tree.get(id.to_be_bytes()).unwrap().unwrap().to_vec();
-    change(&mut value);
-    tree.insert(id.to_be_bytes(), value).unwrap();
-    db.flush().unwrap();
-}
-
 #[test]
 fn a_damaged_batch_ends_the_dump_after_the_batches_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     common::write_store(&data, 3, 2, true);
-    damage(&data, "batches", 1, |v| *v.last_mut().unwrap() ^= 1);
+    // The last byte of batch 1's ciphertext, in its last (here: only) part.
+    let db = sled::open(data.join("store")).unwrap();
+    let parts = db.open_tree("parts").unwrap();
+    let (key, value) = parts.scan_prefix(1u64.to_be_bytes()).last().unwrap().unwrap();
+    let mut value = value.to_vec();
+    *value.last_mut().unwrap() ^= 1;
+    parts.insert(key, value).unwrap();
+    db.flush().unwrap();
+    drop((parts, db));
     assert_fails(
         &dump(&data),
         &lines_of_batch(0),
-        "batch 1: decryption failed: wrong key, or the ciphertext or its header was altered",
+        "stored record batch 1 is corrupt: its parts do not hash to their manifest",
     );
 }
 
@@ -201,8 +199,16 @@ fn a_batch_copied_under_another_id_ends_the_dump_there() {
         let one = tree.get(1u64.to_be_bytes()).unwrap().unwrap();
         tree.insert(2u64.to_be_bytes(), one).unwrap();
     }
+    // And its parts over batch 2's.
+    let parts = db.open_tree("parts").unwrap();
+    for kv in parts.scan_prefix(1u64.to_be_bytes()) {
+        let (k, v) = kv.unwrap();
+        let mut k2 = k.to_vec();
+        k2[..8].copy_from_slice(&2u64.to_be_bytes());
+        parts.insert(k2, v).unwrap();
+    }
     db.flush().unwrap();
-    drop(db);
+    drop((parts, db));
     assert_fails(
         &dump(&data),
         &(lines_of_batch(0) + &lines_of_batch(1)),

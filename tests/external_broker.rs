@@ -197,42 +197,21 @@ async fn oversized_and_undecodable_messages_are_dead_lettered_and_acknowledged_n
 async fn health_says_the_broker_is_down_until_the_session_is_up() {
     let dir = tempfile::tempdir().unwrap();
     // A port nobody listens on yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let text = external_pipeline(port);
     let edge = Edge::spawn(&text, &dir.path().join("data"), &[]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (code, health) = edge.health();
     assert_eq!(code, 503, "{health}");
     assert!(health["problems"]["broker"].is_string(), "{health}");
+    // Alarms could not go out either.
+    assert!(health["problems"]["publishing"].is_string(), "{health}");
     // The broker comes up on that port: the service connects and turns healthy by itself.
-    let conf = dir.path().join("late.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
-    )
-    .unwrap();
-    let mut late =
-        std::process::Command::new(if std::path::Path::new("/usr/sbin/mosquitto").exists() {
-            "/usr/sbin/mosquitto"
-        } else {
-            "mosquitto"
-        })
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let _late = Mosquitto::start_on(dir.path(), port, "");
     let deadline = Instant::now() + Duration::from_secs(20);
     while edge.health().0 != 200 {
         assert!(Instant::now() < deadline, "never healthy: {}", edge.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(edge.stop().success());
-    let _ = late.kill();
-    let _ = late.wait();
 }

@@ -8,21 +8,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::time::Duration;
 
 use common::load::{assert_all_stored, stored_ids, Load, Target};
 use common::tmpfs::Tmpfs;
 use common::*;
-
-/// A free loopback port, so that restarts of one service keep their address.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The test pipeline with its MQTT listener on `port`.
 fn pipeline_on(port: u16, extra: &str) -> String {
@@ -377,15 +367,12 @@ async fn an_external_broker_restarted_mid_stream_loses_nothing() {
     let edge = Edge::start(&external_on(broker.port), &data);
     let load = Load::start(Target::new(broker.port), 4, 64, None);
     load.wait_acked(2_000, Duration::from_secs(60)).await;
-    tokio::task::spawn_blocking(move || {
+    // Kept to the end of the test, which stops it.
+    let _broker = tokio::task::spawn_blocking(move || {
         broker.restart();
         broker
     })
     .await
-    .map(|b| {
-        // Keep the restarted broker alive to the end of the test.
-        std::mem::forget(b);
-    })
     .unwrap();
     let before = load.acked_count();
     load.wait_acked(before + 2_000, Duration::from_secs(60))

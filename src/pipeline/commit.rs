@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::health::{Health, Problem};
 use super::ingest::PendingBatch;
-use super::Acker;
+use super::{Acker, GiveUp};
 use crate::model::events::{BatchFailed, BatchStored, InternalEvent};
 use crate::model::metrics::Metrics;
 use crate::model::reading::now_micros;
@@ -60,24 +60,6 @@ impl WriteWatch {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map(|t| t.elapsed())
-    }
-}
-
-/// When the stage must give up retrying a failing store: unset while the service runs, set to
-/// the stop deadline once it stops.
-#[derive(Debug, Clone, Default)]
-pub struct GiveUp(Arc<Mutex<Option<Instant>>>);
-
-impl GiveUp {
-    pub fn at(&self, deadline: Instant) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(deadline);
-    }
-
-    fn due(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|d| Instant::now() >= d)
     }
 }
 

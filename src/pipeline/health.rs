@@ -32,8 +32,11 @@ pub enum Problem {
     Store,
     /// The data directory's filesystem is nearly full: intake pauses until space returns.
     Disk,
-    /// The external broker is not connected.
+    /// The external broker is not connected, or refused a subscription.
     Broker,
+    /// Alarms and dead letters cannot be published (external mode's publishing connection is
+    /// down): output waits, and ingest behind it, so the broker keeps the readings meanwhile.
+    Publishing,
 }
 
 impl Problem {

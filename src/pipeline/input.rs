@@ -127,12 +127,6 @@ impl InputSender {
             })
             .map_err(|_| InputClosed)
     }
-
-    /// Whether a message of this size would be queued without waiting.
-    pub fn has_room_for(&self, topic_len: usize, payload_len: usize) -> bool {
-        let n = (topic_len + payload_len + OVERHEAD).min(self.capacity as usize);
-        self.room.available_permits() >= n
-    }
 }
 
 impl InputQueue {
@@ -192,7 +186,6 @@ mod tests {
         let (tx, rx) = queue(1000);
         tx.send(m(10, 500)).await.unwrap();
         assert_eq!(rx.queued_bytes(), 10 + 500 + OVERHEAD);
-        assert!(!tx.has_room_for(10, 500));
         // The second message waits until the first is dropped.
         let tx2 = tx.clone();
         let second = tokio::spawn(async move { tx2.send(m(10, 500)).await });

@@ -11,6 +11,9 @@ pub mod input;
 pub mod output;
 pub mod routes;
 
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use bytes::Bytes;
 
 /// Names one received message so that the transport it came from can acknowledge it once its
@@ -69,4 +72,23 @@ pub trait Acker: Send {
 /// Where the output stage publishes alarms and dead letters.
 pub trait Publisher: Send {
     fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String>;
+}
+
+/// When a stage must give up waiting on something that may never come back (a failing store, a
+/// broker that takes no alarms): unset while the service runs, set during a stop to a time
+/// shortly before the stop deadline.
+#[derive(Debug, Clone, Default)]
+pub struct GiveUp(Arc<Mutex<Option<Instant>>>);
+
+impl GiveUp {
+    pub fn at(&self, deadline: Instant) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(deadline);
+    }
+
+    pub fn due(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|d| Instant::now() >= d)
+    }
 }

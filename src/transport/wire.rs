@@ -179,7 +179,6 @@ impl Proto {
         }
     }
 
-    /// Appends `packet` to `out`.
     /// Appends `packet` to `out` (guarded like [`Proto::read`]: rumqttd's v4 writer panics on
     /// MQTT 5-only codes).
     pub fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<(), WireError> {

@@ -25,6 +25,23 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 pub const SITE: &str = "test-ward";
 
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A benchmark's size from the environment (`IOMT_BENCH_…`), or its default.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A pipeline with every listener on a free loopback port and short batch windows.
 pub fn pipeline(extra: &str) -> String {
     format!(

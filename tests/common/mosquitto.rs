@@ -37,6 +37,11 @@ impl Mosquitto {
             .local_addr()
             .unwrap()
             .port();
+        Mosquitto::start_on(dir, port, extra)
+    }
+
+    /// The same on a given port (one a service was told to connect to before it was up).
+    pub fn start_on(dir: &Path, port: u16, extra: &str) -> Mosquitto {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,

@@ -113,6 +113,31 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Reads PUBACKs until `count` have come or the connection ends, giving `window` a permit back
+/// for each: a publisher's window of unacknowledged messages. Returns how many came.
+#[allow(dead_code)] // Not every user of this module counts PUBACKs.
+pub fn count_pubacks<R: AsyncRead + Unpin + Send + 'static>(
+    mut rd: R,
+    count: u64,
+    window: std::sync::Arc<tokio::sync::Semaphore>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut body = Vec::new();
+        let mut acked = 0u64;
+        while acked < count {
+            match read_packet(&mut rd, &mut body).await {
+                Ok(t) if t >> 4 == 4 => {
+                    acked += 1;
+                    window.add_permits(1);
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        acked
+    })
+}
+
 /// The packet id of a PUBACK/PUBREC body.
 pub fn ack_pkid(body: &[u8]) -> u16 {
     u16::from_be_bytes([body[0], body[1]])

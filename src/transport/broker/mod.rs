@@ -301,7 +301,9 @@ async fn accept_loop(
             let _guard = guard;
             let _slot = slot;
             if websocket {
-                serve_websocket(stream, shared).await;
+                // Boxed: its state is as large as a plain connection's again, and every
+                // connection's task would otherwise carry room for both.
+                Box::pin(serve_websocket(stream, shared)).await;
             } else {
                 connection::serve(stream, shared).await;
             }

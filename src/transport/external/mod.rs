@@ -19,11 +19,11 @@
 mod session;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{mpsc, watch};
@@ -32,15 +32,21 @@ use tracing::warn;
 use crate::config::{parse_mqtt_url, BrokerConfig};
 use crate::pipeline::health::{Health, Problem};
 use crate::pipeline::input::InputSender;
-use crate::pipeline::{AckToken, Acker, Publisher};
+use crate::pipeline::{AckToken, Acker, GiveUp, Publisher};
+use crate::topic::check_topic_name;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Requests the publishing connection queues (alarms and dead letters on their way out).
 const PUBLISH_QUEUE: usize = 1024;
 
+/// Ingest's input, for as long as the session hands it messages: a stop takes it out (and so
+/// ends ingest's input) whatever the session is doing at that moment.
+pub(crate) type InputSlot = Arc<Mutex<Option<InputSender>>>;
+
 /// The running connections to the external broker.
 pub struct ExternalBroker {
     publisher: AsyncClient,
+    input: InputSlot,
     stopping: watch::Sender<bool>,
     finish: watch::Sender<bool>,
     publishing_stopped: Arc<AtomicBool>,
@@ -57,7 +63,9 @@ impl std::fmt::Debug for ExternalBroker {
 impl ExternalBroker {
     /// Starts connecting in the background (health shows `broker` until the session is up and
     /// every subscription accepted). `ended` is called if a connection's task ends on its own
-    /// (a panic): the service must then fail.
+    /// (a panic): the service must then fail. Alarms waiting for the publishing connection
+    /// give up once `give_up` is due.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         url: &str,
         client_id: &str,
@@ -65,6 +73,7 @@ impl ExternalBroker {
         c: &BrokerConfig,
         input: InputSender,
         health: Arc<Health>,
+        give_up: GiveUp,
         ended: Arc<dyn Fn(String) + Send + Sync>,
     ) -> Result<(Self, ClientPublisher, ClientAcker), String> {
         let (host, port) = parse_mqtt_url(url)?;
@@ -88,6 +97,7 @@ impl ExternalBroker {
         let (stopping, stopping_rx) = watch::channel(false);
         let (finish, finish_rx) = watch::channel(false);
         health.problem(Problem::Broker, &format!("connecting to {url}"));
+        health.problem(Problem::Publishing, &format!("connecting to {url}"));
         let supervised = |name: &'static str, task: tokio::task::JoinHandle<()>| {
             let ended = ended.clone();
             let finish = finish_rx.clone();
@@ -103,13 +113,14 @@ impl ExternalBroker {
                 }
             })
         };
+        let input: InputSlot = Arc::new(Mutex::new(Some(input)));
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let receive = supervised(
             "session",
             tokio::spawn(session::run(
                 cfg,
-                input,
-                health,
+                input.clone(),
+                health.clone(),
                 ack_rx,
                 epoch,
                 stopping_rx,
@@ -118,12 +129,13 @@ impl ExternalBroker {
         );
         let publish = supervised(
             "publisher",
-            tokio::spawn(publish(out_loop, finish_rx.clone())),
+            tokio::spawn(publish(out_loop, health, finish_rx.clone())),
         );
         let publishing_stopped = Arc::new(AtomicBool::new(false));
         Ok((
             ExternalBroker {
                 publisher: publisher.clone(),
+                input,
                 stopping,
                 finish,
                 publishing_stopped: publishing_stopped.clone(),
@@ -133,14 +145,16 @@ impl ExternalBroker {
             ClientPublisher {
                 client: publisher,
                 stopped: publishing_stopped,
+                give_up,
             },
             ClientAcker { tx: ack_tx },
         ))
     }
 
-    /// Stops handing messages to ingest: those the broker sends from now on are left
-    /// unacknowledged, so it resends them next session.
+    /// Stops handing messages to ingest, at once: ingest's input ends, and the messages the
+    /// broker sends from now on are left unacknowledged, so it resends them next session.
     pub async fn stop_accepting(&mut self) {
+        self.input.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.stopping.send_replace(true);
     }
 
@@ -165,8 +179,9 @@ impl ExternalBroker {
 }
 
 /// Drives the publishing connection: always polling, reconnecting with back-off, until its
-/// DISCONNECT is out after a stop.
-async fn publish(mut eventloop: EventLoop, finish: watch::Receiver<bool>) {
+/// DISCONNECT is out after a stop. Health shows `publishing` while it is not connected: output
+/// (and ingest behind it) waits for it, so the broker keeps the readings meanwhile.
+async fn publish(mut eventloop: EventLoop, health: Arc<Health>, finish: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match eventloop.poll().await {
@@ -174,12 +189,29 @@ async fn publish(mut eventloop: EventLoop, finish: watch::Receiver<bool>) {
                 let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
                 return;
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => backoff = Duration::from_millis(100),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                health.clear(Problem::Publishing);
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if !matches!(
+                    ack.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                ) {
+                    // The broker took the message and dropped it (an ACL, a quota): say so,
+                    // without the topic (it names a patient).
+                    warn!(reason = ?ack.reason, "the external broker refused an alarm or dead letter");
+                }
+            }
             Ok(_) => {}
             Err(e) => {
                 if *finish.borrow() {
                     return;
                 }
+                health.problem(
+                    Problem::Publishing,
+                    &format!("alarms and dead letters cannot be published: {e}"),
+                );
                 warn!(error = %e, retry_in = ?backoff, "external broker publishing connection failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -205,14 +237,18 @@ impl Acker for ClientAcker {
 
 /// Publishes alarms and dead letters through the external broker's publishing connection, at
 /// QoS 1. While that connection's queue is full (the broker is slow or away) it waits, and so
-/// does ingest behind it; once the service is stopping it gives up instead.
+/// does ingest behind it; once a stop's give-up time has come it gives up instead.
 pub struct ClientPublisher {
     client: AsyncClient,
     stopped: Arc<AtomicBool>,
+    give_up: GiveUp,
 }
 
 impl Publisher for ClientPublisher {
     fn publish(&mut self, topic: String, payload: Bytes, retain: bool) -> Result<(), String> {
+        // rumqttc answers an invalid topic as it answers a full queue: it must never get one,
+        // or this would wait on it for good.
+        check_topic_name(topic.as_bytes()).map_err(|e| e.to_string())?;
         let mut wait = Duration::from_millis(1);
         loop {
             match self
@@ -221,7 +257,7 @@ impl Publisher for ClientPublisher {
             {
                 Ok(()) => return Ok(()),
                 Err(rumqttc::v5::ClientError::TryRequest(_))
-                    if !self.stopped.load(Ordering::Acquire) =>
+                    if !self.stopped.load(Ordering::Acquire) && !self.give_up.due() =>
                 {
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_millis(100));
