@@ -98,7 +98,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(4096);
+    // Small to start with (a device's messages are a few hundred bytes; the buffer grows for
+    // larger ones): a ward has a thousand connections, each holding one.
+    let mut buf = BytesMut::with_capacity(1024);
     // A stop does not wait for a client that has not even sent its CONNECT.
     let mut stopping = shared.stopping.clone();
     let connect = tokio::select! {
@@ -746,7 +748,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut finish: watch::Receiver<bool>,
     done: watch::Sender<Option<End>>,
 ) {
-    let mut out = BytesMut::with_capacity(4096);
+    // Grows to what a round of writes needs, and keeps that.
+    let mut out = BytesMut::new();
     let end = loop {
         let mut closing = None;
         // Items counted in the backlog that this round writes.
