@@ -1,20 +1,29 @@
-//! The store: sealed batches and node metadata, behind the [`Store`] trait, kept in sled.
+//! The store: sealed batches and node metadata, behind the [`Store`] trait. The small entries
+//! are kept in sled, the batches' bodies in segment files of our own (`store/segments.rs`: sled's
+//! memory grows with the bytes it holds, and bodies are most of them).
 //!
 //! sled trees and their keys:
-//! - `batches`: batch id (u64 big-endian, so keys sort by id) → the batch's manifest: the length,
-//!   part count and SHA-256 of its encoded [`SealedBatch`] (stores written before parts existed
-//!   hold the encoded batch itself here, which is still read);
-//! - `parts`: batch id ‖ part number (u32 big-endian) → the encoded batch, in parts of
-//!   [`PART_BYTES`];
+//! - `batches`: batch id (u64 big-endian, so keys sort by id) → the batch's manifest: which
+//!   segment file holds its body (the encoded [`SealedBatch`]), at which offset, its length and
+//!   its SHA-256 (stores written before segment files existed hold the encoded batch itself
+//!   here, which is still read);
 //! - `headers`: batch id → the header as JSON, to list batches without reading ciphertext;
 //! - `meta`: `seq_reserved` → u64, the first seq no process has handed out yet;
 //!   `master_key_check` → the check value of the master key that seals the batches
 //!   ([`open_node_keys`] records it and refuses any other key).
 //!
-//! Batches and their headers are written in one transaction and flushed before `put_batches`
-//! returns. Every read checks the bindings a copy or a lost write would break: the header sealed
-//! inside a batch names the id it is stored under, and the `headers` entry equals it.
+//! Files beside sled's: `segments/<number, 8 digits>.seg`, the bodies one after another,
+//! appended and never changed; created by the first write of an opening, never by a read.
+//!
+//! `put_batches` writes the bodies to the segment file and syncs it, then inserts the manifests
+//! and headers in one transaction and flushes it before returning: a manifest never names bytes
+//! that are not on disk. Every read checks the body against its manifest's length and SHA-256,
+//! and the bindings a copy or a lost write would break: the header sealed inside a batch names
+//! the id it is stored under, and the `headers` entry equals it.
 
+mod segments;
+
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::ops::ControlFlow;
@@ -22,12 +31,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use tracing::warn;
 
+pub use self::segments::SEGMENTS_DIR;
+use self::segments::{SegmentReader, Segments};
 use crate::seal::crypt::{Envelope, CHECK_LEN};
 use crate::seal::keys::{KeyError, NodeKeys, MASTER_KEY_FILE};
 use crate::seal::{BatchHeader, SealedBatch};
@@ -36,15 +47,10 @@ use crate::seal::{BatchHeader, SealedBatch};
 /// cache helps little.
 const CACHE_BYTES: u64 = 8 << 20;
 
-/// Encoded batches are stored in parts of this many bytes. sled 0.34 writes a tree node larger
-/// than a quarter of a segment (128 KiB by default) as a blob and charges the cache only for
-/// the blob's pointer, so whole batches (tens of KiB to MiBs) stayed in memory: 60 KB records
-/// grew a process by as much as it wrote (170 MiB after 270 MB, whatever `cache_capacity`),
-/// while 4 KiB parts held it at 22 MiB, at about the same write speed.
-pub const PART_BYTES: usize = 4096;
-/// The first byte of a manifest (an inline record starts with [`VALUE_VERSION`]).
-const MANIFEST_VERSION: u8 = 2;
-const MANIFEST_LEN: usize = 1 + 8 + 4 + 32;
+/// The first byte of a manifest (an inline record starts with [`VALUE_VERSION`]; version 2, a
+/// manifest of 4 KiB parts kept in a `parts` tree, was never deployed and is not read).
+const MANIFEST_VERSION: u8 = 3;
+const MANIFEST_LEN: usize = 1 + 8 + 8 + 8 + 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,6 +76,13 @@ pub enum StoreError {
     Locked { dir: PathBuf, pid: Option<u32> },
     #[error("{}: {source}", path.display())]
     Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A segment file (or its directory) could not be written, synced or read: a full disk, an
+    /// I/O error. A failed write is retried over the same bytes.
+    #[error("segment file {}: {source}", path.display())]
+    Segment {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -106,10 +119,12 @@ fn wrong_key(path: &Path, batches: usize) -> String {
 /// Durable storage of sealed batches. `put_batches` returns only once the batches would survive
 /// a crash of the process or the machine.
 pub trait Store: Send + Sync + 'static {
-    /// Stores every batch and its header in one transaction, then flushes once. A batch already
-    /// stored with the same bytes is not an error, so a call whose transaction committed but
-    /// whose flush failed is completed by calling again with the same batches; a batch id stored
-    /// with other bytes is [`StoreError::Duplicate`], and then nothing of the call is stored.
+    /// Writes the body of every batch not stored yet to the segment file and syncs it once, then
+    /// stores every batch's manifest and header in one transaction and flushes once. A batch
+    /// already stored with the same bytes is not an error, so a call whose transaction
+    /// committed but whose flush failed is completed by calling again with the same batches;
+    /// a batch id stored with other bytes is [`StoreError::Duplicate`], and then nothing of the
+    /// call is stored.
     fn put_batches(&self, batches: &[SealedBatch]) -> Result<(), StoreError>;
     /// [`Store::put_batches`] of one batch.
     fn put_batch(&self, batch: &SealedBatch) -> Result<(), StoreError> {
@@ -149,13 +164,16 @@ const VALUE_VERSION: u8 = 1;
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
 const KEY_CHECK: &[u8] = b"master_key_check";
 
-/// The sled store of a data directory. Not `Clone`: the sled handles live only inside it, so
-/// that dropping them after an I/O error really closes the database and the next call opens it
-/// afresh (see [`SledStore::open`]). Share it as `Arc<dyn Store>`.
+/// The store of a data directory: sled and the segment files. Not `Clone`: the sled handles
+/// live only inside it, so that dropping them after an I/O error really closes the database and
+/// the next call opens it afresh (see [`SledStore::open`]). Share it as `Arc<dyn Store>`.
 pub struct SledStore {
     path: PathBuf,
     /// `None` after an I/O error: the next call reopens.
     trees: RwLock<Option<Trees>>,
+    /// The segment file being written. Kept across reopenings of sled: its known-good end
+    /// stays right whatever sled's errors. Locked after `trees`, for a whole `put_batches`.
+    segments: Mutex<Segments>,
     /// Numbers each opening, so an error seen on one never closes the next.
     openings: AtomicU64,
 }
@@ -174,9 +192,10 @@ struct Trees {
     opening: u64,
     db: sled::Db,
     batches: sled::Tree,
-    parts: sled::Tree,
     headers: sled::Tree,
     meta: sled::Tree,
+    /// `<store>/segments`, read through a [`SegmentReader`].
+    segments_dir: PathBuf,
 }
 
 /// What an operation on the open trees can fail with: sled's errors are kept apart so that
@@ -225,6 +244,7 @@ impl SledStore {
         let store = SledStore {
             path: path.to_owned(),
             trees: RwLock::new(None),
+            segments: Mutex::new(Segments::new(path)),
             openings: AtomicU64::new(0),
         };
         let trees = store.open_trees()?;
@@ -246,9 +266,9 @@ impl SledStore {
         Ok(Trees {
             opening: self.openings.fetch_add(1, Ordering::Relaxed),
             batches: db.open_tree("batches").map_err(sled)?,
-            parts: db.open_tree("parts").map_err(sled)?,
             headers: db.open_tree("headers").map_err(sled)?,
             meta: db.open_tree("meta").map_err(sled)?,
+            segments_dir: self.path.join(SEGMENTS_DIR),
             db,
         })
     }
@@ -260,6 +280,11 @@ impl SledStore {
 
     fn write(&self) -> RwLockWriteGuard<'_, Option<Trees>> {
         self.trees.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // A panic while the lock was held leaves the writer's end where it was last committed.
+    fn segments(&self) -> MutexGuard<'_, Segments> {
+        self.segments.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `op` on the open trees, opening them first if an I/O error closed them.
@@ -423,138 +448,196 @@ fn next_entry(it: &mut sled::Iter) -> Result<Option<(u64, sled::IVec)>, Failure>
     }
 }
 
+/// Where a body lies and what it is: the value under a batch's id in `batches`,
+/// `[version u8 = 3][segment u64][offset u64][length u64][SHA-256 of the body]`, integers
+/// big-endian.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Manifest {
+    segment: u64,
+    offset: u64,
+    length: u64,
+    digest: [u8; 32],
+}
+
+impl Manifest {
+    fn encode(&self) -> [u8; MANIFEST_LEN] {
+        let mut m = [0u8; MANIFEST_LEN];
+        m[0] = MANIFEST_VERSION;
+        m[1..9].copy_from_slice(&self.segment.to_be_bytes());
+        m[9..17].copy_from_slice(&self.offset.to_be_bytes());
+        m[17..25].copy_from_slice(&self.length.to_be_bytes());
+        m[25..].copy_from_slice(&self.digest);
+        m
+    }
+
+    /// The manifest stored as `v`, or `None` if `v` is not one (an inline record).
+    fn parse(id: u64, v: &[u8]) -> Result<Option<Self>, StoreError> {
+        if v.first() != Some(&MANIFEST_VERSION) {
+            return Ok(None);
+        }
+        let m: &[u8; MANIFEST_LEN] = v
+            .try_into()
+            .map_err(|_| corrupt_batch(id, "its manifest has the wrong length"))?;
+        let u64_at = |i: usize| u64::from_be_bytes(m[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Some(Manifest {
+            segment: u64_at(1),
+            offset: u64_at(9),
+            length: u64_at(17),
+            digest: m[25..].try_into().expect("32 bytes"),
+        }))
+    }
+}
+
 /// One batch of a `put_batches` call, encoded before the transaction, which sled may rerun.
 struct Record<'a> {
     batch: &'a SealedBatch,
     key: [u8; 8],
-    /// The encoded batch, stored in parts.
-    value: Vec<u8>,
-    manifest: [u8; MANIFEST_LEN],
+    /// The encoded batch: the body written to a segment file.
+    body: Vec<u8>,
+    digest: [u8; 32],
     header: Vec<u8>,
+    /// Where its body was written, when this call wrote it.
+    manifest: Option<Manifest>,
 }
 
 impl<'a> Record<'a> {
     fn new(batch: &'a SealedBatch) -> Self {
-        let value = encode(batch);
+        let body = encode(batch);
         Record {
             batch,
             key: batch.header.id.to_be_bytes(),
-            manifest: manifest(&value),
-            value,
+            digest: ring::digest::digest(&ring::digest::SHA256, &body)
+                .as_ref()
+                .try_into()
+                .expect("32 bytes"),
+            body,
             header: serde_json::to_vec(&batch.header).expect("header serialises"),
+            manifest: None,
         }
     }
 
-    /// Whether `stored`, found under this record's key, is this record: its manifest, or (as
-    /// a store written before parts existed holds it) its encoded batch.
-    fn is(&self, stored: &[u8]) -> bool {
-        stored == self.manifest.as_slice() || stored == self.value.as_slice()
+    fn id(&self) -> u64 {
+        self.batch.header.id
     }
-}
 
-/// `[version u8 = 2][length u64][parts u32][SHA-256 of the encoded batch]`
-fn manifest(value: &[u8]) -> [u8; MANIFEST_LEN] {
-    let mut m = [0u8; MANIFEST_LEN];
-    m[0] = MANIFEST_VERSION;
-    m[1..9].copy_from_slice(&(value.len() as u64).to_be_bytes());
-    m[9..13].copy_from_slice(&(value.len().div_ceil(PART_BYTES) as u32).to_be_bytes());
-    m[13..].copy_from_slice(ring::digest::digest(&ring::digest::SHA256, value).as_ref());
-    m
-}
-
-fn part_key(key: &[u8; 8], part: u32) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..8].copy_from_slice(key);
-    k[8..].copy_from_slice(&part.to_be_bytes());
-    k
+    /// Whether `stored`, found under this record's key, is this record: a manifest of a body
+    /// of the same length and SHA-256 (wherever it lies), or (as a store written before
+    /// segment files existed holds it) its encoded batch.
+    fn is(&self, stored: &[u8]) -> Result<bool, StoreError> {
+        Ok(match Manifest::parse(self.id(), stored)? {
+            Some(m) => m.length == self.body.len() as u64 && m.digest == self.digest,
+            None => stored == self.body.as_slice(),
+        })
+    }
 }
 
 fn put_record(
     batches: &TransactionalTree,
-    parts: &TransactionalTree,
     headers: &TransactionalTree,
     r: &Record<'_>,
 ) -> Result<(), ConflictableTransactionError<StoreError>> {
-    let id = r.batch.header.id;
+    let id = r.id();
+    let abort = ConflictableTransactionError::Abort;
     match batches.get(r.key)? {
         None => {
-            for (i, part) in r.value.chunks(PART_BYTES).enumerate() {
-                parts.insert(&part_key(&r.key, i as u32), part)?;
-            }
-            batches.insert(&r.key, &r.manifest[..])?;
+            // Its body was written by this call unless the batch was stored when the call
+            // began, and only this call writes.
+            let manifest = r
+                .manifest
+                .as_ref()
+                .ok_or_else(|| abort(corrupt_batch(id, "it vanished while being stored")))?;
+            batches.insert(&r.key, &manifest.encode()[..])?;
             headers.insert(&r.key, r.header.as_slice())?;
         }
-        Some(stored) if r.is(&stored) => {
+        Some(stored) if r.is(&stored).map_err(abort)? => {
             // The retry of a call whose transaction committed and whose flush failed: the
             // batch is there already. Its header must be too, or the store is damaged.
             let entry = headers.get(r.key)?;
-            check_header_entry(id, &r.batch.header, entry.as_deref())
-                .map_err(ConflictableTransactionError::Abort)?;
+            check_header_entry(id, &r.batch.header, entry.as_deref()).map_err(abort)?;
         }
-        Some(_) => {
-            return Err(ConflictableTransactionError::Abort(StoreError::Duplicate(
-                id,
-            )))
-        }
+        Some(_) => return Err(abort(StoreError::Duplicate(id))),
     }
     Ok(())
 }
 
 impl Trees {
-    fn put_batches(&self, records: &[Record<'_>]) -> Result<(), Failure> {
-        self.insert_records(records)?;
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Every record, its parts and its header in one transaction (not yet flushed).
-    fn insert_records(&self, records: &[Record<'_>]) -> Result<(), Failure> {
-        (&self.batches, &self.parts, &self.headers).transaction(|(batches, parts, headers)| {
-            for r in records {
-                put_record(batches, parts, headers, r)?;
+    /// Writes and syncs the bodies of the batches not stored yet, then commits every manifest
+    /// and header in one transaction, not yet flushed.
+    fn put_unflushed(
+        &self,
+        records: &mut [Record<'_>],
+        segments: &mut Segments,
+    ) -> Result<(), Failure> {
+        // The first record of each id, and those whose bodies this call writes: the same id
+        // twice in one call is one body (or a duplicate, which the transaction refuses).
+        let mut first = HashMap::new();
+        let mut to_write = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if *first.entry(r.id()).or_insert(i) == i && self.batches.get(r.key)?.is_none() {
+                to_write.push(i);
+            }
+        }
+        let appended = if to_write.is_empty() {
+            None
+        } else {
+            let bodies: Vec<&[u8]> = to_write.iter().map(|&i| &records[i].body[..]).collect();
+            let appended = segments.append(&bodies)?;
+            for (&i, &offset) in to_write.iter().zip(&appended.offsets) {
+                let r = &mut records[i];
+                r.manifest = Some(Manifest {
+                    segment: appended.segment,
+                    offset,
+                    length: r.body.len() as u64,
+                    digest: r.digest,
+                });
+            }
+            Some(appended)
+        };
+        for i in 0..records.len() {
+            let f = first[&records[i].id()];
+            if f != i {
+                records[i].manifest = records[f].manifest.clone();
+            }
+        }
+        let result = (&self.batches, &self.headers).transaction(|(batches, headers)| {
+            for r in records.iter() {
+                put_record(batches, headers, r)?;
             }
             Ok(())
-        })?;
+        });
+        if let Some(appended) = appended {
+            match &result {
+                // Refused (a duplicate, a damaged header): no manifest names the bodies, and
+                // the next call writes over them.
+                Err(TransactionError::Abort(_)) => {}
+                // Committed, or (a storage error) perhaps committed: never written over.
+                Ok(()) | Err(TransactionError::Storage(_)) => segments.committed(appended),
+            }
+        }
+        result?;
         Ok(())
     }
 
-    /// The batch whose `batches` entry is `stored`: read from its parts, or (a store written
-    /// before parts existed) `stored` itself.
-    fn open_record(&self, id: u64, stored: &[u8]) -> Result<SealedBatch, Failure> {
-        if stored.first() != Some(&MANIFEST_VERSION) {
-            return Ok(decode(id, stored)?);
+    /// The batch whose `batches` entry is `stored`: its body read through `reader` from the
+    /// segment file its manifest names, or (a store written before segment files existed)
+    /// `stored` itself.
+    fn open_record(
+        &self,
+        id: u64,
+        stored: &[u8],
+        reader: &mut SegmentReader<'_>,
+    ) -> Result<SealedBatch, Failure> {
+        match Manifest::parse(id, stored)? {
+            None => Ok(decode(id, stored)?),
+            Some(m) => Ok(decode(id, &reader.read(id, &m)?)?),
         }
-        let damaged = |why: &str| corrupt_batch(id, format!("its parts {why}"));
-        let m: &[u8; MANIFEST_LEN] = stored
-            .try_into()
-            .map_err(|_| damaged("have a manifest of the wrong length"))?;
-        let len = u64::from_be_bytes(m[1..9].try_into().expect("8 bytes"));
-        let count = u32::from_be_bytes(m[9..13].try_into().expect("4 bytes"));
-        // Parts are written with their manifest and never change: read after it, they are
-        // all there.
-        let mut value = Vec::with_capacity(len.min(1 << 30) as usize);
-        let mut n = 0u32;
-        for kv in self.parts.scan_prefix(id.to_be_bytes()) {
-            let (k, part) = kv?;
-            if k.len() != 12
-                || k[8..] != n.to_be_bytes()
-                || value.len() as u64 + part.len() as u64 > len
-            {
-                return Err(damaged("are out of order or too long").into());
-            }
-            value.extend_from_slice(&part);
-            n += 1;
-        }
-        if n != count || value.len() as u64 != len {
-            return Err(damaged("are missing").into());
-        }
-        if ring::digest::digest(&ring::digest::SHA256, &value).as_ref() != &m[13..] {
-            return Err(damaged("do not hash to their manifest").into());
-        }
-        Ok(decode(id, &value)?)
     }
 
-    fn batch(&self, id: u64) -> Result<Option<SealedBatch>, Failure> {
+    fn batch(
+        &self,
+        id: u64,
+        reader: &mut SegmentReader<'_>,
+    ) -> Result<Option<SealedBatch>, Failure> {
         let key = id.to_be_bytes();
         // One transaction, so a batch being written is seen with its header or not at all.
         let (value, entry) = (&self.batches, &self.headers).transaction(|(batches, headers)| {
@@ -567,15 +650,19 @@ impl Trees {
             (None, None) => Ok(None),
             (None, Some(_)) => Err(corrupt_batch(id, "it has a header entry but no batch").into()),
             (Some(v), entry) => {
-                let sealed = self.open_record(id, &v)?;
+                let sealed = self.open_record(id, &v, reader)?;
                 check_header_entry(id, &sealed.header, entry.as_deref())?;
                 Ok(Some(sealed))
             }
         }
     }
 
-    fn unpaired_header(&self, id: u64) -> Result<SealedBatch, Failure> {
-        self.batch(id)?
+    fn unpaired_header(
+        &self,
+        id: u64,
+        reader: &mut SegmentReader<'_>,
+    ) -> Result<SealedBatch, Failure> {
+        self.batch(id, reader)?
             .ok_or_else(|| corrupt_batch(id, "it has a header entry but no batch").into())
     }
 
@@ -596,6 +683,7 @@ impl Trees {
     }
 
     fn scan(&self, each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>) -> Result<u64, Failure> {
+        let mut reader = SegmentReader::new(&self.segments_dir);
         let mut batches = self.batches.iter();
         let mut headers = self.headers.iter();
         let mut b = next_entry(&mut batches)?;
@@ -605,19 +693,19 @@ impl Trees {
             let (sealed, advance_batches, advance_headers) = match (&b, &h) {
                 (None, None) => return Ok(n),
                 (Some((bid, v)), Some((hid, entry))) if bid == hid => {
-                    let sealed = self.open_record(*bid, v)?;
+                    let sealed = self.open_record(*bid, v, &mut reader)?;
                     check_header_entry(*bid, &sealed.header, Some(entry))?;
                     (sealed, true, true)
                 }
                 // An unpaired id is damage, or a batch written after one iterator had passed
                 // its id: the consistent read of that one id tells which.
                 (Some((bid, _)), Some((hid, _))) if bid > hid => {
-                    (self.unpaired_header(*hid)?, false, true)
+                    (self.unpaired_header(*hid, &mut reader)?, false, true)
                 }
-                (None, Some((hid, _))) => (self.unpaired_header(*hid)?, false, true),
+                (None, Some((hid, _))) => (self.unpaired_header(*hid, &mut reader)?, false, true),
                 (Some((bid, _)), _) => {
                     let sealed = self
-                        .batch(*bid)?
+                        .batch(*bid, &mut reader)?
                         .ok_or_else(|| corrupt_batch(*bid, "it vanished while being read"))?;
                     (sealed, true, false)
                 }
@@ -682,12 +770,16 @@ impl Store for SledStore {
         if batches.is_empty() {
             return Ok(());
         }
-        let records: Vec<Record<'_>> = batches.iter().map(Record::new).collect();
-        self.with(|t| t.put_batches(&records))
+        let mut records: Vec<Record<'_>> = batches.iter().map(Record::new).collect();
+        self.with(|t| {
+            t.put_unflushed(&mut records, &mut self.segments())?;
+            t.db.flush()?;
+            Ok(())
+        })
     }
 
     fn batch(&self, id: u64) -> Result<Option<SealedBatch>, StoreError> {
-        self.with(|t| t.batch(id))
+        self.with(|t| t.batch(id, &mut SegmentReader::new(&t.segments_dir)))
     }
 
     fn headers(&self) -> Result<Vec<BatchHeader>, StoreError> {
@@ -722,7 +814,8 @@ impl Store for SledStore {
     }
 
     fn size_on_disk(&self) -> u64 {
-        self.with(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0)
+        let sled = self.with(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0);
+        sled + self.segments().bytes()
     }
 }
 
@@ -964,6 +1057,18 @@ mod tests {
         fails_naming(s.check(), 2);
         assert!(decode(8, &encode(&sealed(7))).is_err());
         assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+
+        // Batch 1's manifest (naming its body in the segment) copied over batch 3's: the body
+        // hashes to the manifest, but the header sealed in it names batch 1.
+        s.put_batches(&[sealed(3)]).unwrap();
+        raw_put(&s, "batches", 3, manifest_of(&s, 1).encode().to_vec());
+        raw_put(&s, "headers", 3, header_json(&sealed(1).header));
+        let text = fails_naming(s.batch(3), 3);
+        assert!(
+            text.ends_with("it holds the sealed header of batch 1"),
+            "{text}"
+        );
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
     }
 
     #[test]
@@ -1039,8 +1144,11 @@ mod tests {
         assert_eq!(s.batch(2).unwrap(), None);
         assert_eq!(s.batch(3).unwrap(), None);
         assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
-        // The same id twice in one call: the same bytes are one batch, others a duplicate.
+        // The same id twice in one call: the same bytes are one batch (one body written, over
+        // the bodies of the refused call), others a duplicate.
         s.put_batches(&[sealed(2), sealed(2)]).unwrap();
+        let bodies = (encode(&sealed(1)).len() + encode(&sealed(2)).len()) as u64;
+        assert_eq!(s.segments().writing(), Some((1, bodies)));
         assert!(matches!(
             s.put_batches(&[sealed(4), other(4)]),
             Err(StoreError::Duplicate(4))
@@ -1055,13 +1163,18 @@ mod tests {
         {
             let s = SledStore::open(dir.path()).unwrap();
             s.put_batches(&group[..1]).unwrap();
-            // What a committed transaction leaves when the flush after it fails: every batch
-            // of the group and its header, not yet known to be durable.
-            let records: Vec<Record<'_>> = group[1..].iter().map(Record::new).collect();
-            assert!(s.with_trees(|t| t.insert_records(&records)).is_ok());
-            // The caller's retry of the whole group.
+            // What a committed transaction leaves when the flush after it fails: the bodies of
+            // the group in the segment, every manifest and header, not yet known to be durable.
+            let mut records: Vec<Record<'_>> = group[1..].iter().map(Record::new).collect();
+            let put = s.with_trees(|t| t.put_unflushed(&mut records, &mut s.segments()));
+            assert!(put.is_ok());
+            let written = segment_len(dir.path(), 1);
+            assert_eq!(s.segments().writing(), Some((1, written)));
+            // The caller's retry of the whole group: nothing is written twice.
             s.put_batches(&group).unwrap();
             s.put_batch(&group[2]).unwrap();
+            assert_eq!(segment_len(dir.path(), 1), written);
+            assert_eq!(s.segments().writing(), Some((1, written)));
         }
         let s = SledStore::open(dir.path()).unwrap();
         for b in &group {
@@ -1070,53 +1183,274 @@ mod tests {
         assert_eq!(s.check().unwrap(), 3);
     }
 
+    /// The segment files of the store in `dir`.
+    fn segment_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join(SEGMENTS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn segment_len(dir: &Path, number: u64) -> u64 {
+        fs::metadata(segments::segment_path(&dir.join(SEGMENTS_DIR), number))
+            .unwrap()
+            .len()
+    }
+
+    /// The manifest stored under `id`.
+    fn manifest_of(s: &SledStore, id: u64) -> Manifest {
+        let v = s.with_trees(|t| t.batches.get(id.to_be_bytes()).unwrap().unwrap());
+        Manifest::parse(id, &v).unwrap().expect("a manifest")
+    }
+
     #[test]
-    fn large_batches_are_stored_in_parts_and_damaged_parts_are_named() {
+    fn a_multi_megabyte_batch_round_trips_through_a_segment_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut big = sealed(5);
+        big.envelope.ciphertext = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let all = [sealed(4), big.clone(), sealed(6)];
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.put_batches(&all).unwrap();
+            assert_eq!(s.batch(5).unwrap().as_ref(), Some(&big));
+            // One file, the three bodies one after another.
+            assert_eq!(segment_files(dir.path()), ["00000001.seg"]);
+            let bodies: u64 = all.iter().map(|b| encode(b).len() as u64).sum();
+            assert_eq!(segment_len(dir.path(), 1), bodies);
+            let m = manifest_of(&s, 5);
+            assert_eq!(
+                (m.segment, m.offset, m.length),
+                (1, encode(&all[0]).len() as u64, encode(&big).len() as u64)
+            );
+            assert!(s.size_on_disk() > bodies, "{}", s.size_on_disk());
+            // A retry of the same batch is the same batch; other bytes under its id are not.
+            s.put_batch(&big).unwrap();
+            let mut changed = big.clone();
+            changed.envelope.ciphertext[2 << 20] ^= 1;
+            assert!(matches!(
+                s.put_batch(&changed),
+                Err(StoreError::Duplicate(5))
+            ));
+            assert_eq!(segment_len(dir.path(), 1), bodies);
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut seen = Vec::new();
+        s.scan(&mut |b| {
+            seen.push(b);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(seen, all);
+    }
+
+    #[test]
+    fn damaged_cut_short_and_missing_segment_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
-        let mut big = sealed(5);
-        big.envelope.ciphertext = (0..3 * PART_BYTES + 5).map(|i| i as u8).collect();
-        s.put_batches(&[sealed(4), big.clone()]).unwrap();
-        assert_eq!(s.batch(5).unwrap().as_ref(), Some(&big));
-        let parts =
-            |s: &SledStore| s.with_trees(|t| t.parts.scan_prefix(5u64.to_be_bytes()).count());
-        assert_eq!(parts(&s), 4);
-        // A retry of the same batch is the same batch; other bytes under its id are not.
-        s.put_batch(&big).unwrap();
-        let mut changed = big.clone();
-        changed.envelope.ciphertext[PART_BYTES * 2] ^= 1;
-        assert!(matches!(
-            s.put_batch(&changed),
-            Err(StoreError::Duplicate(5))
-        ));
+        s.put_batches(&[sealed(1)]).unwrap();
+        drop(s);
+        // Batches 2 and 3 in the second segment, written by the second opening.
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(2), sealed(3)]).unwrap();
+        assert_eq!(segment_files(dir.path()), ["00000001.seg", "00000002.seg"]);
+        let path = segments::segment_path(&dir.path().join(SEGMENTS_DIR), 2);
+        let original = fs::read(&path).unwrap();
+        let three = manifest_of(&s, 3);
+        assert_eq!(three.segment, 2);
 
-        let part = |n: u32| part_key(&5u64.to_be_bytes(), n);
-        let damage = |op: &dyn Fn(&sled::Tree)| s.with_trees(|t| op(&t.parts));
-        let original = s.with_trees(|t| t.parts.get(part(1)).unwrap().unwrap());
-        // A part changed in place, a part lost, a part too many.
-        damage(&|p| {
-            p.insert(part(1), vec![0u8; original.len()]).unwrap();
-        });
-        let text = fails_naming(s.batch(5), 5);
-        assert!(text.contains("do not hash"), "{text}");
-        fails_naming(s.check(), 5);
-        damage(&|p| {
-            p.remove(part(1)).unwrap();
-        });
-        let text = fails_naming(s.batch(5), 5);
-        assert!(text.contains("out of order"), "{text}");
-        damage(&|p| {
-            p.insert(part(1), original.clone()).unwrap();
-            p.insert(part(4), vec![1u8]).unwrap();
-        });
-        fails_naming(s.batch(5), 5);
-        damage(&|p| {
-            p.remove(part(4)).unwrap();
-        });
-        assert_eq!(s.batch(5).unwrap().as_ref(), Some(&big));
-        // The batch beside it never noticed.
-        assert_eq!(s.batch(4).unwrap().unwrap(), sealed(4));
+        // A byte of batch 3's body changed in place.
+        let mut damaged = original.clone();
+        damaged[three.offset as usize + 10] ^= 1;
+        fs::write(&path, &damaged).unwrap();
+        let text = fails_naming(s.batch(3), 3);
+        assert!(
+            text.ends_with("its body in segment 2 does not hash to its manifest"),
+            "{text}"
+        );
+        fails_naming(s.check(), 3);
+        assert_eq!(s.batch(2).unwrap().unwrap(), sealed(2));
+
+        // The file cut short inside batch 3's body.
+        fs::write(&path, &original[..original.len() - 1]).unwrap();
+        let text = fails_naming(s.batch(3), 3);
+        assert!(
+            text.contains(&format!(
+                "its body in segment 2 is cut short: {} ends at byte {}, before byte {}",
+                path.display(),
+                original.len() - 1,
+                original.len()
+            )),
+            "{text}"
+        );
+        fails_naming(s.check(), 3);
+        assert_eq!(s.batch(2).unwrap().unwrap(), sealed(2));
+
+        // The file lost.
+        fs::remove_file(&path).unwrap();
+        let text = fails_naming(s.batch(2), 2);
+        assert!(
+            text.contains(&format!(
+                "its body's segment 2 is missing ({})",
+                path.display()
+            )),
+            "{text}"
+        );
+        fails_naming(s.check(), 2);
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+        // Reading created nothing in its place.
+        assert!(!path.exists());
+
+        fs::write(&path, &original).unwrap();
+        assert_eq!(s.check().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_failed_body_write_is_retried_over_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        let end = segment_len(dir.path(), 1);
+        let group = [sealed(2), sealed(3)];
+        // The disk fills up halfway through batch 3's body.
+        s.segments().fail_after = Some(encode(&sealed(2)).len() + 50);
+        let err = s.put_batches(&group).unwrap_err();
+        let path = segments::segment_path(&dir.path().join(SEGMENTS_DIR), 1);
+        match &err {
+            StoreError::Segment { path: p, source } => {
+                assert_eq!(p, &path);
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err.to_string()
+                .starts_with(&format!("segment file {}: ", path.display())),
+            "{err}"
+        );
+        assert_eq!(s.batch(2).unwrap(), None);
+        assert_eq!(s.batch(3).unwrap(), None);
+        assert!(segment_len(dir.path(), 1) > end, "bytes were written");
+        assert_eq!(s.segments().writing(), Some((1, end)));
+
+        // The retry writes over the same region, and ends where the bodies end.
+        s.put_batches(&group).unwrap();
+        assert_eq!(manifest_of(&s, 2).offset, end);
+        let bodies: u64 = group.iter().map(|b| encode(b).len() as u64).sum();
+        assert_eq!(segment_len(dir.path(), 1), end + bodies);
+        // A refused call (a duplicate) leaves the end where it was too.
+        assert!(matches!(
+            s.put_batches(&[sealed(4), other(3)]),
+            Err(StoreError::Duplicate(3))
+        ));
+        assert_eq!(s.segments().writing(), Some((1, end + bodies)));
+        s.put_batches(&[sealed(4)]).unwrap();
+        assert_eq!(manifest_of(&s, 4).offset, end + bodies);
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.check().unwrap(), 4);
+        for id in 1..=4 {
+            assert_eq!(s.batch(id).unwrap().unwrap(), sealed(id));
+        }
+    }
+
+    #[test]
+    fn each_opening_that_writes_starts_a_new_segment_and_full_ones_are_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(0)]).unwrap();
+        drop(s);
+        // What a crash leaves: a tail no manifest names.
+        let first = segments::segment_path(&dir.path().join(SEGMENTS_DIR), 1);
+        let mut tail = fs::read(&first).unwrap();
+        tail.extend_from_slice(b"unreferenced tail");
+        fs::write(&first, &tail).unwrap();
+
+        let s = SledStore::open(dir.path()).unwrap();
+        // An opening that only reads starts nothing.
+        assert_eq!(s.check().unwrap(), 1);
+        assert_eq!(segment_files(dir.path()), ["00000001.seg"]);
+        // Each file is full once it has passed 1 byte: one group per file.
+        s.segments().set_rotate_at(1);
+        s.put_batches(&[sealed(1), sealed(2)]).unwrap();
+        s.put_batches(&[sealed(3)]).unwrap();
+        s.put_batches(&[sealed(4)]).unwrap();
+        assert_eq!(
+            segment_files(dir.path()),
+            [
+                "00000001.seg",
+                "00000002.seg",
+                "00000003.seg",
+                "00000004.seg"
+            ]
+        );
+        assert_eq!(fs::read(&first).unwrap(), tail, "never appended to");
+        let segment = |id| manifest_of(&s, id).segment;
+        assert_eq!(
+            (1..=4).map(segment).collect::<Vec<_>>(),
+            [2, 2, 3, 4],
+            "one file per group"
+        );
+        let files: u64 = (1..=4).map(|n| segment_len(dir.path(), n)).sum();
+        assert!(s.size_on_disk() >= files);
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.check().unwrap(), 5);
+        assert_eq!(s.batch(3).unwrap().unwrap(), sealed(3));
+    }
+
+    #[test]
+    fn reading_never_creates_the_segments_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments_dir = dir.path().join(SEGMENTS_DIR);
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            s.reserve_seq(7).unwrap();
+            // Batches as a store written before segment files existed holds them: inline.
+            raw_put(&s, "batches", 1, encode(&sealed(1)));
+            raw_put(&s, "headers", 1, header_json(&sealed(1).header));
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+        assert_eq!(s.batch(2).unwrap(), None);
+        assert_eq!(s.check().unwrap(), 1);
+        assert_eq!(s.headers().unwrap().len(), 1);
+        assert!(s.size_on_disk() > 0);
+        // Nor does a call with nothing new to write: an empty group, a batch stored inline.
+        s.put_batches(&[]).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        assert!(matches!(
+            s.put_batch(&other(1)),
+            Err(StoreError::Duplicate(1))
+        ));
+        assert!(!segments_dir.exists());
+
+        // The first new batch does, beside the old ones.
+        s.put_batches(&[sealed(2)]).unwrap();
+        assert_eq!(segment_files(dir.path()), ["00000001.seg"]);
         assert_eq!(s.check().unwrap(), 2);
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+    }
+
+    #[test]
+    fn a_manifest_with_another_layout_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        let good = manifest_of(&s, 1).encode();
+        raw_put(&s, "batches", 1, good[..MANIFEST_LEN - 1].to_vec());
+        let text = fails_naming(s.batch(1), 1);
+        assert!(text.contains("its manifest has the wrong length"), "{text}");
+        // A manifest of 4 KiB parts (version 2, written for a day before segment files and
+        // never deployed) is not read.
+        let mut parts = vec![2u8];
+        parts.extend_from_slice(&[0; 44]);
+        raw_put(&s, "batches", 1, parts);
+        let text = fails_naming(s.batch(1), 1);
+        assert!(text.contains("unknown version 2"), "{text}");
+        raw_put(&s, "batches", 1, good.to_vec());
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use iomt_edge::seal::keys::MASTER_KEY_FILE;
@@ -167,25 +167,70 @@ fn an_older_store_with_another_key_names_the_batch_the_key_does_not_open() {
     assert_eq!(store.key_check_value().unwrap(), None);
 }
 
+/// Batch `id`'s manifest in the store of `data`: its segment, offset and length.
+fn body_of(data: &Path, id: u64) -> (u64, u64, u64) {
+    let db = sled::open(data.join("store")).unwrap();
+    let m = db
+        .open_tree("batches")
+        .unwrap()
+        .get(id.to_be_bytes())
+        .unwrap()
+        .unwrap();
+    assert_eq!((m[0], m.len()), (3, 57), "a manifest");
+    let at = |i: usize| u64::from_be_bytes(m[i..i + 8].try_into().unwrap());
+    (at(1), at(9), at(17))
+}
+
+fn segment_file(data: &Path, number: u64) -> PathBuf {
+    data.join("store")
+        .join("segments")
+        .join(format!("{number:08}.seg"))
+}
+
 #[test]
 fn a_damaged_batch_ends_the_dump_after_the_batches_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     common::write_store(&data, 3, 2, true);
-    // The last byte of batch 1's ciphertext, in its last (here: only) part.
-    let db = sled::open(data.join("store")).unwrap();
-    let parts = db.open_tree("parts").unwrap();
-    let (key, value) = parts.scan_prefix(1u64.to_be_bytes()).last().unwrap().unwrap();
-    let mut value = value.to_vec();
-    *value.last_mut().unwrap() ^= 1;
-    parts.insert(key, value).unwrap();
-    db.flush().unwrap();
-    drop((parts, db));
+    // The last byte of batch 1's body (the end of its ciphertext), in the segment file.
+    let (segment, offset, len) = body_of(&data, 1);
+    let path = segment_file(&data, segment);
+    let original = std::fs::read(&path).unwrap();
+    let mut bytes = original.clone();
+    bytes[(offset + len - 1) as usize] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
     assert_fails(
         &dump(&data),
         &lines_of_batch(0),
-        "stored record batch 1 is corrupt: its parts do not hash to their manifest",
+        "stored record batch 1 is corrupt: its body in segment 1 does not hash to its manifest",
     );
+
+    // The file cut short inside batch 2's body, the last one: batches 0 and 1 are printed.
+    let (_, offset, len) = body_of(&data, 2);
+    std::fs::write(&path, &original[..(offset + len / 2) as usize]).unwrap();
+    assert_fails(
+        &dump(&data),
+        &(lines_of_batch(0) + &lines_of_batch(1)),
+        &format!(
+            "stored record batch 2 is corrupt: its body in segment 1 is cut short: {} ends at \
+             byte {}, before byte {}",
+            path.display(),
+            offset + len / 2,
+            offset + len
+        ),
+    );
+
+    // The file lost: nothing can be printed, and dump does not make a new one.
+    std::fs::remove_file(&path).unwrap();
+    assert_fails(
+        &dump(&data),
+        "",
+        &format!(
+            "stored record batch 0 is corrupt: its body's segment 1 is missing ({})",
+            path.display()
+        ),
+    );
+    assert!(!path.exists());
 }
 
 #[test]
@@ -193,27 +238,53 @@ fn a_batch_copied_under_another_id_ends_the_dump_there() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     common::write_store(&data, 3, 2, true);
+    // Batch 1's manifest (which names its body in the segment file) and header entry, copied
+    // over batch 2's.
     let db = sled::open(data.join("store")).unwrap();
     for tree in ["batches", "headers"] {
         let tree = db.open_tree(tree).unwrap();
         let one = tree.get(1u64.to_be_bytes()).unwrap().unwrap();
         tree.insert(2u64.to_be_bytes(), one).unwrap();
     }
-    // And its parts over batch 2's.
-    let parts = db.open_tree("parts").unwrap();
-    for kv in parts.scan_prefix(1u64.to_be_bytes()) {
-        let (k, v) = kv.unwrap();
-        let mut k2 = k.to_vec();
-        k2[..8].copy_from_slice(&2u64.to_be_bytes());
-        parts.insert(k2, v).unwrap();
-    }
     db.flush().unwrap();
-    drop((parts, db));
+    drop(db);
     assert_fails(
         &dump(&data),
         &(lines_of_batch(0) + &lines_of_batch(1)),
         "stored record batch 2 is corrupt: it holds the sealed header of batch 1",
     );
+}
+
+#[test]
+fn dump_creates_no_segment_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A store without batches has no segment directory, and dump does not make one.
+    common::write_store(&data, 0, 2, true);
+    let out = dump(&data);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"");
+    assert!(!data.join("store").join("segments").exists());
+
+    // With batches, dump starts no segment file of its own.
+    common::write_store(&data, 2, 2, true);
+    let files = || {
+        let mut names: Vec<_> = std::fs::read_dir(data.join("store").join("segments"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(files(), ["00000001.seg"]);
+    let out = dump(&data);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        lines_of_batch(0) + &lines_of_batch(1)
+    );
+    assert_eq!(files(), ["00000001.seg"]);
 }
 
 #[test]

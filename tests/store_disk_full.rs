@@ -1,5 +1,6 @@
-//! A store whose filesystem fills up recovers once there is room again, in the same process:
-//! sled's sticky error after a failed write must not wedge it until a restart.
+//! A store whose filesystem fills up recovers once there is room again, in the same process: a
+//! failed segment write is retried over the same bytes, and sled's sticky error after a failed
+//! write must not wedge it until a restart.
 
 mod common;
 
@@ -52,6 +53,29 @@ fn a_full_disk_fails_the_commit_and_the_retry_succeeds_once_there_is_room() {
     let err = store
         .put_batches(&group)
         .expect_err("a full filesystem fails the commit");
+    // The bodies go first, to the segment file: that write fails, naming the file.
+    let segment = path.join("segments").join("00000001.seg");
+    match &err {
+        StoreError::Segment { path, source } => {
+            assert_eq!(path, &segment);
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{source}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "segment file {}: No space left on device (os error 28)",
+            segment.display()
+        )
+    );
+    // Still full: the retry fails again, and says why.
+    assert!(store.put_batches(&group).is_err());
+    // sled fails too once its log needs a page the filesystem cannot give, with its sticky
+    // I/O error (each flush appends to its log).
+    let err = (1..=10_000u64)
+        .find_map(|n| store.reserve_seq(n).err())
+        .expect("a full filesystem fails sled's flush");
     assert!(
         matches!(
             &err,
@@ -67,14 +91,13 @@ fn a_full_disk_fails_the_commit_and_the_retry_succeeds_once_there_is_room() {
             .starts_with(&format!("store {}: ", path.display())),
         "{err}"
     );
-    // Still full: the retry fails again, and says why.
-    assert!(store.put_batches(&group).is_err());
 
     drop(filler);
     std::fs::remove_file(&filler_path).unwrap();
     store
         .put_batches(&group)
         .expect("the same batches commit once there is room, without a restart");
+    store.reserve_seq(1 << 30).unwrap();
 
     let all: Vec<_> = before.iter().chain(&group).collect();
     let check = |store: &SledStore| {
@@ -92,5 +115,7 @@ fn a_full_disk_fails_the_commit_and_the_retry_succeeds_once_there_is_room() {
     };
     check(&store);
     drop(store);
-    check(&SledStore::open(&path).unwrap());
+    let store = SledStore::open(&path).unwrap();
+    check(&store);
+    assert_eq!(store.seq_reserved().unwrap(), 1 << 30);
 }
