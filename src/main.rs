@@ -251,7 +251,7 @@ fn dump(data: &Path, site: &str) -> anyhow::Result<()> {
         Err(e) => return Err(anyhow::Error::new(e).context(store_dir.display().to_string())),
     }
     let _lock = DataDirLock::acquire(data)?;
-    let store = SledStore::open(&store_dir)?;
+    let store = SledStore::open_existing(&store_dir)?;
     let keys = open_node_keys(
         &store,
         &data.join("keys"),

@@ -16,8 +16,11 @@
 //! appended and never changed; created by the first write of an opening, never by a read.
 //!
 //! `put_batches` writes the bodies to the segment file and syncs it, then inserts the manifests
-//! and headers in one transaction and flushes it before returning: a manifest never names bytes
-//! that are not on disk. Every read checks the body against its manifest's length and SHA-256,
+//! and headers in one transaction, flushes sled and `fdatasync`s its log before returning: a
+//! manifest never names bytes that are not on disk, and what `put_batches` returned for
+//! survives a power cut (sled's own flush, `sync_file_range`, would not commit the log's new
+//! length or the drive's cache). A database lost beside its segment files is never silently
+//! replaced by an empty one. Every read checks the body against its manifest's length and SHA-256,
 //! and the bindings a copy or a lost write would break: the header sealed inside a batch names
 //! the id it is stored under, and the `headers` entry equals it.
 
@@ -72,6 +75,12 @@ pub enum StoreError {
         path.display()
     )]
     KeyDoesNotOpen { path: PathBuf, id: u64 },
+    #[error(
+        "{}: the store's database ({SLED_LOG}) is missing: restore the store directory from a \
+         backup",
+        path.display()
+    )]
+    NoDatabase { path: PathBuf },
     #[error("{}", locked(dir, *pid))]
     Locked { dir: PathBuf, pid: Option<u32> },
     #[error("{}: {source}", path.display())]
@@ -162,6 +171,8 @@ pub trait Store: Send + Sync + 'static {
 
 const VALUE_VERSION: u8 = 1;
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
+/// sled 0.34's log file in the store directory.
+const SLED_LOG: &str = "db";
 const KEY_CHECK: &[u8] = b"master_key_check";
 
 /// The store of a data directory: sled and the segment files. Not `Clone`: the sled handles
@@ -194,6 +205,8 @@ struct Trees {
     batches: sled::Tree,
     headers: sled::Tree,
     meta: sled::Tree,
+    /// sled's log file, `<store>/db`: synced after each of sled's flushes (see [`Trees::durable`]).
+    log: File,
     /// `<store>/segments`, read through a [`SegmentReader`].
     segments_dir: PathBuf,
 }
@@ -252,25 +265,64 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Opens the store at `path` only if it exists: for commands that read (`dump`), which
+    /// must not leave a fresh database behind where one was lost.
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        if !path.join(SLED_LOG).is_file() {
+            return Err(StoreError::NoDatabase {
+                path: path.to_owned(),
+            });
+        }
+        SledStore::open(path)
+    }
+
     fn open_trees(&self) -> Result<Trees, StoreError> {
         let sled = |source| StoreError::Sled {
             path: self.path.clone(),
             source,
         };
+        let segments_dir = self.path.join(SEGMENTS_DIR);
+        // A lost database is not replaced by an empty one beside the bodies it named (the
+        // next batches would reuse their ids).
+        let lost = || {
+            corrupt(
+                self.path.display(),
+                format!(
+                    "its database names no batch, but {} holds batch bodies: restore the whole \
+                     store directory from a backup",
+                    segments_dir.display()
+                ),
+            )
+        };
+        if !self.path.join(SLED_LOG).exists() && segments::holds_bodies(&segments_dir) {
+            return Err(lost());
+        }
         // A new Config each time: clones of one share its global error.
         let db = sled::Config::new()
             .path(&self.path)
             .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(sled)?;
-        Ok(Trees {
+        let log = File::open(self.path.join(SLED_LOG)).map_err(|source| StoreError::Segment {
+            path: self.path.join(SLED_LOG),
+            source,
+        })?;
+        let trees = Trees {
             opening: self.openings.fetch_add(1, Ordering::Relaxed),
             batches: db.open_tree("batches").map_err(sled)?,
             headers: db.open_tree("headers").map_err(sled)?,
             meta: db.open_tree("meta").map_err(sled)?,
-            segments_dir: self.path.join(SEGMENTS_DIR),
+            log,
+            segments_dir: segments_dir.clone(),
             db,
-        })
+        };
+        // The same for a database replaced by an empty one.
+        if trees.batches.first().map_err(sled)?.is_none()
+            && segments::holds_bodies(&trees.segments_dir)
+        {
+            return Err(lost());
+        }
+        Ok(trees)
     }
 
     // A panic while the lock was held leaves the handles as sound as sled left them.
@@ -554,6 +606,11 @@ fn put_record(
             // batch is there already. Its header must be too, or the store is damaged.
             let entry = headers.get(r.key)?;
             check_header_entry(id, &r.batch.header, entry.as_deref()).map_err(abort)?;
+            // Written again: after a failed write-back the kernel may hold the entries as
+            // clean pages while the disk does not, and only new log records make the flush
+            // that follows write them for sure.
+            batches.insert(&r.key, stored)?;
+            headers.insert(&r.key, r.header.as_slice())?;
         }
         Some(_) => return Err(abort(StoreError::Duplicate(id))),
     }
@@ -581,7 +638,7 @@ impl Trees {
             None
         } else {
             let bodies: Vec<&[u8]> = to_write.iter().map(|&i| &records[i].body[..]).collect();
-            let appended = segments.append(&bodies)?;
+            let appended = segments.append(&bodies, self.highest_named_segment()?)?;
             for (&i, &offset) in to_write.iter().zip(&appended.offsets) {
                 let r = &mut records[i];
                 r.manifest = Some(Manifest {
@@ -618,6 +675,15 @@ impl Trees {
         Ok(())
     }
 
+    /// The segment the last batch's manifest names (0 with none): at least the highest any
+    /// manifest names, since batches are written in id order.
+    fn highest_named_segment(&self) -> Result<u64, Failure> {
+        Ok(match self.batches.last()? {
+            Some((k, v)) => Manifest::parse(id_of(&k)?, &v)?.map_or(0, |m| m.segment),
+            None => 0,
+        })
+    }
+
     /// The batch whose `batches` entry is `stored`: its body read through `reader` from the
     /// segment file its manifest names, or (a store written before segment files existed)
     /// `stored` itself.
@@ -639,13 +705,15 @@ impl Trees {
         reader: &mut SegmentReader<'_>,
     ) -> Result<Option<SealedBatch>, Failure> {
         let key = id.to_be_bytes();
-        // One transaction, so a batch being written is seen with its header or not at all.
-        let (value, entry) = (&self.batches, &self.headers).transaction(|(batches, headers)| {
-            Ok::<_, ConflictableTransactionError<std::convert::Infallible>>((
-                batches.get(key)?,
-                headers.get(key)?,
-            ))
-        })?;
+        // Plain reads: a read transaction would write to sled's log, and `dump` writes
+        // nothing. A batch being written may show its entry without its header (or the other
+        // way round) for a moment; a second look tells that from damage.
+        let mut value = self.batches.get(key)?;
+        let mut entry = self.headers.get(key)?;
+        if value.is_some() != entry.is_some() {
+            value = self.batches.get(key)?;
+            entry = self.headers.get(key)?;
+        }
         match (value, entry) {
             (None, None) => Ok(None),
             (None, Some(_)) => Err(corrupt_batch(id, "it has a header entry but no batch").into()),
@@ -735,7 +803,16 @@ impl Trees {
 
     fn reserve_seq(&self, next: u64) -> Result<(), Failure> {
         self.meta.insert(SEQ_RESERVED, &next.to_be_bytes())?;
+        self.durable()
+    }
+
+    /// Flushes sled, then syncs its log file. sled 0.34 makes its writes durable with
+    /// `sync_file_range` alone, which neither commits the file's metadata (its new length)
+    /// nor flushes the drive's cache; `fdatasync` does both, through any descriptor of the
+    /// file.
+    fn durable(&self) -> Result<(), Failure> {
         self.db.flush()?;
+        self.log.sync_data().map_err(sled::Error::Io)?;
         Ok(())
     }
 
@@ -760,8 +837,7 @@ impl Trees {
                 return Err(corrupt("master_key_check", "it records another master key").into())
             }
         }
-        self.db.flush()?;
-        Ok(())
+        self.durable()
     }
 }
 
@@ -773,8 +849,7 @@ impl Store for SledStore {
         let mut records: Vec<Record<'_>> = batches.iter().map(Record::new).collect();
         self.with(|t| {
             t.put_unflushed(&mut records, &mut self.segments())?;
-            t.db.flush()?;
-            Ok(())
+            t.durable()
         })
     }
 
@@ -814,7 +889,11 @@ impl Store for SledStore {
     }
 
     fn size_on_disk(&self) -> u64 {
-        let sled = self.with(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0);
+        // Not through `with`: a metric's failed directory listing must not close the store.
+        let sled = self
+            .read()
+            .as_ref()
+            .map_or(0, |t| t.db.size_on_disk().unwrap_or(0));
         sled + self.segments().bytes()
     }
 }
@@ -1450,6 +1529,55 @@ mod tests {
         let text = fails_naming(s.batch(1), 1);
         assert!(text.contains("unknown version 2"), "{text}");
         raw_put(&s, "batches", 1, good.to_vec());
+        assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
+    }
+
+    #[test]
+    fn a_database_that_lost_its_manifests_does_not_start_over_beside_their_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        SledStore::open(dir.path())
+            .unwrap()
+            .put_batches(&[sealed(0), sealed(1)])
+            .unwrap();
+        // sled's files gone (a bad restore), the segment files kept.
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name() != Some(std::ffi::OsStr::new(SEGMENTS_DIR)) {
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path).unwrap();
+                } else {
+                    std::fs::remove_file(&path).unwrap();
+                }
+            }
+        }
+        let text = SledStore::open(dir.path()).unwrap_err().to_string();
+        assert!(text.contains("holds batch bodies"), "{text}");
+        assert!(!dir.path().join(SLED_LOG).exists(), "no new database made");
+        // An empty database in its place is refused alike.
+        drop(sled::open(dir.path()).unwrap());
+        let text = SledStore::open(dir.path()).unwrap_err().to_string();
+        assert!(text.contains("holds batch bodies"), "{text}");
+        std::fs::remove_file(dir.path().join(SLED_LOG)).unwrap();
+        assert!(matches!(
+            SledStore::open_existing(dir.path()),
+            Err(StoreError::NoDatabase { .. })
+        ));
+    }
+
+    #[test]
+    fn a_lost_segment_file_never_has_its_number_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        SledStore::open(dir.path())
+            .unwrap()
+            .put_batches(&[sealed(0)])
+            .unwrap();
+        let first = segments::segment_path(&dir.path().join(SEGMENTS_DIR), 1);
+        std::fs::remove_file(&first).unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.put_batches(&[sealed(1)]).unwrap();
+        assert!(!first.exists(), "segment 1 was made again");
+        let text = fails_naming(s.batch(0), 0);
+        assert!(text.contains("segment 1 is missing"), "{text}");
         assert_eq!(s.batch(1).unwrap().unwrap(), sealed(1));
     }
 

@@ -308,3 +308,21 @@ fn a_data_directory_in_use_is_refused_with_the_holder_named() {
         lines_of_batch(0)
     );
 }
+
+#[test]
+fn a_store_whose_database_was_lost_is_an_error_and_none_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::write_store(&data, 2, 2, true);
+    let db = data.join("store").join("db");
+    std::fs::remove_file(&db).unwrap();
+    assert_fails(
+        &dump(&data),
+        "",
+        &format!(
+            "{}: the store's database (db) is missing: restore the store directory from a backup",
+            data.join("store").display()
+        ),
+    );
+    assert!(!db.exists(), "dump made a new database");
+}

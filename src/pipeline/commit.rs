@@ -147,6 +147,12 @@ impl Commit {
                 self.acker.ack(&acks);
                 self.metrics.acks_sent.inc_by(acks.len() as u64);
             }
+            if !sealed.is_empty() {
+                // After the acknowledgements: it lists directories.
+                self.metrics
+                    .store_size_bytes
+                    .set(self.store.size_on_disk() as i64);
+            }
         }
         Ok(summary)
     }
@@ -168,9 +174,6 @@ impl Commit {
             summary.batches += 1;
             summary.readings += u64::from(b.header.rows);
         }
-        self.metrics
-            .store_size_bytes
-            .set(self.store.size_on_disk() as i64);
     }
 
     fn put(&self, sealed: &[SealedBatch]) -> Result<(), StoreError> {

@@ -81,6 +81,15 @@ fn survey(dir: &Path) -> Result<(u64, u64), StoreError> {
     Ok((highest, bytes))
 }
 
+/// Whether `dir` holds a segment file with anything in it.
+pub fn holds_bodies(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            segment_number(&e.file_name()).is_some() && e.metadata().is_ok_and(|m| m.len() > 0)
+        })
+    })
+}
+
 /// The file bodies are appended to.
 #[derive(Debug)]
 struct Writer {
@@ -133,20 +142,25 @@ impl Segments {
         self.rotate_at = bytes;
     }
 
-    /// Starts a new segment file, numbered after the highest there is, creating the directory
-    /// if this is the first; syncs the directories whose entries it created.
-    fn start(&mut self) -> Result<&mut Writer, StoreError> {
+    /// Starts a new segment file, numbered after the highest there is and after `named` (the
+    /// highest a manifest names: should that file be lost, its number is still never reused),
+    /// creating the directory if this is the first. Syncs the directories above it every time:
+    /// an earlier attempt may have created an entry and failed before its sync.
+    fn start(&mut self, named: u64) -> Result<&mut Writer, StoreError> {
         match fs::create_dir(&self.dir) {
-            Ok(()) => {
-                if let Some(store_dir) = self.dir.parent() {
-                    sync_dir(store_dir)?;
-                }
-            }
+            Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) => return Err(segment_error(&self.dir)(e)),
         }
+        if let Some(store_dir) = self.dir.parent() {
+            sync_dir(store_dir)?;
+            // sled created the store directory in the data directory and synced neither.
+            if let Some(data_dir) = store_dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+                sync_dir(data_dir)?;
+            }
+        }
         let (highest, bytes) = survey(&self.dir)?;
-        let number = highest + 1;
+        let number = highest.max(named) + 1;
         let path = segment_path(&self.dir, number);
         let file = OpenOptions::new()
             .read(true)
@@ -154,7 +168,11 @@ impl Segments {
             .create_new(true)
             .open(&path)
             .map_err(segment_error(&path))?;
-        sync_dir(&self.dir)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            // Not left behind: each retry would add another empty file.
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         self.others = Some(bytes);
         Ok(self.writer.insert(Writer {
             number,
@@ -166,8 +184,9 @@ impl Segments {
 
     /// Writes `bodies` one after another at the known-good end of the current segment (a new
     /// one on the first write of this opening, or once the current one has passed its size)
-    /// and syncs them once. The end stays where it was until [`Segments::committed`].
-    pub fn append(&mut self, bodies: &[&[u8]]) -> Result<Appended, StoreError> {
+    /// and syncs them once. The end stays where it was until [`Segments::committed`]. `named`
+    /// is the highest segment number a manifest names.
+    pub fn append(&mut self, bodies: &[&[u8]], named: u64) -> Result<Appended, StoreError> {
         #[cfg(test)]
         let mut budget = self.fail_after.take();
         if self
@@ -179,7 +198,7 @@ impl Segments {
         }
         let w = match self.writer {
             Some(ref mut w) => w,
-            None => self.start()?,
+            None => self.start(named)?,
         };
         let mut offsets = Vec::with_capacity(bodies.len());
         let mut at = w.end;
