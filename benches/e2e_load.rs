@@ -3,8 +3,8 @@
 //! 1. **ceiling**: the embedded broker alone, with a consumer that only counts and acknowledges
 //!    at once: this machine's MQTT ingest ceiling for this publisher;
 //! 2. **service, JSON**: N single-reading JSON messages through the whole service (decode,
-//!    alarms, Arrow, leaf hashes, AES-GCM, sled flush). A PUBACK means stored, so the run ends
-//!    when the last PUBACK arrives; also receive→stored latency and RSS;
+//!    alarms, Arrow, leaf hashes, AES-GCM, segment file and sled synced). A PUBACK means
+//!    stored, so the run ends when the last PUBACK arrives; also receive→stored latency;
 //! 3. **service, SenML packs**: the same with 10 readings a message, in readings/s;
 //! 4. **external mode**: publishers offer a fixed rate (50,000 msg/s by default) to a mosquitto
 //!    in its default configuration, the service consumes its MQTT 5 session; every message
@@ -327,7 +327,7 @@ async fn bench_service(total: usize, connections: usize, payload: Payload) -> (f
     let secs = (t0.elapsed() - first).as_secs_f64();
     let stored = metrics.readings_stored.get();
     let text = metrics.render();
-    let (rss, _) = rss_mib();
+    let (rss, peak) = rss_mib();
     service.shutdown();
     let summary = service.wait().await.expect("clean stop");
     let per = match payload {
@@ -341,7 +341,7 @@ async fn bench_service(total: usize, connections: usize, payload: Payload) -> (f
         Payload::Json => "2. service, JSON, 1 reading a message",
         Payload::Senml10 => "3. service, SenML packs of 10 readings",
     };
-    println!("{label} (embedded broker, decode, alarms, Arrow, SHA-256 leaves, AES-256-GCM, sled flush; PUBACK once stored):");
+    println!("{label} (embedded broker, decode, alarms, Arrow, SHA-256 leaves, AES-256-GCM, segment file and sled synced; PUBACK once stored):");
     println!("   {acked} messages over {connections} connections, QoS 1, window {WINDOW}");
     println!(
         "   all acknowledged (= stored) in {secs:.2} s  ->  {rate:.0} messages/s, {readings_rate:.0} readings/s"
@@ -352,7 +352,7 @@ async fn bench_service(total: usize, connections: usize, payload: Payload) -> (f
         histogram_quantile(&text, name, 0.99) * 1e3
     );
     println!(
-        "   batches {}, RSS at the end {rss:.0} MiB (whole bench process, publishers included)",
+        "   batches {}, RSS after the run {rss:.0} MiB, peak so far {peak:.0} MiB (whole bench process: publishers and earlier phases included)",
         summary.batches
     );
     let ok = acked == total as u64 && stored == acked * per && summary.readings == stored;
