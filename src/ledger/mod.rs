@@ -27,21 +27,85 @@ pub enum LedgerError {
     Refused { ledger: String, reason: String },
 }
 
-/// What a ledger returns for an anchored checkpoint: enough to find and check it there.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Receipt {
-    pub ledger: String,
-    /// Backend-specific: a block hash and index, a transaction hash, …
-    pub reference: String,
-    pub anchored_at: i64,
+/// A future a [`Ledger`] returns: backends talk to networks (Ethereum JSON-RPC) or to disk.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What is anchored: one signed checkpoint of the node's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub checkpoint: Checkpoint,
+    /// The checkpoint's signed note, exactly as signed.
+    pub note: String,
 }
 
-/// A ledger backend.
+/// An anchor handed to a ledger and not yet known to be final: kept in the outbox until
+/// [`Ledger::status`] says [`AnchorStatus::Confirmed`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Submission {
+    /// The backend's name for what it sent: a transaction hash (0x-prefixed hex), an entry index.
+    pub reference: String,
+    /// µs since the epoch.
+    pub submitted_at: i64,
+}
+
+/// Where a submitted anchor stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnchorStatus {
+    /// On the ledger with at least the confirmations asked for: done.
+    Confirmed(Receipt),
+    /// On the ledger, not yet as deep as asked for (or not yet mined).
+    Pending { confirmations: u64 },
+    /// Not on the ledger (never mined, or dropped by a reorg): submit it again.
+    Dropped,
+}
+
+/// What a ledger returns for an anchored checkpoint: enough for anyone to find and check it there
+/// without this node. Part of the proof file format (docs/proof-format.md).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Receipt {
+    /// An entry of the node's own hash chain (`<data>/ledger/`).
+    Local {
+        /// The entry's index in the chain.
+        index: u64,
+        /// SHA-256 of the entry's bytes, hex: the next entry holds it.
+        entry_hash: String,
+        /// µs since the epoch.
+        anchored_at: i64,
+    },
+    /// An `Anchored` event of the anchor contract (contracts/) on an Ethereum-compatible chain.
+    Ethereum {
+        chain_id: u64,
+        /// 0x-prefixed, EIP-55 checksummed.
+        contract: String,
+        /// 0x-prefixed hex.
+        tx_hash: String,
+        block_number: u64,
+        /// 0x-prefixed hex.
+        block_hash: String,
+        log_index: u64,
+    },
+}
+
+/// A ledger backend. Every call may be repeated after a crash: anchoring the same checkpoint
+/// twice must be harmless.
 pub trait Ledger: Send + Sync {
+    /// The backend's name, for metrics and logs: `local`, `ethereum`.
     fn name(&self) -> &str;
-    /// Anchors one signed checkpoint (its note text, as signed). Must be idempotent: the outbox
-    /// may offer the same checkpoint again after a crash.
-    fn anchor(&self, checkpoint: &Checkpoint, signed_note: &str) -> Result<Receipt, LedgerError>;
+    /// Hands `anchor` to the ledger; does not wait for it to be final.
+    fn submit<'a>(&'a self, anchor: &'a Anchor) -> BoxFuture<'a, Result<Submission, LedgerError>>;
+    /// Where a submission stands now.
+    fn status<'a>(
+        &'a self,
+        anchor: &'a Anchor,
+        submission: &'a Submission,
+    ) -> BoxFuture<'a, Result<AnchorStatus, LedgerError>>;
+    /// Looks for `anchor` on the ledger itself, without the outbox (for `verify`): its receipt,
+    /// once it is there with the confirmations asked for.
+    fn find<'a>(
+        &'a self,
+        anchor: &'a Anchor,
+    ) -> BoxFuture<'a, Result<Option<Receipt>, LedgerError>>;
 }
 
 /// The leaves of the log: every stored batch's root, in batch order.
