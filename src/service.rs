@@ -207,7 +207,15 @@ impl Service {
                 source,
             })?;
 
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("store"))?);
+        let sled_store = SledStore::open(&data_dir.join("store"))?;
+        let built = sled_store.build_log()?;
+        if built > 0 {
+            info!(
+                batches = built,
+                "built the log of batches of a store written before it existed"
+            );
+        }
+        let store: Arc<dyn Store> = Arc::new(sled_store);
         let keys = open_node_keys(
             store.as_ref(),
             &data_dir.join("keys"),

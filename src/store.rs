@@ -24,6 +24,7 @@
 //! and the bindings a copy or a lost write would break: the header sealed inside a batch names
 //! the id it is stored under, and the `headers` entry equals it.
 
+mod log;
 mod segments;
 
 use std::collections::HashMap;
@@ -43,7 +44,9 @@ use tracing::warn;
 pub use self::segments::SEGMENTS_DIR;
 use self::segments::{SegmentReader, Segments};
 use crate::seal::crypt::{Envelope, CHECK_LEN};
+use crate::seal::entry;
 use crate::seal::keys::{KeyError, NodeKeys, MASTER_KEY_FILE};
+use crate::seal::merkle::Hash;
 use crate::seal::{BatchHeader, SealedBatch};
 
 /// sled's page cache. Batches are written once and read back rarely (a dump, a proof), so a
@@ -157,6 +160,25 @@ pub trait Store: Send + Sync + 'static {
     fn check(&self) -> Result<u64, StoreError> {
         self.scan(&mut |_| ControlFlow::Continue(()))
     }
+    /// The header of batch `id`, from its `headers` entry (nothing decrypted or checked).
+    fn header(&self, id: u64) -> Result<Option<BatchHeader>, StoreError>;
+    /// The number of leaves in the log of batches (`store/log.rs`).
+    fn log_size(&self) -> Result<u64, StoreError>;
+    /// The stored hash of the complete subtree at `level` and `index` of the log of batches.
+    fn log_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError>;
+    /// Durably stores the signed checkpoint of the log at `size`. Storing the same note again
+    /// is not an error; another note for the same size is.
+    fn put_checkpoint(&self, size: u64, note: &str) -> Result<(), StoreError>;
+    /// The first stored checkpoint of a size of at least `size`, and its size.
+    fn checkpoint_from(&self, size: u64) -> Result<Option<(u64, String)>, StoreError>;
+    /// The stored checkpoint of the largest size.
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError>;
+    /// Hands every stored checkpoint to `each`, by size, until it breaks. `each` must not call
+    /// the store.
+    fn checkpoints(
+        &self,
+        each: &mut dyn FnMut(u64, String) -> ControlFlow<()>,
+    ) -> Result<(), StoreError>;
     /// The first seq that was never handed out.
     fn seq_reserved(&self) -> Result<u64, StoreError>;
     /// Durably records that seqs below `next` may have been handed out.
@@ -205,6 +227,10 @@ struct Trees {
     batches: sled::Tree,
     headers: sled::Tree,
     meta: sled::Tree,
+    /// The log of batches (`store/log.rs`).
+    log_nodes: sled::Tree,
+    /// Signed checkpoints of the log: tree size (u64 BE) → the signed note.
+    checkpoints: sled::Tree,
     /// sled's log file, `<store>/db`: synced after each of sled's flushes (see [`Trees::durable`]).
     log: File,
     /// `<store>/segments`, read through a [`SegmentReader`].
@@ -265,6 +291,13 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Builds the log of batches of a store written before it existed (a no-op otherwise);
+    /// returns how many batches it appended. [`SledStore::open_existing`] does not, so that a
+    /// command that only reads writes nothing; the service and `proof` do.
+    pub fn build_log(&self) -> Result<u64, StoreError> {
+        self.with(|t| t.build_log())
+    }
+
     /// Opens the store at `path` only if it exists: for commands that read (`dump`), which
     /// must not leave a fresh database behind where one was lost.
     pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
@@ -312,6 +345,8 @@ impl SledStore {
             batches: db.open_tree("batches").map_err(sled)?,
             headers: db.open_tree("headers").map_err(sled)?,
             meta: db.open_tree("meta").map_err(sled)?,
+            log_nodes: db.open_tree("log").map_err(sled)?,
+            checkpoints: db.open_tree("checkpoints").map_err(sled)?,
             log,
             segments_dir: segments_dir.clone(),
             db,
@@ -388,6 +423,13 @@ impl SledStore {
     fn with_trees<T>(&self, op: impl FnOnce(&Trees) -> T) -> T {
         op(self.read().as_ref().expect("store open"))
     }
+}
+
+fn checkpoint_entry((k, v): (sled::IVec, sled::IVec)) -> Result<(u64, String), StoreError> {
+    let size = log::parse_u64("checkpoint key", &k)?;
+    let note = String::from_utf8(v.to_vec())
+        .map_err(|_| corrupt(format!("checkpoint {size}"), "not UTF-8"))?;
+    Ok((size, note))
 }
 
 fn corrupt(key: impl std::fmt::Display, reason: impl Into<String>) -> StoreError {
@@ -548,6 +590,8 @@ struct Record<'a> {
     body: Vec<u8>,
     digest: [u8; 32],
     header: Vec<u8>,
+    /// Its leaf in the log of batches; `None` for a header whose root is not a hash.
+    leaf: Option<Hash>,
     /// Where its body was written, when this call wrote it.
     manifest: Option<Manifest>,
 }
@@ -564,6 +608,7 @@ impl<'a> Record<'a> {
                 .expect("32 bytes"),
             body,
             header: serde_json::to_vec(&batch.header).expect("header serialises"),
+            leaf: entry::log_leaf(&batch.header).ok(),
             manifest: None,
         }
     }
@@ -586,10 +631,14 @@ impl<'a> Record<'a> {
 fn put_record(
     batches: &TransactionalTree,
     headers: &TransactionalTree,
+    log_nodes: &TransactionalTree,
     r: &Record<'_>,
 ) -> Result<(), ConflictableTransactionError<StoreError>> {
     let id = r.id();
     let abort = ConflictableTransactionError::Abort;
+    let leaf = r
+        .leaf
+        .ok_or_else(|| abort(corrupt_batch(id, "its header's root is not a SHA-256 hash")))?;
     match batches.get(r.key)? {
         None => {
             // Its body was written by this call unless the batch was stored when the call
@@ -600,6 +649,7 @@ fn put_record(
                 .ok_or_else(|| abort(corrupt_batch(id, "it vanished while being stored")))?;
             batches.insert(&r.key, &manifest.encode()[..])?;
             headers.insert(&r.key, r.header.as_slice())?;
+            log::append(log_nodes, id, leaf)?;
         }
         Some(stored) if r.is(&stored).map_err(abort)? => {
             // The retry of a call whose transaction committed and whose flush failed: the
@@ -611,6 +661,7 @@ fn put_record(
             // that follows write them for sure.
             batches.insert(&r.key, stored)?;
             headers.insert(&r.key, r.header.as_slice())?;
+            log::append(log_nodes, id, leaf)?;
         }
         Some(_) => return Err(abort(StoreError::Duplicate(id))),
     }
@@ -656,12 +707,17 @@ impl Trees {
                 records[i].manifest = records[f].manifest.clone();
             }
         }
-        let result = (&self.batches, &self.headers).transaction(|(batches, headers)| {
-            for r in records.iter() {
-                put_record(batches, headers, r)?;
-            }
-            Ok(())
-        });
+        // In id order: each batch's leaf follows the previous one in the log.
+        let mut order: Vec<&Record<'_>> = records.iter().collect();
+        order.sort_by_key(|r| r.id());
+        let result = (&self.batches, &self.headers, &self.log_nodes).transaction(
+            |(batches, headers, log_nodes)| {
+                for r in &order {
+                    put_record(batches, headers, log_nodes, r)?;
+                }
+                Ok(())
+            },
+        );
         if let Some(appended) = appended {
             match &result {
                 // Refused (a duplicate, a damaged header): no manifest names the bodies, and
@@ -791,6 +847,107 @@ impl Trees {
         }
     }
 
+    fn log_size(&self) -> Result<u64, Failure> {
+        match self.log_nodes.get(log::SIZE_KEY)? {
+            Some(v) => Ok(log::parse_u64("log size", &v)?),
+            None => Ok(0),
+        }
+    }
+
+    fn log_node(&self, level: u8, index: u64) -> Result<Option<Hash>, Failure> {
+        match self.log_nodes.get(log::node_key(level, index))? {
+            Some(v) => Ok(Some(log::parse_hash(level, index, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends to the log of batches the batches it does not hold yet: those of a store written
+    /// before the log existed. In transactions of a few thousand, flushed at the end.
+    fn build_log(&self) -> Result<u64, Failure> {
+        let mut added = 0;
+        loop {
+            let from = self.log_size()?;
+            let mut leaves = Vec::new();
+            for kv in self.headers.range(from.to_be_bytes()..).take(4096) {
+                let (k, v) = kv?;
+                let id = id_of(&k)?;
+                let h = parse_header(id, &v)?;
+                let leaf = entry::log_leaf(&h)
+                    .map_err(|e| corrupt_batch(id, format!("its header: {e}")))?;
+                leaves.push((id, leaf));
+            }
+            if leaves.is_empty() {
+                break;
+            }
+            added += leaves.len() as u64;
+            self.log_nodes.transaction(|log_nodes| {
+                for &(id, leaf) in &leaves {
+                    log::append(log_nodes, id, leaf)?;
+                }
+                Ok(())
+            })?;
+        }
+        if added > 0 {
+            self.durable()?;
+        }
+        Ok(added)
+    }
+
+    fn header(&self, id: u64) -> Result<Option<BatchHeader>, Failure> {
+        match self.headers.get(id.to_be_bytes())? {
+            Some(v) => Ok(Some(parse_header(id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_checkpoint(&self, size: u64, note: &str) -> Result<(), Failure> {
+        let key = size.to_be_bytes();
+        match self
+            .checkpoints
+            .compare_and_swap(key, None::<&[u8]>, Some(note.as_bytes()))?
+        {
+            Ok(()) => {}
+            // Cut again after a crash between signing and flushing: Ed25519 signs the same text
+            // to the same note.
+            Err(e) if e.current.as_deref() == Some(note.as_bytes()) => {}
+            Err(_) => {
+                return Err(corrupt(
+                    format!("checkpoint {size}"),
+                    "another note of this size is stored",
+                )
+                .into())
+            }
+        }
+        self.durable()
+    }
+
+    fn checkpoint_from(&self, size: u64) -> Result<Option<(u64, String)>, Failure> {
+        match self.checkpoints.range(size.to_be_bytes()..).next() {
+            Some(kv) => Ok(Some(checkpoint_entry(kv?)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, Failure> {
+        match self.checkpoints.last()? {
+            Some(kv) => Ok(Some(checkpoint_entry(kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn checkpoints(
+        &self,
+        each: &mut dyn FnMut(u64, String) -> ControlFlow<()>,
+    ) -> Result<(), Failure> {
+        for kv in self.checkpoints.iter() {
+            let (size, note) = checkpoint_entry(kv?)?;
+            if each(size, note).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn seq_reserved(&self) -> Result<u64, Failure> {
         let stored = match self.meta.get(SEQ_RESERVED)? {
             Some(v) => id_of(&v)?,
@@ -870,6 +1027,37 @@ impl Store for SledStore {
         each: &mut dyn FnMut(SealedBatch) -> ControlFlow<()>,
     ) -> Result<u64, StoreError> {
         self.with(|t| t.scan(each))
+    }
+
+    fn header(&self, id: u64) -> Result<Option<BatchHeader>, StoreError> {
+        self.with(|t| t.header(id))
+    }
+
+    fn log_size(&self) -> Result<u64, StoreError> {
+        self.with(|t| t.log_size())
+    }
+
+    fn log_node(&self, level: u8, index: u64) -> Result<Option<Hash>, StoreError> {
+        self.with(|t| t.log_node(level, index))
+    }
+
+    fn put_checkpoint(&self, size: u64, note: &str) -> Result<(), StoreError> {
+        self.with(|t| t.put_checkpoint(size, note))
+    }
+
+    fn checkpoint_from(&self, size: u64) -> Result<Option<(u64, String)>, StoreError> {
+        self.with(|t| t.checkpoint_from(size))
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.with(|t| t.latest_checkpoint())
+    }
+
+    fn checkpoints(
+        &self,
+        each: &mut dyn FnMut(u64, String) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        self.with(|t| t.checkpoints(each))
     }
 
     fn seq_reserved(&self) -> Result<u64, StoreError> {
@@ -1085,6 +1273,21 @@ mod tests {
             .expect("was there");
     }
 
+    /// A new store whose log of batches already holds a leaf 0, so that tests may number their
+    /// batches from 1 (ids must follow on from the log's size).
+    fn store_from_one(dir: &Path) -> SledStore {
+        let s = SledStore::open(dir).unwrap();
+        s.with_trees(|t| {
+            t.log_nodes
+                .insert(log::node_key(0, 0), &[0u8; 32][..])
+                .unwrap();
+            t.log_nodes
+                .insert(log::SIZE_KEY, &1u64.to_be_bytes())
+                .unwrap();
+        });
+        s
+    }
+
     fn header_json(h: &BatchHeader) -> Vec<u8> {
         serde_json::to_vec(h).unwrap()
     }
@@ -1126,7 +1329,7 @@ mod tests {
     #[test]
     fn a_batch_copied_under_another_id_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1), sealed(2)]).unwrap();
         // Batch 1's record and header entry, copied over batch 2's.
         raw_put(&s, "batches", 2, encode(&sealed(1)));
@@ -1153,7 +1356,7 @@ mod tests {
     #[test]
     fn a_header_entry_must_equal_the_sealed_header() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1), sealed(2)]).unwrap();
         let mut h = sealed(2).header;
         h.rows = 1_000;
@@ -1172,7 +1375,7 @@ mod tests {
     #[test]
     fn unpaired_batches_and_headers_are_found() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1), sealed(2), sealed(3)]).unwrap();
         assert_eq!(s.check().unwrap(), 3);
 
@@ -1197,7 +1400,7 @@ mod tests {
     #[test]
     fn scan_hands_over_batches_in_order_until_told_to_stop() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(3), sealed(1), sealed(2)]).unwrap();
         let mut seen = Vec::new();
         let n = s
@@ -1214,7 +1417,7 @@ mod tests {
     #[test]
     fn a_group_is_stored_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1)]).unwrap();
         let err = s
             .put_batches(&[sealed(2), other(1), sealed(3)])
@@ -1229,10 +1432,68 @@ mod tests {
         let bodies = (encode(&sealed(1)).len() + encode(&sealed(2)).len()) as u64;
         assert_eq!(s.segments().writing(), Some((1, bodies)));
         assert!(matches!(
-            s.put_batches(&[sealed(4), other(4)]),
-            Err(StoreError::Duplicate(4))
+            s.put_batches(&[sealed(3), other(3)]),
+            Err(StoreError::Duplicate(3))
         ));
         assert_eq!(s.check().unwrap(), 2);
+    }
+
+    #[test]
+    fn batch_ids_must_follow_on_and_an_older_store_gets_its_log_built() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let err = s.put_batches(&[sealed(1)]).unwrap_err().to_string();
+            assert!(err.contains("log of batches holds 0"), "{err}");
+            assert_eq!(s.batch(1).unwrap(), None);
+            s.put_batches(&[sealed(2), sealed(0), sealed(1)]).unwrap();
+            assert_eq!(s.log_size().unwrap(), 3);
+            let leaf = |id| entry::log_leaf(&sealed(id).header).unwrap();
+            assert_eq!(s.log_node(0, 2).unwrap(), Some(leaf(2)));
+            assert_eq!(
+                s.log_node(1, 0).unwrap(),
+                Some(crate::seal::merkle::node_hash(&leaf(0), &leaf(1)))
+            );
+            assert_eq!(s.log_node(1, 1).unwrap(), None);
+            // What a store written before the log existed holds: batches, no log.
+            s.with_trees(|t| t.log_nodes.clear().unwrap());
+        }
+        let s = SledStore::open_existing(dir.path()).unwrap();
+        assert_eq!(s.log_size().unwrap(), 0, "reading builds nothing");
+        assert_eq!(s.build_log().unwrap(), 3);
+        assert_eq!(s.build_log().unwrap(), 0);
+        assert_eq!(
+            s.log_node(0, 2).unwrap(),
+            Some(entry::log_leaf(&sealed(2).header).unwrap())
+        );
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.log_size().unwrap(), 3);
+        s.put_batches(&[sealed(3)]).unwrap();
+        assert_eq!(s.log_size().unwrap(), 4);
+    }
+
+    #[test]
+    fn checkpoints_are_kept_by_size_and_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.latest_checkpoint().unwrap(), None);
+        s.put_checkpoint(3, "note 3").unwrap();
+        s.put_checkpoint(10, "note 10").unwrap();
+        s.put_checkpoint(3, "note 3").unwrap();
+        let err = s.put_checkpoint(3, "another").unwrap_err().to_string();
+        assert!(err.contains("checkpoint 3"), "{err}");
+        assert_eq!(s.latest_checkpoint().unwrap(), Some((10, "note 10".into())));
+        assert_eq!(s.checkpoint_from(4).unwrap(), Some((10, "note 10".into())));
+        assert_eq!(s.checkpoint_from(3).unwrap(), Some((3, "note 3".into())));
+        assert_eq!(s.checkpoint_from(11).unwrap(), None);
+        let mut all = Vec::new();
+        s.checkpoints(&mut |size, _| {
+            all.push(size);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(all, vec![3, 10]);
     }
 
     #[test]
@@ -1240,7 +1501,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let group = [sealed(1), sealed(2), sealed(3)];
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = store_from_one(dir.path());
             s.put_batches(&group[..1]).unwrap();
             // What a committed transaction leaves when the flush after it fails: the bodies of
             // the group in the segment, every manifest and header, not yet known to be durable.
@@ -1287,18 +1548,18 @@ mod tests {
     #[test]
     fn a_multi_megabyte_batch_round_trips_through_a_segment_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut big = sealed(5);
+        let mut big = sealed(2);
         big.envelope.ciphertext = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
-        let all = [sealed(4), big.clone(), sealed(6)];
+        let all = [sealed(1), big.clone(), sealed(3)];
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = store_from_one(dir.path());
             s.put_batches(&all).unwrap();
-            assert_eq!(s.batch(5).unwrap().as_ref(), Some(&big));
+            assert_eq!(s.batch(2).unwrap().as_ref(), Some(&big));
             // One file, the three bodies one after another.
             assert_eq!(segment_files(dir.path()), ["00000001.seg"]);
             let bodies: u64 = all.iter().map(|b| encode(b).len() as u64).sum();
             assert_eq!(segment_len(dir.path(), 1), bodies);
-            let m = manifest_of(&s, 5);
+            let m = manifest_of(&s, 2);
             assert_eq!(
                 (m.segment, m.offset, m.length),
                 (1, encode(&all[0]).len() as u64, encode(&big).len() as u64)
@@ -1310,7 +1571,7 @@ mod tests {
             changed.envelope.ciphertext[2 << 20] ^= 1;
             assert!(matches!(
                 s.put_batch(&changed),
-                Err(StoreError::Duplicate(5))
+                Err(StoreError::Duplicate(2))
             ));
             assert_eq!(segment_len(dir.path(), 1), bodies);
         }
@@ -1327,7 +1588,7 @@ mod tests {
     #[test]
     fn damaged_cut_short_and_missing_segment_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1)]).unwrap();
         drop(s);
         // Batches 2 and 3 in the second segment, written by the second opening.
@@ -1388,7 +1649,7 @@ mod tests {
     #[test]
     fn a_failed_body_write_is_retried_over_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1)]).unwrap();
         let end = segment_len(dir.path(), 1);
         let group = [sealed(2), sealed(3)];
@@ -1484,7 +1745,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let segments_dir = dir.path().join(SEGMENTS_DIR);
         {
-            let s = SledStore::open(dir.path()).unwrap();
+            let s = store_from_one(dir.path());
             s.reserve_seq(7).unwrap();
             // Batches as a store written before segment files existed holds them: inline.
             raw_put(&s, "batches", 1, encode(&sealed(1)));
@@ -1515,7 +1776,7 @@ mod tests {
     #[test]
     fn a_manifest_with_another_layout_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1)]).unwrap();
         let good = manifest_of(&s, 1).encode();
         raw_put(&s, "batches", 1, good[..MANIFEST_LEN - 1].to_vec());
@@ -1584,7 +1845,7 @@ mod tests {
     #[test]
     fn a_retry_with_a_damaged_header_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = store_from_one(dir.path());
         s.put_batches(&[sealed(1)]).unwrap();
         raw_remove(&s, "headers", 1);
         fails_naming(s.put_batches(&[sealed(1)]), 1);

@@ -1,14 +1,16 @@
-//! The node's append-only log of batch roots, its signed checkpoints, and the [`Ledger`] seam
+//! The node's append-only log of batches, its signed checkpoints, and the [`Ledger`] seam
 //! that anchors them.
 //!
-//! Batch `i`'s root is leaf `i` of an RFC 6962 log; a checkpoint is a C2SP signed note of that
-//! log's size and root, signed with the node key. A ledger backend (the embedded hash chain, an
+//! Batch `i` is leaf `i` of an RFC 6962 log, its leaf the hash of its header's canonical bytes
+//! (seal::entry); a checkpoint is a C2SP signed note of that log's size and root, signed with
+//! the node key. A ledger backend (the embedded hash chain, an
 //! Ethereum-compatible chain) takes a signed checkpoint and returns a receipt; backends plug in
 //! here through the trait.
 
 use crate::seal::checkpoint::{Checkpoint, NoteError, NoteSigner};
-use crate::seal::merkle::{self, Hash};
 use crate::store::{Store, StoreError};
+
+pub mod log;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -16,8 +18,10 @@ pub enum LedgerError {
     Store(#[from] StoreError),
     #[error("batch {0} has a malformed root")]
     BadRoot(u64),
-    #[error("batch ids are not contiguous: expected {expected}, found {found}")]
-    Gap { expected: u64, found: u64 },
+    #[error("the log of batches lacks its node {level}/{index}: the store is damaged")]
+    MissingNode { level: u8, index: u64 },
+    #[error("the log of batches holds {have} leaves, not {size}")]
+    Beyond { size: u64, have: u64 },
     #[error("signing: {0}")]
     Note(#[from] NoteError),
     /// The backend could not anchor now; the checkpoint stays queued and is retried.
@@ -108,24 +112,6 @@ pub trait Ledger: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<Receipt>, LedgerError>>;
 }
 
-/// The leaves of the log: every stored batch's root, in batch order.
-pub fn log_leaves(store: &dyn Store) -> Result<Vec<Hash>, LedgerError> {
-    store
-        .headers()?
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            if h.id != i as u64 {
-                return Err(LedgerError::Gap {
-                    expected: i as u64,
-                    found: h.id,
-                });
-            }
-            h.root_hash().ok_or(LedgerError::BadRoot(h.id))
-        })
-        .collect()
-}
-
 /// The origin line of this node's checkpoints.
 pub fn origin(signer: &NoteSigner) -> String {
     signer.name().to_owned()
@@ -136,11 +122,12 @@ pub fn checkpoint(
     store: &dyn Store,
     signer: &NoteSigner,
 ) -> Result<(Checkpoint, String), LedgerError> {
-    let leaves = log_leaves(store)?;
+    let log = log::BatchLog::new(store);
+    let size = log.size()?;
     let c = Checkpoint {
         origin: origin(signer),
-        size: leaves.len() as u64,
-        root: merkle::root(&leaves),
+        size,
+        root: log.root(size)?,
     };
     let note = signer.sign(&c.to_text())?;
     Ok((c, note))
@@ -154,10 +141,11 @@ mod tests {
     use crate::seal::checkpoint::NoteVerifier;
     use crate::seal::crypt::MasterKey;
     use crate::seal::Sealer;
+    use crate::seal::{entry, merkle};
     use crate::store::SledStore;
 
     #[test]
-    fn checkpoints_sign_the_log_of_batch_roots() {
+    fn checkpoints_sign_the_log_of_batch_headers() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let sealer = Sealer::new(MasterKey::from_bytes(&[5u8; 32]).unwrap());
@@ -167,7 +155,7 @@ mod tests {
         let (empty, _) = checkpoint(&store, &signer).unwrap();
         assert_eq!((empty.size, empty.root), (0, merkle::empty_root()));
 
-        let mut roots = Vec::new();
+        let mut leaves = Vec::new();
         let mut b = BatchBuilder::new(0, 4);
         for id in 0..3u64 {
             b.push(Row {
@@ -181,17 +169,17 @@ mod tests {
                 flags: 0,
             });
             let sealed = sealer.seal(id, b.take()).unwrap();
-            roots.push(sealed.header.root_hash().unwrap());
+            leaves.push(entry::log_leaf(&sealed.header).unwrap());
             store.put_batch(&sealed).unwrap();
         }
         let (c, note) = checkpoint(&store, &signer).unwrap();
         assert_eq!(c.size, 3);
-        assert_eq!(c.root, merkle::root(&roots));
+        assert_eq!(c.root, merkle::root(&leaves));
         let text = verifier.verify(&note).unwrap();
         assert_eq!(Checkpoint::parse(text).unwrap(), c);
-        // Each batch root is provably in the checkpoint.
-        for (i, r) in roots.iter().enumerate() {
-            let path = merkle::inclusion_proof(&roots, i).unwrap();
+        // Each batch's header is provably in the checkpoint.
+        for (i, r) in leaves.iter().enumerate() {
+            let path = merkle::inclusion_proof(&leaves, i).unwrap();
             merkle::verify_inclusion(r, i as u64, 3, &path, &c.root).unwrap();
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod crypt;
+pub mod entry;
 pub mod keys;
 pub mod leaf;
 pub mod merkle;
