@@ -78,6 +78,8 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub ledger: crate::ledger::LedgerOptions,
     /// A stop (SIGTERM, SIGINT, or a stage failing) ends within this long: past it, whatever
     /// is left unstored is abandoned (it was never acknowledged) and the process exits non-zero.
     #[serde(default = "default_stop_timeout", with = "humantime_serde")]
@@ -436,6 +438,9 @@ impl PipelineConfig {
                 "batch.max_age".into(),
                 "must be above zero".into(),
             ));
+        }
+        if let Err((key, message)) = self.ledger.check() {
+            return Err(invalid(0..0, key.into(), message));
         }
         if let Some(ext) = &self.broker.external {
             if let Err(m) = parse_mqtt_url(ext) {

@@ -21,7 +21,12 @@ use tracing::{info, warn};
 
 use crate::alarm::AlarmEngine;
 use crate::config::PipelineConfig;
+use crate::ledger::db::LedgerDb;
+use crate::ledger::local::LocalChain;
+use crate::ledger::outbox::Outbox;
+use crate::ledger::{Backend, Ledger, LedgerError};
 use crate::model::metrics::Metrics;
+use crate::pipeline::anchor::{AnchorSummary, Anchoring};
 use crate::pipeline::commit::{Commit, CommitError, CommitSummary, WriteWatch};
 use crate::pipeline::health::Health;
 use crate::pipeline::ingest::{Ingest, IngestError, IngestSummary, PendingBatch};
@@ -49,6 +54,8 @@ pub enum ServiceError {
     Keys(#[from] KeyError),
     #[error("broker: {0}")]
     Broker(#[from] BrokerError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
     #[error("external broker: {0}")]
     External(String),
     #[error("pipeline: {0}")]
@@ -169,6 +176,8 @@ pub struct Service {
     http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     http_stop: watch::Sender<bool>,
     disk: tokio::task::JoinHandle<()>,
+    anchor: tokio::task::JoinHandle<AnchorSummary>,
+    anchor_stop: watch::Sender<bool>,
     stop_timeout: Duration,
     /// Held until the stop is over: one process per data directory.
     data_dir_lock: DataDirLock,
@@ -222,6 +231,8 @@ impl Service {
             &format!("iomt-edge/{}", config.site),
             KeyMode::CreateIfFresh,
         )?;
+
+        let (master, signer) = (keys.master, Arc::new(keys.signer));
 
         let routes = config
             .routes
@@ -328,7 +339,7 @@ impl Service {
         metrics.probe_queue("commit", move || probe.len() as i64);
         let writes = Arc::new(WriteWatch::default());
         let commit_stage = Commit::new(
-            Sealer::new(keys.master),
+            Sealer::new(master),
             store.clone(),
             metrics.clone(),
             health.clone(),
@@ -373,6 +384,36 @@ impl Service {
             move || ingest_stage.run(input_rx, commit_tx, output_handle),
         )?;
 
+        let ledger_db = Arc::new(LedgerDb::open(&data_dir.join("ledger"))?);
+        let ledger: Arc<dyn Ledger> = match config.ledger.backend {
+            Backend::Local => Arc::new(LocalChain::new(ledger_db.clone())),
+        };
+        let anchoring = Anchoring::new(
+            store.clone(),
+            signer,
+            Outbox::new(ledger_db),
+            ledger,
+            metrics.clone(),
+            config.ledger.checkpoint_every,
+        );
+        let (anchor_stop, anchor_stop_rx) = watch::channel(false);
+        let anchor = {
+            // Reports its end like a stage thread does, a panic included.
+            struct Report(mpsc::UnboundedSender<Ended>, &'static str);
+            impl Drop for Report {
+                fn drop(&mut self) {
+                    let _ = self.0.send(("anchor", self.1.into()));
+                }
+            }
+            let report = Report(ended_tx.clone(), "panicked");
+            tokio::spawn(async move {
+                let mut report = report;
+                let summary = anchoring.run(anchor_stop_rx).await;
+                report.1 = "stopped";
+                summary
+            })
+        };
+
         let disk = tokio::spawn(disk::watch(
             data_dir.to_owned(),
             config.store.min_free_bytes,
@@ -384,7 +425,7 @@ impl Service {
         let (http_stop, http_stop_rx) = watch::channel(false);
         let http = tokio::spawn(http::serve(
             http_listener,
-            http::router(metrics.clone(), health.clone()),
+            http::router(metrics.clone(), health.clone(), store.clone()),
             http_stop_rx,
         ));
 
@@ -412,6 +453,8 @@ impl Service {
             http: Some(http),
             http_stop,
             disk,
+            anchor,
+            anchor_stop,
             stop_timeout: config.stop_timeout,
             data_dir_lock,
         })
@@ -489,6 +532,8 @@ impl Service {
             http,
             http_stop,
             disk,
+            anchor,
+            anchor_stop,
             stop_timeout,
             data_dir_lock,
             ..
@@ -511,6 +556,23 @@ impl Service {
             problems.push("the last acknowledgements could not all be sent in time".into());
         }
         disk.abort();
+        // After commit: the last checkpoint covers every batch stored.
+        anchor_stop.send_replace(true);
+        let mut anchor = anchor;
+        match tokio::time::timeout_at(deadline.into(), &mut anchor).await {
+            Ok(Ok(a)) => info!(
+                checkpoints = a.checkpoints,
+                anchored = a.anchored,
+                pending = a.pending,
+                "anchoring stopped"
+            ),
+            Ok(Err(e)) => problems.push(format!("anchor: {e}")),
+            // Nothing is lost: the outbox keeps what was not anchored for the next start.
+            Err(_) => {
+                anchor.abort();
+                warn!("anchoring did not finish in time; the outbox keeps what is pending")
+            }
+        }
 
         let mut summary = ServiceSummary {
             next_seq: 0,

@@ -10,7 +10,10 @@
 use crate::seal::checkpoint::{Checkpoint, NoteError, NoteSigner};
 use crate::store::{Store, StoreError};
 
+pub mod db;
+pub mod local;
 pub mod log;
+pub mod outbox;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -29,6 +32,60 @@ pub enum LedgerError {
     Unavailable { ledger: String, reason: String },
     #[error("{ledger} refused the checkpoint: {reason}")]
     Refused { ledger: String, reason: String },
+    #[error("ledger database {}: {reason}", path.display())]
+    Db {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// `[ledger]` of the pipeline file: when checkpoints are cut and where they are anchored.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerOptions {
+    #[serde(default)]
+    pub backend: Backend,
+    /// A checkpoint is cut this often when the log grew since the last one, and at a clean stop.
+    #[serde(
+        default = "LedgerOptions::default_checkpoint_every",
+        with = "humantime_serde"
+    )]
+    pub checkpoint_every: std::time::Duration,
+}
+
+impl LedgerOptions {
+    const fn default_checkpoint_every() -> std::time::Duration {
+        std::time::Duration::from_secs(10)
+    }
+
+    /// What is wrong with these options, as a key and a message.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.checkpoint_every < std::time::Duration::from_secs(1) {
+            return Err((
+                "ledger.checkpoint_every",
+                "must be at least 1s: each checkpoint is signed, stored and anchored".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            backend: Backend::default(),
+            checkpoint_every: Self::default_checkpoint_every(),
+        }
+    }
+}
+
+/// Where checkpoints are anchored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded hash chain in `<data>/ledger/`.
+    #[default]
+    Local,
 }
 
 /// A future a [`Ledger`] returns: backends talk to networks (Ethereum JSON-RPC) or to disk.

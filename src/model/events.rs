@@ -144,6 +144,49 @@ impl InternalEvent for BatchFailed<'_> {
     }
 }
 
+pub struct CheckpointCut {
+    pub size: u64,
+}
+
+impl InternalEvent for CheckpointCut {
+    fn emit(self, m: &Metrics) {
+        m.checkpoints_cut.inc();
+        debug!(size = self.size, "checkpoint cut");
+    }
+}
+
+pub struct AnchorDone<'a> {
+    pub backend: &'a str,
+    pub size: u64,
+}
+
+impl InternalEvent for AnchorDone<'_> {
+    fn emit(self, m: &Metrics) {
+        m.anchors.with_label_values(&[self.backend, "done"]).inc();
+        debug!(
+            backend = self.backend,
+            size = self.size,
+            "checkpoint anchored"
+        );
+    }
+}
+
+pub struct AnchorFailed<'a> {
+    pub backend: &'a str,
+    pub size: u64,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for AnchorFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.anchors.with_label_values(&[self.backend, "failed"]).inc();
+        if log_due(&format!("anchor/{}", self.backend)) {
+            warn!(backend = self.backend, size = self.size, error = %self.error,
+                "anchoring a checkpoint failed; it stays in the outbox and is retried (logged once a minute per backend)");
+        }
+    }
+}
+
 pub struct AlarmChanged<'a> {
     pub rule: &'a str,
     /// Identifies a patient or bed: logged at debug level only.

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub disk_free_bytes: IntGauge,
     pub intake_open: IntGauge,
     pub alarm_subjects_untracked: IntCounter,
+    pub checkpoints_cut: IntCounter,
+    pub anchors: IntCounterVec,
+    pub outbox_depth: IntGauge,
+    pub outbox_oldest_seconds: IntGauge,
     depth_probes: Mutex<Vec<(String, bool, DepthProbe)>>,
 }
 
@@ -147,6 +151,23 @@ impl Metrics {
             alarm_subjects_untracked: counter(
                 "iomt_alarm_subjects_untracked_total",
                 "readings of subjects a rule could not track because it already tracks its maximum",
+            ),
+            checkpoints_cut: counter(
+                "iomt_checkpoints_cut_total",
+                "signed checkpoints of the log of batches cut and stored",
+            ),
+            anchors: counter_vec(
+                "iomt_anchors_total",
+                "checkpoint anchors, by ledger backend and result (done: confirmed on the ledger; failed: an attempt that failed and will be retried)",
+                &["backend", "result"],
+            ),
+            outbox_depth: gauge(
+                "iomt_anchor_outbox_depth",
+                "checkpoints waiting in the outbox for their ledger",
+            ),
+            outbox_oldest_seconds: gauge(
+                "iomt_anchor_outbox_oldest_seconds",
+                "age of the oldest checkpoint waiting in the outbox (0 when none waits)",
             ),
             depth_probes: Mutex::new(Vec::new()),
             registry,

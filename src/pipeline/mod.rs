@@ -3,6 +3,7 @@
 //! where alarms and dead letters go ([`Publisher`]). Transports implement these; stages never
 //! name a transport. [`health`] is the state every stage reports into and `/healthz` reads.
 
+pub mod anchor;
 pub mod commit;
 pub mod disk;
 pub mod health;
