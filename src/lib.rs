@@ -8,7 +8,8 @@
 //! 4. [`config`]: reads a pipeline file and compiles it from the options of the layers above;
 //! 5. [`pipeline`]: the stages and their seams (input, acker, publisher, ack token);
 //! 6. [`transport`]: the embedded broker, the external broker's client, HTTP;
-//! 7. the commands ([`decode`], [`replay`]) and [`service`], which wires a running node.
+//! 7. the commands ([`decode`], [`replay`], [`verify`]) and [`service`], which wires a running
+//!    node.
 
 pub mod alarm;
 pub mod codec;
@@ -23,3 +24,4 @@ pub mod service;
 pub mod store;
 pub mod topic;
 pub mod transport;
+pub mod verify;

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("transport", 7),
     ("decode", 8),
     ("replay", 8),
+    ("verify", 8),
     ("service", 9),
 ];
 

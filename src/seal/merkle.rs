@@ -76,6 +76,46 @@ pub fn root(leaves: &[Hash]) -> Hash {
     level[0]
 }
 
+/// The right edge of an RFC 6962 tree grown leaf by leaf: the roots of its complete subtrees,
+/// largest first, O(log n) of them. Gives the root at every size without keeping the leaves.
+#[derive(Debug, Clone, Default)]
+pub struct Frontier {
+    size: u64,
+    /// (height, hash) of each complete subtree, left to right.
+    nodes: Vec<(u32, Hash)>,
+}
+
+impl Frontier {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn push(&mut self, leaf: Hash) {
+        let mut node = (0, leaf);
+        while let Some(&(h, left)) = self.nodes.last() {
+            if h != node.0 {
+                break;
+            }
+            self.nodes.pop();
+            node = (h + 1, node_hash(&left, &node.1));
+        }
+        self.nodes.push(node);
+        self.size += 1;
+    }
+
+    /// The root of the tree of the leaves pushed so far.
+    pub fn root(&self) -> Hash {
+        let mut it = self.nodes.iter().rev();
+        let Some(&(_, mut acc)) = it.next() else {
+            return empty_root();
+        };
+        for (_, left) in it {
+            acc = node_hash(left, &acc);
+        }
+        acc
+    }
+}
+
 /// The largest power of two strictly below `n` (n >= 2).
 fn split(n: usize) -> usize {
     1 << (usize::BITS - 1 - (n - 1).leading_zeros())
@@ -357,6 +397,18 @@ mod tests {
                 verify_consistency(size1 as u64, size2 as u64, &r2, &r2, &proof),
                 Err(ProofError::RootMismatch)
             );
+        }
+    }
+
+    #[test]
+    fn a_frontier_gives_the_root_at_every_size() {
+        let leaves: Vec<Hash> = (0..70u8).map(|i| leaf_hash(&[i])).collect();
+        let mut f = Frontier::default();
+        assert_eq!(f.root(), empty_root());
+        for (n, l) in leaves.iter().enumerate() {
+            f.push(*l);
+            assert_eq!(f.size(), n as u64 + 1);
+            assert_eq!(f.root(), root(&leaves[..=n]), "{n}");
         }
     }
 }

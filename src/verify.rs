@@ -1,0 +1,289 @@
+//! `iomt-edge verify`: checks a data directory from its bytes up. Every batch is decrypted and
+//! re-hashed to its root; the log of batches is rebuilt from the sealed headers and compared
+//! with the one stored; every checkpoint's signature, its root at its size, and its consistency
+//! with the one before; the local hash chain link by link, each entry against the checkpoint it
+//! anchors; and that no checkpoint was lost between the store and the ledger. Each failure names
+//! the batch, checkpoint or chain entry and why; the checks go on after a failure, so one
+//! report lists them all.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use crate::ledger::db::LedgerDb;
+use crate::ledger::local::LocalChain;
+use crate::ledger::log::BatchLog;
+use crate::ledger::outbox::Outbox;
+use crate::ledger::Receipt;
+use crate::seal::checkpoint::{Checkpoint, NoteVerifier};
+use crate::seal::entry;
+use crate::seal::merkle::{self, Frontier, Hash};
+use crate::seal::Sealer;
+use crate::store::{open_node_keys, KeyMode, SledStore, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The data directory cannot be checked at all (no store, no key).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What `verify` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub batches: u64,
+    pub readings: u64,
+    pub checkpoints: u64,
+    pub chain_entries: u64,
+    pub anchors_pending: u64,
+    /// Each failed check: what (batch 7, checkpoint 12, chain entry 3) and why.
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    fn fail(&mut self, what: String) {
+        self.failures.push(what);
+    }
+}
+
+/// Progress callbacks: the command line draws a bar on a terminal.
+pub trait Progress {
+    fn start(&mut self, what: &str, total: u64);
+    fn advance(&mut self, n: u64);
+    fn finish(&mut self);
+}
+
+/// Checks the data directory `data`. `Err` only when it cannot be checked at all.
+pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, VerifyError> {
+    let store = SledStore::open_existing(&data.join("store"))?;
+    // The name is only used to create keys, which this never does.
+    let keys = open_node_keys(&store, &data.join("keys"), "", KeyMode::ReadOnly)?;
+    let verifier = NoteVerifier::parse(&keys.signer.verifier_key())
+        .map_err(|e| VerifyError::Setup(format!("the node key: {e}")))?;
+    let origin = keys.signer.name().to_owned();
+    let sealer = Sealer::new(keys.master);
+    let mut report = Report::default();
+
+    // Batches, in id order, and the log rebuilt from their sealed headers.
+    let log_size = store.log_size()?;
+    let last_id = store.last_header()?.map_or(0, |h| h.id + 1);
+    let latest_checkpoint = store.latest_checkpoint()?.map_or(0, |(s, _)| s);
+    let n = log_size.max(last_id).max(latest_checkpoint);
+    let mut frontier = Frontier::default();
+    // The rebuilt root at each size a checkpoint names.
+    let mut sizes = BTreeMap::new();
+    store.checkpoints(&mut |size, _| {
+        sizes.insert(size, None::<Hash>);
+        ControlFlow::Continue(())
+    })?;
+    progress.start("batches", n);
+    let mut log_intact = true;
+    for id in 0..n {
+        progress.advance(1);
+        let leaf = match store.batch(id) {
+            Ok(Some(sealed)) => match sealer.open(&sealed) {
+                Ok(batch) => {
+                    report.batches += 1;
+                    report.readings += batch.num_rows() as u64;
+                    entry::log_leaf(&sealed.header).ok()
+                }
+                Err(e) => {
+                    report.fail(format!("batch {id}: does not open: {e}"));
+                    None
+                }
+            },
+            Ok(None) => {
+                report.fail(format!(
+                    "batch {id}: missing (the log, a later batch or a checkpoint counts it)"
+                ));
+                None
+            }
+            Err(e) => {
+                report.fail(format!("batch {id}: {e}"));
+                None
+            }
+        };
+        // A batch that failed still takes its place in the log, as the stored leaf, so that
+        // one damaged batch does not make every later checkpoint fail too.
+        let stored = store.log_node(0, id).ok().flatten();
+        match (leaf, stored) {
+            (Some(l), Some(s)) if l != s => {
+                report.fail(format!(
+                    "batch {id}: its leaf in the stored log is not the hash of its sealed header"
+                ));
+                log_intact = false;
+            }
+            (Some(_), None) if id < log_size => {
+                report.fail(format!("batch {id}: the stored log lacks its leaf"));
+                log_intact = false;
+            }
+            _ => {}
+        }
+        match leaf.or(stored) {
+            Some(l) if frontier.size() == id => frontier.push(l),
+            Some(_) => {}
+            None => {
+                // Nothing to put in its place: later roots cannot be rebuilt.
+                log_intact = false;
+            }
+        }
+        if let Some(root) = sizes.get_mut(&(id + 1)) {
+            *root = (frontier.size() == id + 1).then(|| frontier.root());
+        }
+    }
+    progress.finish();
+    if log_size != n && n > 0 {
+        report.fail(format!(
+            "the log of batches holds {log_size} leaves, the store {n} batches"
+        ));
+    }
+
+    // Checkpoints: signed by the node, each root the rebuilt log's at its size, each
+    // consistent with the one before through the stored log.
+    let mut checkpoints = Vec::new();
+    store.checkpoints(&mut |size, note| {
+        checkpoints.push((size, note));
+        ControlFlow::Continue(())
+    })?;
+    progress.start("checkpoints", checkpoints.len() as u64);
+    let log = BatchLog::new(&store);
+    let mut previous: Option<Checkpoint> = None;
+    let mut verified = BTreeMap::new();
+    for (size, note) in &checkpoints {
+        progress.advance(1);
+        report.checkpoints += 1;
+        let what = format!("checkpoint of tree size {size}");
+        let c = match verifier
+            .verify(note)
+            .map_err(|e| e.to_string())
+            .and_then(|text| Checkpoint::parse(text).map_err(|e| e.to_string()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                report.fail(format!("{what}: its signature does not verify: {e}"));
+                continue;
+            }
+        };
+        if c.size != *size || c.origin != origin {
+            report.fail(format!(
+                "{what}: it is stored under the wrong size or names another origin ({})",
+                c.origin
+            ));
+            continue;
+        }
+        match sizes.get(size).copied().flatten() {
+            Some(root) if root == c.root => {}
+            Some(_) => report.fail(format!(
+                "{what}: the batches stored do not hash to its root (a batch was changed, \
+                 removed, reordered or rolled back)"
+            )),
+            None if *size > n => report.fail(format!(
+                "{what}: the store holds only {n} batches (it was cut short or rolled back)"
+            )),
+            None => report.fail(format!(
+                "{what}: its root cannot be rebuilt: a batch before it is missing"
+            )),
+        }
+        if let Some(p) = &previous {
+            let consistent = log_intact
+                && log
+                    .consistency_proof(p.size, c.size)
+                    .ok()
+                    .is_some_and(|proof| {
+                        merkle::verify_consistency(p.size, c.size, &p.root, &c.root, &proof).is_ok()
+                    });
+            if !consistent {
+                report.fail(format!(
+                    "{what}: not consistent with the checkpoint of tree size {} before it",
+                    p.size
+                ));
+            }
+        }
+        verified.insert(*size, note.clone());
+        previous = Some(c);
+    }
+    progress.finish();
+
+    // The local chain and the outbox: every checkpoint anchored or waiting, none anchored that
+    // the store does not hold.
+    match LedgerDb::open_existing(&data.join("ledger")) {
+        Err(e) => report.fail(format!("the ledger database: {e}")),
+        Ok(None) if !checkpoints.is_empty() => {
+            report.fail("the ledger database (ledger/) is missing".into())
+        }
+        Ok(None) => {}
+        Ok(Some(db)) => {
+            let db = std::sync::Arc::new(db);
+            let outbox = Outbox::new(db.clone());
+            check_ledger(&db, &outbox, &checkpoints, &verifier, &mut report);
+        }
+    }
+    Ok(report)
+}
+
+fn check_ledger(
+    db: &LedgerDb,
+    outbox: &Outbox,
+    checkpoints: &[(u64, String)],
+    verifier: &NoteVerifier,
+    report: &mut Report,
+) {
+    let stored: BTreeMap<u64, &String> = checkpoints.iter().map(|(s, n)| (*s, n)).collect();
+    let mut chained = BTreeMap::new();
+    let mut failures = Vec::new();
+    let walked = {
+        LocalChain::walk(db, &mut |e, _| {
+            if verifier.verify(&e.note).is_err() {
+                failures.push(format!(
+                    "chain entry {}: its checkpoint's signature does not verify",
+                    e.index
+                ));
+            }
+            match stored.get(&e.size) {
+                Some(note) if **note == e.note => {}
+                Some(_) => failures.push(format!(
+                    "chain entry {}: anchors another checkpoint of tree size {} than the store holds",
+                    e.index, e.size
+                )),
+                None => failures.push(format!(
+                    "chain entry {}: anchors a checkpoint of tree size {} the store does not hold \
+                     (the store was rolled back or lost it)",
+                    e.index, e.size
+                )),
+            }
+            chained.insert(e.size, e.index);
+            Ok(())
+        })
+    };
+    match walked {
+        Ok(n) => report.chain_entries = n,
+        Err(e) => failures.push(e),
+    }
+    report.failures.extend(failures);
+    for (size, _) in checkpoints {
+        let receipt = outbox.receipt(*size);
+        let pending = outbox.is_pending(*size).unwrap_or(false);
+        match receipt {
+            Ok(Some(Receipt::Local { index, .. })) => {
+                if chained.get(size) != Some(&index) {
+                    report.fail(format!(
+                        "checkpoint of tree size {size}: its receipt names chain entry {index}, \
+                         which does not anchor it"
+                    ));
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) if pending => report.anchors_pending += 1,
+            Ok(None) => report.fail(format!(
+                "checkpoint of tree size {size}: neither anchored nor waiting in the outbox"
+            )),
+            Err(e) => report.fail(format!("checkpoint of tree size {size}: {e}")),
+        }
+    }
+}
