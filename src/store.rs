@@ -8,6 +8,9 @@
 //!   its SHA-256 (stores written before segment files existed hold the encoded batch itself
 //!   here, which is still read);
 //! - `headers`: batch id → the header as JSON, to list batches without reading ciphertext;
+//! - `log`: the log of batches, every complete subtree's hash (`store/log.rs`), written in the
+//!   transaction that stores the batch;
+//! - `checkpoints`: tree size (u64 BE) → the signed checkpoint of the log at that size;
 //! - `meta`: `seq_reserved` → u64, the first seq no process has handed out yet;
 //!   `master_key_check` → the check value of the master key that seals the batches
 //!   ([`open_node_keys`] records it and refuses any other key).
