@@ -232,7 +232,7 @@ impl Service {
             KeyMode::CreateIfFresh,
         )?;
 
-        let (master, signer) = (keys.master, Arc::new(keys.signer));
+        let (sealer, signer) = (Arc::new(Sealer::new(keys.master)), Arc::new(keys.signer));
 
         let routes = config
             .routes
@@ -339,7 +339,7 @@ impl Service {
         metrics.probe_queue("commit", move || probe.len() as i64);
         let writes = Arc::new(WriteWatch::default());
         let commit_stage = Commit::new(
-            Sealer::new(master),
+            sealer.clone(),
             store.clone(),
             metrics.clone(),
             health.clone(),
@@ -390,8 +390,8 @@ impl Service {
         };
         let anchoring = Anchoring::new(
             store.clone(),
-            signer,
-            Outbox::new(ledger_db),
+            signer.clone(),
+            Outbox::new(ledger_db.clone()),
             ledger,
             metrics.clone(),
             config.ledger.checkpoint_every,
@@ -425,7 +425,16 @@ impl Service {
         let (http_stop, http_stop_rx) = watch::channel(false);
         let http = tokio::spawn(http::serve(
             http_listener,
-            http::router(metrics.clone(), health.clone(), store.clone()),
+            http::router(
+                metrics.clone(),
+                health.clone(),
+                store.clone(),
+                http::Proofs {
+                    verifier_key: signer.verifier_key(),
+                    sealer,
+                    outbox: Outbox::new(ledger_db),
+                },
+            ),
             http_stop_rx,
         ));
 

@@ -65,7 +65,7 @@ impl WriteWatch {
 
 /// The commit stage, built and ready to run.
 pub struct Commit {
-    sealer: Sealer,
+    sealer: Arc<Sealer>,
     store: Arc<dyn Store>,
     next_id: u64,
     metrics: Arc<Metrics>,
@@ -83,7 +83,7 @@ pub struct CommitSummary {
 
 impl Commit {
     pub fn new(
-        sealer: Sealer,
+        sealer: Arc<Sealer>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,

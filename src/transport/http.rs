@@ -2,7 +2,8 @@
 //! service runs with no problem; 503 with the phase and the problems otherwise), and the log of
 //! batches served read-only the way transparency logs are (c2sp.org/tlog-tiles under `/log/`):
 //! `/log/checkpoint`, the latest signed checkpoint; `/log/tile/<L>/<N>[.p/<W>]`, hashes;
-//! `/log/tile/entries/<N>[.p/<W>]`, the batch headers' canonical bytes.
+//! `/log/tile/entries/<N>[.p/<W>]`, the batch headers' canonical bytes; and `/proof/<seq>`, the
+//! proof of one reading (docs/proof-format.md), since the store is locked while the node runs.
 
 use std::sync::Arc;
 
@@ -14,6 +15,9 @@ use axum::{Json, Router};
 use tokio::sync::watch;
 
 use crate::ledger::log::{BatchLog, TILE_WIDTH};
+use crate::ledger::outbox::Outbox;
+use crate::ledger::proof::{ProofError, Prover};
+use crate::seal::Sealer;
 use crate::model::metrics::Metrics;
 use crate::pipeline::health::Health;
 use crate::store::Store;
@@ -23,6 +27,14 @@ struct AppState {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     store: Arc<dyn Store>,
+    proofs: Arc<Proofs>,
+}
+
+/// What `/proof/<seq>` needs besides the store.
+pub struct Proofs {
+    pub sealer: Arc<Sealer>,
+    pub verifier_key: String,
+    pub outbox: Outbox,
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -162,16 +174,57 @@ async fn tile(
     }
 }
 
-pub fn router(metrics_: Arc<Metrics>, health: Arc<Health>, store: Arc<dyn Store>) -> Router {
+async fn proof(
+    State(s): State<AppState>,
+    axum::extract::Path(seq): axum::extract::Path<String>,
+) -> axum::response::Response {
+    let Ok(seq) = seq.parse::<u64>() else {
+        return (StatusCode::BAD_REQUEST, "a seq is a decimal number\n").into_response();
+    };
+    let (store, proofs) = (s.store.clone(), s.proofs.clone());
+    let made = tokio::task::spawn_blocking(move || {
+        Prover {
+            store: store.as_ref(),
+            sealer: &proofs.sealer,
+            verifier_key: &proofs.verifier_key,
+            outbox: Some(&proofs.outbox),
+        }
+        .seq(seq)
+    });
+    match made.await {
+        Ok(Ok(p)) => Json(p).into_response(),
+        Ok(Err(e @ (ProofError::NoSuchSeq(_) | ProofError::NotCheckpointed(_)))) => {
+            (StatusCode::NOT_FOUND, format!("{e}\n")).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "a proof could not be made");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the proof could not be made: {e}\n"),
+            )
+                .into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+pub fn router(
+    metrics_: Arc<Metrics>,
+    health: Arc<Health>,
+    store: Arc<dyn Store>,
+    proofs: Proofs,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/log/checkpoint", get(checkpoint))
         .route("/log/tile/{*path}", get(tile))
+        .route("/proof/{seq}", get(proof))
         .with_state(AppState {
             metrics: metrics_,
             health,
             store,
+            proofs: Arc::new(proofs),
         })
 }
 
