@@ -276,7 +276,10 @@ fn dump(data: &Path, site: &str) -> anyhow::Result<()> {
 /// One JSON line per reading of `sealed`.
 fn print_batch(out: &mut impl Write, sealer: &Sealer, sealed: &SealedBatch) -> anyhow::Result<()> {
     let id = sealed.header.id;
-    let batch = sealer.open(sealed).with_context(|| format!("batch {id}"))?;
+    let batch = sealer
+        .open(sealed)
+        .with_context(|| format!("batch {id}"))?
+        .batch;
     let readings = BatchView::new(&batch)
         .and_then(|v| v.readings())
         .with_context(|| format!("batch {id}"))?;
