@@ -511,7 +511,10 @@ fn stored_unique(data: &std::path::Path, site: &str) -> usize {
     let sealer = Sealer::new(keys.master);
     let mut ts = HashSet::new();
     for h in store.headers().unwrap() {
-        let batch = sealer.open(&store.batch(h.id).unwrap().unwrap()).unwrap();
+        let batch = sealer
+            .open(&store.batch(h.id).unwrap().unwrap())
+            .unwrap()
+            .batch;
         let view = BatchView::new(&batch).unwrap();
         ts.extend((0..view.len()).map(|i| view.row(i).ts));
     }

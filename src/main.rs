@@ -402,7 +402,10 @@ fn verify_proof_command(file: &Path, key: Option<&str>) -> anyhow::Result<()> {
         )?;
     }
     match &checked.receipt {
-        None => writeln!(out, "anchor: none yet (the checkpoint waits in the node's outbox)")?,
+        None => writeln!(
+            out,
+            "anchor: none yet (the checkpoint waits in the node's outbox)"
+        )?,
         Some(r) => writeln!(out, "anchor: {}", serde_json::to_string(r)?)?,
     }
     Ok(())
@@ -471,7 +474,10 @@ fn dump(data: &Path, site: &str) -> anyhow::Result<()> {
 /// One JSON line per reading of `sealed`.
 fn print_batch(out: &mut impl Write, sealer: &Sealer, sealed: &SealedBatch) -> anyhow::Result<()> {
     let id = sealed.header.id;
-    let batch = sealer.open(sealed).with_context(|| format!("batch {id}"))?;
+    let batch = sealer
+        .open(sealed)
+        .with_context(|| format!("batch {id}"))?
+        .batch;
     let readings = BatchView::new(&batch)
         .and_then(|v| v.readings())
         .with_context(|| format!("batch {id}"))?;

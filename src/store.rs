@@ -1881,6 +1881,54 @@ mod tests {
         store
     }
 
+    /// Under leaf encoding 2 each batch's salt key travels inside its envelope only: no file of
+    /// the store holds one in the clear, as bytes or as hex.
+    #[test]
+    fn no_salt_key_is_stored_in_the_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sealed_store(dir.path(), 3);
+        let sealer =
+            crate::seal::Sealer::new(NodeKeys::load(&dir.path().join("keys")).unwrap().master);
+        let mut salt_keys = Vec::new();
+        for h in store.headers().unwrap() {
+            assert_eq!(h.leaf_encoding, 2, "batch {}", h.id);
+            let opened = sealer.open(&store.batch(h.id).unwrap().unwrap()).unwrap();
+            salt_keys.push(opened.salt_key.expect("a salt key"));
+        }
+        assert_eq!(salt_keys.len(), 3);
+        drop(store);
+        fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    files(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut all = Vec::new();
+        files(&dir.path().join("store"), &mut all);
+        let mut segment_bytes = 0;
+        for path in all {
+            let bytes = fs::read(&path).unwrap();
+            if path.extension().is_some_and(|e| e == "seg") {
+                segment_bytes += bytes.len();
+            }
+            for key in &salt_keys {
+                let hex = crate::seal::merkle::to_hex(key);
+                for needle in [&key[..], &key[..8], hex.as_bytes()] {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle),
+                        "{} holds a salt key",
+                        path.display()
+                    );
+                }
+            }
+        }
+        assert!(segment_bytes > 0, "no segment file was searched");
+    }
+
     fn other_key(dir: &Path) -> PathBuf {
         let other = dir.join("other-keys");
         NodeKeys::load_or_create(&other, "iomt-edge/t").unwrap();

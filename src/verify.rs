@@ -90,7 +90,7 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
             Ok(Some(sealed)) => match sealer.open(&sealed) {
                 Ok(batch) => {
                     report.batches += 1;
-                    report.readings += batch.num_rows() as u64;
+                    report.readings += batch.batch.num_rows() as u64;
                     entry::log_leaf(&sealed.header).ok()
                 }
                 Err(e) => {

@@ -69,7 +69,14 @@ async fn proofs_verify_offline_and_every_alteration_is_named() {
     let text = pipeline("[ledger]\ncheckpoint_every = \"1s\"\n");
     let edge = Edge::start(&text, &data);
     let messages: Vec<_> = (0..200u32)
-        .map(|i| vitals(i % 4, T0 + i as i64, 60.0 + (i % 30) as f64, 90.0 + (i % 9) as f64))
+        .map(|i| {
+            vitals(
+                i % 4,
+                T0 + i as i64,
+                60.0 + (i % 30) as f64,
+                90.0 + (i % 9) as f64,
+            )
+        })
         .collect();
     publish_all(edge.mqtt_port(), &messages).await;
     edge.wait_metric("iomt_readings_stored_total", 400.0);
@@ -83,7 +90,10 @@ async fn proofs_verify_offline_and_every_alteration_is_named() {
     let checked = proof::check(&live, Some(&key)).unwrap();
     assert_eq!(checked.readings, 1);
     assert_eq!(live.readings[0].reading.seq, 123);
-    assert!(matches!(live.receipt, Some(iomt_edge::ledger::Receipt::Local { .. })));
+    assert!(matches!(
+        live.receipt,
+        Some(iomt_edge::ledger::Receipt::Local { .. })
+    ));
     let (code, _) = edge.get("/proof/99999999");
     assert_eq!(code, 404);
     let (code, _) = edge.get("/proof/x");
@@ -100,12 +110,19 @@ async fn proofs_verify_offline_and_every_alteration_is_named() {
     assert!(ok, "{text}");
     assert!(text.contains("OK: 1 reading(s)"), "{text}");
     let (ok, text) = verify_file(dir.path(), &p, None);
-    assert!(ok && text.contains("checked with the key the proof carries"), "{text}");
+    assert!(
+        ok && text.contains("checked with the key the proof carries"),
+        "{text}"
+    );
 
     // What a proof holds of others: salted leaves. A neighbour's reading, known field by field,
     // encodes to no hash on the path, salted with anything but its own secret salt.
     let r = &p.readings[0];
-    let neighbour_seq = if r.index == 0 { r.reading.seq + 1 } else { r.reading.seq - 1 };
+    let neighbour_seq = if r.index == 0 {
+        r.reading.seq + 1
+    } else {
+        r.reading.seq - 1
+    };
     let stored = stored_readings(&data);
     let n = stored.iter().find(|x| x.seq == neighbour_seq).unwrap();
     let guess = iomt_edge::model::batch::ReadingRef {
@@ -123,29 +140,45 @@ async fn proofs_verify_offline_and_every_alteration_is_named() {
     let mut scratch = Vec::new();
     for salt in [None, Some([0u8; 32])] {
         let guessed = merkle::to_hex(&leaf::reading_leaf(&guess, salt.as_ref(), &mut scratch));
-        assert!(!r.path.contains(&guessed), "a guessed neighbour's leaf is on the path");
+        assert!(
+            !r.path.contains(&guessed),
+            "a guessed neighbour's leaf is on the path"
+        );
     }
-    assert!(!out.contains(&format!("\"seq\": {neighbour_seq},")), "only its own reading");
+    assert!(
+        !out.contains(&format!("\"seq\": {neighbour_seq},")),
+        "only its own reading"
+    );
 
     // Every alteration fails at its step.
     refused(dir.path(), &p, &key, "reading 123", |b| {
         b.readings[0].reading.value = Some(b.readings[0].reading.value.unwrap() + 1.0)
     });
     refused(dir.path(), &p, &key, "reading 123: inclusion", |b| {
-        flip_hex(&mut b.readings[0].leaf, 60)
+        flip_hex(&mut b.readings[0].leaf, 5)
     });
     refused(dir.path(), &p, &key, "reading 123: inclusion", |b| {
         flip_hex(&mut b.readings[0].path[0], 0)
     });
-    refused(dir.path(), &p, &key, "reading 123: inclusion", |b| b.readings[0].index += 1);
-    let batch = p.batches[0].id;
-    refused(dir.path(), &p, &key, &format!("batch {batch}: inclusion"), |b| {
-        flip_hex(&mut b.batches[0].entry, 20)
+    refused(dir.path(), &p, &key, "reading 123: inclusion", |b| {
+        b.readings[0].index += 1
     });
+    let batch = p.batches[0].id;
+    refused(
+        dir.path(),
+        &p,
+        &key,
+        &format!("batch {batch}: inclusion"),
+        |b| flip_hex(&mut b.batches[0].entry, 20),
+    );
     if !p.batches[0].path.is_empty() {
-        refused(dir.path(), &p, &key, &format!("batch {batch}: inclusion"), |b| {
-            flip_hex(&mut b.batches[0].path[0], 3)
-        });
+        refused(
+            dir.path(),
+            &p,
+            &key,
+            &format!("batch {batch}: inclusion"),
+            |b| flip_hex(&mut b.batches[0].path[0], 3),
+        );
     }
     refused(dir.path(), &p, &key, "checkpoint signature", |b| {
         b.checkpoint = b.checkpoint.replacen('\n', "\n1", 1)
@@ -156,18 +189,30 @@ async fn proofs_verify_offline_and_every_alteration_is_named() {
     });
     let (ok, text) = verify_file(dir.path(), &p, Some(&forger.verifier_key()));
     assert!(!ok && text.contains("verifier key"), "{text}");
-    refused(dir.path(), &p, &key, "format", |b| b.format = "other".into());
+    refused(dir.path(), &p, &key, "format", |b| {
+        b.format = "other".into()
+    });
 
     // A range: every reading of one subject in a time window, in one file.
     let (ok, out, err) = run(&[
-        "proof", "--subject", "w7-b1", "--from", &(T0 + 10).to_string(), "--to",
-        &(T0 + 49).to_string(), "--data", data_s,
+        "proof",
+        "--subject",
+        "w7-b1",
+        "--from",
+        &(T0 + 10).to_string(),
+        "--to",
+        &(T0 + 49).to_string(),
+        "--data",
+        data_s,
     ]);
     assert!(ok, "{err}");
     let range: ProofFile = serde_json::from_str(&out).unwrap();
     // Beds 0..3 in turn: bed 1 at T0+11, +15, … +47 (10 messages), 2 readings each.
     assert_eq!(range.readings.len(), 20);
-    assert!(range.readings.iter().all(|r| r.reading.subject.as_deref() == Some("w7-b1")));
+    assert!(range
+        .readings
+        .iter()
+        .all(|r| r.reading.subject.as_deref() == Some("w7-b1")));
     assert_eq!(proof::check(&range, Some(&key)).unwrap().readings, 20);
 
     // Bad input: a seq nobody has, a file that is not a proof.

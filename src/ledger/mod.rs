@@ -14,6 +14,7 @@ pub mod db;
 pub mod local;
 pub mod log;
 pub mod outbox;
+pub mod proof;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {

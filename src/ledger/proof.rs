@@ -192,7 +192,10 @@ impl Prover<'_> {
             if !want(&r) {
                 continue;
             }
-            let salt = opened.salt_key.as_ref().map(|k| leaf::reading_salt(k, r.seq));
+            let salt = opened
+                .salt_key
+                .as_ref()
+                .map(|k| leaf::reading_salt(k, r.seq));
             bytes.clear();
             leaf::encode(&r, salt.as_ref(), &mut bytes);
             let path = merkle::inclusion_proof(&leaves, i).map_err(|e| batch_error(id, e))?;
@@ -222,7 +225,11 @@ impl Prover<'_> {
     /// The batches' paths to one checkpoint covering them all, and its receipt: the first
     /// anchored checkpoint that covers them if there is one, else the newest.
     fn finish(&self, readings: Vec<ReadingProof>) -> Result<ProofFile, ProofError> {
-        let last = readings.iter().map(|r| r.batch).max().expect("some reading");
+        let last = readings
+            .iter()
+            .map(|r| r.batch)
+            .max()
+            .expect("some reading");
         let err = |e| ProofError::Ledger(LedgerError::from(e));
         let first = self.store.checkpoint_from(last + 1).map_err(err)?;
         let newest = self.store.latest_checkpoint().map_err(err)?;
@@ -296,7 +303,10 @@ fn hashes(step: &str, hex: &[String]) -> Result<Vec<Hash>, CheckError> {
         .map(|h| {
             from_hex(h)
                 .and_then(|b| Hash::try_from(b).ok())
-                .map_or_else(|| fail(step, format!("{h:?} is not a 32-byte hex hash")), Ok)
+                .map_or_else(
+                    || fail(step, format!("{h:?} is not a 32-byte hex hash")),
+                    Ok,
+                )
         })
         .collect()
 }
@@ -318,10 +328,7 @@ pub struct Checked {
 /// returned for the caller to check on its ledger.
 pub fn check(proof: &ProofFile, trusted_key: Option<&str>) -> Result<Checked, CheckError> {
     if proof.format != FORMAT {
-        return fail(
-            "format",
-            format!("{:?} is not {FORMAT:?}", proof.format),
-        );
+        return fail("format", format!("{:?} is not {FORMAT:?}", proof.format));
     }
     let key = match trusted_key {
         Some(k) if k.trim() != proof.verifier_key.trim() => {
@@ -359,7 +366,10 @@ pub fn check(proof: &ProofFile, trusted_key: Option<&str>) -> Result<Checked, Ch
         )
         .or_else(|e| {
             fail(
-                format!("{step}: inclusion in the log at tree size {}", checkpoint.size),
+                format!(
+                    "{step}: inclusion in the log at tree size {}",
+                    checkpoint.size
+                ),
                 e,
             )
         })?;
@@ -396,10 +406,12 @@ pub fn check(proof: &ProofFile, trusted_key: Option<&str>) -> Result<Checked, Ch
             && c.flags == stated.flags
             && format_ts(c.ts) == stated.time;
         if !same {
-            return fail(&step, "the reading stated is not the one its leaf bytes encode");
+            return fail(
+                &step,
+                "the reading stated is not the one its leaf bytes encode",
+            );
         }
-        if !(h.seq_first..=h.seq_last).contains(&c.seq) || !(h.ts_min..=h.ts_max).contains(&c.ts)
-        {
+        if !(h.seq_first..=h.seq_last).contains(&c.seq) || !(h.ts_min..=h.ts_max).contains(&c.ts) {
             return fail(
                 &step,
                 format!("its seq or time lies outside batch {}'s ranges", r.batch),

@@ -17,9 +17,9 @@ use tokio::sync::watch;
 use crate::ledger::log::{BatchLog, TILE_WIDTH};
 use crate::ledger::outbox::Outbox;
 use crate::ledger::proof::{ProofError, Prover};
-use crate::seal::Sealer;
 use crate::model::metrics::Metrics;
 use crate::pipeline::health::Health;
+use crate::seal::Sealer;
 use crate::store::Store;
 
 #[derive(Clone)]

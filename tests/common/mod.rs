@@ -350,7 +350,10 @@ pub fn stored_readings(data: &Path) -> Vec<Reading> {
     let sealer = Sealer::new(keys.master);
     let mut out = Vec::new();
     for h in store.headers().unwrap() {
-        let batch = sealer.open(&store.batch(h.id).unwrap().unwrap()).unwrap();
+        let batch = sealer
+            .open(&store.batch(h.id).unwrap().unwrap())
+            .unwrap()
+            .batch;
         out.extend(BatchView::new(&batch).unwrap().readings().unwrap());
     }
     out
