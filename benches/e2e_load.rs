@@ -315,8 +315,18 @@ async fn bench_ceiling(total: usize, connections: usize) -> f64 {
 
 /// The whole service in this process (JSON or SenML packs). Returns (messages/s, readings/s, ok).
 async fn bench_service(total: usize, connections: usize, payload: Payload) -> (f64, f64, bool) {
+    bench_service_with(total, connections, payload, "").await
+}
+
+/// [`bench_service`] with `extra` appended to the pipeline file.
+async fn bench_service_with(
+    total: usize,
+    connections: usize,
+    payload: Payload,
+    extra: &str,
+) -> (f64, f64, bool) {
     let dir = tempfile::tempdir().unwrap();
-    let config = PipelineConfig::parse(PIPELINE, "bench pipeline").unwrap();
+    let config = PipelineConfig::parse(&format!("{PIPELINE}{extra}"), "bench pipeline").unwrap();
     let service = Service::start(config, dir.path())
         .await
         .expect("service starts");
@@ -354,6 +364,11 @@ async fn bench_service(total: usize, connections: usize, payload: Payload) -> (f
     println!(
         "   batches {}, RSS after the run {rss:.0} MiB, peak so far {peak:.0} MiB (whole bench process: publishers and earlier phases included)",
         summary.batches
+    );
+    println!(
+        "   checkpoints cut {}, anchors done (local chain) {}",
+        metrics.checkpoints_cut.get(),
+        metrics.anchors.with_label_values(&["local", "done"]).get()
     );
     let ok = acked == total as u64 && stored == acked * per && summary.readings == stored;
     if !ok {
@@ -602,6 +617,36 @@ fn main() {
     }
     if std::env::var("IOMT_BENCH_ONLY").is_ok_and(|o| o == "drain") {
         runtime.block_on(bench_drain(total, connections));
+        return;
+    }
+    if std::env::var("IOMT_BENCH_ONLY").is_ok_and(|o| o == "ledger") {
+        // Checkpoints (signed, stored, anchored in the local chain) every second, against none
+        // during the run; alternated, so drift in the machine's load hits both alike.
+        let mut on = Vec::new();
+        let mut off = Vec::new();
+        for _ in 0..3 {
+            for (every, out) in [("1s", &mut on), ("1h", &mut off)] {
+                println!("ledger checkpoint_every = {every}:");
+                let extra = format!("[ledger]\ncheckpoint_every = \"{every}\"\n");
+                let (rate, _, ok) = runtime.block_on(bench_service_with(
+                    total,
+                    connections,
+                    Payload::Json,
+                    &extra,
+                ));
+                assert!(ok, "the run lost messages");
+                out.push(rate);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (on, off) = (median(&mut on), median(&mut off));
+        println!(
+            "ledger: median {on:.0} msg/s with a checkpoint every second, {off:.0} without; ratio {:.3}",
+            on / off
+        );
         return;
     }
     if std::env::var("IOMT_BENCH_ONLY").is_ok_and(|o| o == "external") {
