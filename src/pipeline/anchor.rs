@@ -145,15 +145,10 @@ impl Anchoring {
     async fn requeue(&self) -> Result<(), LedgerError> {
         let (store, outbox) = (self.store.clone(), self.outbox.clone());
         blocking(move || {
-            let newest = outbox.newest()?.unwrap_or(0);
-            let mut missing = Vec::new();
-            let mut from = newest + 1;
+            let mut from = outbox.newest()?.map_or(0, |n| n + 1);
             while let Some((size, note)) = store.checkpoint_from(from)? {
-                missing.push((size, note));
-                from = size + 1;
-            }
-            for (size, note) in missing {
                 outbox.enqueue(size, &note)?;
+                from = size + 1;
             }
             Ok(())
         })
