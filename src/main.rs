@@ -88,6 +88,27 @@ enum Command {
         #[arg(long, default_value = "ward")]
         site: String,
     },
+    /// The chain the node anchors its checkpoints on.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Deploy the anchor contract (contracts/IomtAnchor.sol) on an Ethereum JSON-RPC chain and
+    /// print its address and the pipeline file's `[ledger.ethereum]` lines.
+    ///
+    /// Pays with the node's ethereum key, `<data>/keys/ethereum.key`, created if there is none:
+    /// its address is printed when it has no ether to pay with.
+    Deploy {
+        /// The chain's JSON-RPC endpoint (http:// or https://).
+        #[arg(long)]
+        rpc: String,
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+    },
 }
 
 /// Writes a line to standard error. Unlike `eprintln!`, it does not panic when standard error
@@ -232,7 +253,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Decode { .. } => unreachable!("handled before the runtime starts"),
         Command::Dump { data, site } => dump(&data, &site),
+        Command::Ledger {
+            command: LedgerCommand::Deploy { rpc, data },
+        } => ledger_deploy(&rpc, &data).await,
     }
+}
+
+/// `ledger deploy`: the address alone on the first line, for scripts; then the lines to paste.
+async fn ledger_deploy(rpc: &str, data: &Path) -> anyhow::Result<()> {
+    let contract = iomt_edge::ledger::ethereum::deploy(rpc, &data.join("keys")).await?;
+    let rpc = toml::Value::String(rpc.to_owned());
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{contract}\n\n# For the pipeline file:\n[ledger.ethereum]\nrpc = {rpc}\ncontract = \"{contract}\""
+    )
+    .context("standard output")
 }
 
 /// `dump`: streams the readings of each batch as it is read, so that a batch that does not open

@@ -6,6 +6,8 @@
 //! Ethereum-compatible chain) takes a signed checkpoint and returns a receipt; backends plug in
 //! here through the trait.
 
+pub mod ethereum;
+
 use crate::seal::checkpoint::{Checkpoint, NoteError, NoteSigner};
 use crate::seal::merkle::{self, Hash};
 use crate::store::{Store, StoreError};
