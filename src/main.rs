@@ -106,6 +106,7 @@ enum LedgerCommand {
         /// The chain's JSON-RPC endpoint (http:// or https://).
         #[arg(long)]
         rpc: String,
+        /// Data directory: the node's keys are in its keys/.
         #[arg(long, default_value = "data")]
         data: PathBuf,
     },

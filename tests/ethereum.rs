@@ -130,6 +130,11 @@ impl Anvil {
         }
     }
 
+    /// Waits until anvil's automining has mined `sub`.
+    fn mined(&self, sub: &Submission) {
+        self.receipt(&json!(sub.reference));
+    }
+
     /// keccak-256 of `text`, computed by the chain (web3_sha3), not by this crate.
     fn keccak(&self, text: &str) -> String {
         let hex: String = text.bytes().map(|b| format!("{b:02x}")).collect();
@@ -441,6 +446,7 @@ async fn a_reorg_that_drops_the_anchor_sends_it_back_and_it_is_anchored_again() 
 
     let before = anvil.rpc("evm_snapshot", json!([]));
     let first = ledger.submit(&a).await.unwrap();
+    anvil.mined(&first);
     let mined_in = anvil.block_number();
     assert_eq!(
         status(&ledger, &a, &first).await,
@@ -459,6 +465,7 @@ async fn a_reorg_that_drops_the_anchor_sends_it_back_and_it_is_anchored_again() 
     // instead of waiting behind a gap (same nonce, fees and data: often the very same signed
     // transaction, under the same hash).
     let second = ledger.submit(&a).await.unwrap();
+    anvil.mined(&second);
     anvil.mine(1);
     let receipt = confirmed(status(&ledger, &a, &second).await);
     let tx = anvil.rpc("eth_getTransactionByHash", json!([second.reference]));
@@ -473,6 +480,7 @@ async fn an_unreachable_chain_is_unavailable_and_anchoring_resumes_when_it_is_ba
     let ledger = chain.ledger(1);
     let a = anchor("iomt-edge/test-ward", 3, [0x33; 32]);
     let sub = ledger.submit(&a).await.unwrap();
+    chain.anvil.mined(&sub);
     confirmed(status(&ledger, &a, &sub).await);
 
     let Chain {
@@ -502,6 +510,7 @@ async fn an_unreachable_chain_is_unavailable_and_anchoring_resumes_when_it_is_ba
     let anvil = Anvil::start_on(port);
     assert_eq!(fund_and_deploy(&anvil, keys.path()).await, contract);
     let sub = ledger.submit(&a).await.unwrap();
+    anvil.mined(&sub);
     let receipt = confirmed(status(&ledger, &a, &sub).await);
     assert_eq!(ledger.find(&a).await.unwrap(), Some(receipt));
 }
@@ -574,6 +583,7 @@ async fn find_needs_the_same_size_origin_and_enough_confirmations() {
     let a = anchor("iomt-edge/test-ward", 5, [0x55; 32]);
     assert_eq!(ledger.find(&a).await.unwrap(), None, "not anchored yet");
     let sub = ledger.submit(&a).await.unwrap();
+    anvil.mined(&sub);
     assert_eq!(
         ledger.find(&a).await.unwrap(),
         None,
@@ -653,6 +663,7 @@ async fn a_wrong_chain_a_missing_or_wrong_contract_are_refused_with_the_reason()
     .build(chain.keys.path())
     .unwrap();
     let sub = emits_nothing.submit(&a).await.unwrap();
+    anvil.mined(&sub);
     let reason = refused(emits_nothing.status(&a, &sub).await.unwrap_err());
     assert!(
         reason.contains(&sub.reference) && reason.contains("holds no Anchored event"),

@@ -31,7 +31,7 @@ use ring::digest::{digest, SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_platform_verifier::BuilderVerifierExt;
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{debug, info};
 use url::Url;
 
 use crate::ledger::{
@@ -286,7 +286,7 @@ impl EthereumLedger {
             .call("sending the anchor", self.provider.send_transaction(tx))
             .await?;
         let hash = *sent.tx_hash();
-        info!(tx = %hash, nonce, size = c.size, "ethereum ledger: anchor sent");
+        debug!(tx = %hash, nonce, size = c.size, "ethereum ledger: anchor sent");
         Ok(Submission {
             reference: hash.to_string(),
             submitted_at: now_micros(),
@@ -881,6 +881,18 @@ mod tests {
         };
         let err = zero.build(dir.path()).unwrap_err().to_string();
         assert!(err.contains("confirmations"), "{err}");
+        // An https endpoint gets its TLS client (rustls on ring) without touching the network.
+        let https = EthereumOptions {
+            rpc: "https://rpc.example/v3/KEY".parse().unwrap(),
+            ..o.clone()
+        };
+        https.build(dir.path()).unwrap();
+        let ws = EthereumOptions {
+            rpc: "ws://rpc.example".parse().unwrap(),
+            ..o
+        };
+        let err = ws.build(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("ws:// is not supported"), "{err}");
     }
 
     #[test]
