@@ -2,7 +2,9 @@
 # Runs the whole test suite on a fresh machine: installs what the tests need, then cargo test.
 # Idempotent: installs nothing that is already there. Missing Debian packages are installed
 # with apt-get (through sudo when not root): mosquitto and mosquitto-clients (the external
-# broker and interop tests), g++ (the fuzz targets' libFuzzer).
+# broker and interop tests), g++ (the fuzz targets' libFuzzer), nodejs and npm (for the npm
+# packages of the Ethereum ledger's tests: solc and anvil, which scripts/tools.sh installs
+# outside the clone, once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +23,10 @@ need() {
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++
+need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++ node nodejs npm npm
 export PATH="$PATH:/usr/sbin"
+# Exports IOMT_ANVIL and IOMT_SOLCJS, which tests/ethereum.rs reads.
+source scripts/tools.sh
 
 # `failpoints` compiles in the fault-injection points the fault tests use (tests/faults.rs);
 # they do nothing unless a test sets FAILPOINTS for the service it starts.

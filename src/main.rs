@@ -97,6 +97,9 @@ enum Command {
     Verify {
         #[arg(long, default_value = "data")]
         data: PathBuf,
+        /// An Ethereum JSON-RPC endpoint: every anchor on an Ethereum chain is looked up there.
+        #[arg(long)]
+        rpc: Option<String>,
     },
     /// Write a self-contained proof that a reading existed, unchanged, to standard output
     /// (format: docs/proof-format.md). Run it with the service stopped; a running service
@@ -126,6 +129,31 @@ enum Command {
         /// key the proof carries is used, and the output says so.
         #[arg(long)]
         key: Option<String>,
+        /// An Ethereum JSON-RPC endpoint: the proof's anchor is looked up on that chain.
+        #[arg(long)]
+        rpc: Option<String>,
+    },
+    /// The chain the node anchors its checkpoints on.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Deploy the anchor contract (contracts/IomtAnchor.sol) on an Ethereum JSON-RPC chain and
+    /// print its address and the pipeline file's `[ledger.ethereum]` lines.
+    ///
+    /// Pays with the node's ethereum key, `<data>/keys/ethereum.key`, created if there is none:
+    /// its address is printed when it has no ether to pay with.
+    Deploy {
+        /// The chain's JSON-RPC endpoint (http:// or https://).
+        #[arg(long)]
+        rpc: String,
+        /// Data directory: the node's keys are in its keys/.
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
     },
 }
 
@@ -283,7 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Decode { .. } => unreachable!("handled before the runtime starts"),
         Command::Dump { data, site } => dump(&data, &site),
-        Command::Verify { data } => verify_command(&data),
+        Command::Verify { data, rpc } => verify_command(&data, rpc.as_deref()).await,
         Command::Proof {
             seq,
             subject,
@@ -291,7 +319,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             data,
         } => proof_command(&data, seq, subject.as_deref().zip(from.zip(to))),
-        Command::VerifyProof { file, key } => verify_proof_command(&file, key.as_deref()),
+        Command::VerifyProof { file, key, rpc } => {
+            verify_proof_command(&file, key.as_deref(), rpc.as_deref()).await
+        }
+        Command::Ledger {
+            command: LedgerCommand::Deploy { rpc, data },
+        } => ledger_deploy(&rpc, &data).await,
     }
 }
 
@@ -372,7 +405,11 @@ fn proof_command(
     Ok(())
 }
 
-fn verify_proof_command(file: &Path, key: Option<&str>) -> anyhow::Result<()> {
+async fn verify_proof_command(
+    file: &Path,
+    key: Option<&str>,
+    rpc: Option<&str>,
+) -> anyhow::Result<()> {
     use iomt_edge::ledger::proof::{self, ProofFile};
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let parsed: ProofFile = serde_json::from_str(&text)
@@ -408,13 +445,22 @@ fn verify_proof_command(file: &Path, key: Option<&str>) -> anyhow::Result<()> {
         )?,
         Some(r) => writeln!(out, "anchor: {}", serde_json::to_string(r)?)?,
     }
+    if let Some(rpc) = rpc {
+        let found = proof::check_anchor(&parsed, &checked, rpc)
+            .await
+            .with_context(|| format!("{}: the proof does not hold", file.display()))?;
+        writeln!(out, "anchor found on the chain: {found}")?;
+    }
     Ok(())
 }
 
-fn verify_command(data: &Path) -> anyhow::Result<()> {
+async fn verify_command(data: &Path, rpc: Option<&str>) -> anyhow::Result<()> {
     existing_store_dir(data)?;
     let _lock = DataDirLock::acquire(data)?;
-    let report = verify::verify(data, &mut Bar(None))?;
+    let mut report = verify::verify(data, &mut Bar(None))?;
+    if let Some(rpc) = rpc {
+        verify::check_on_chain(&mut report, rpc).await;
+    }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -431,6 +477,21 @@ fn verify_command(data: &Path) -> anyhow::Result<()> {
         "local chain: {} entries linked; {} anchors waiting in the outbox",
         report.chain_entries, report.anchors_pending
     )?;
+    if !report.on_chain.is_empty() {
+        match rpc {
+            Some(_) => writeln!(
+                out,
+                "ethereum: {} of {} anchors found on the chain",
+                report.on_chain_found,
+                report.on_chain.len()
+            )?,
+            None => writeln!(
+                out,
+                "ethereum: {} anchors not looked up (give --rpc to check them on the chain)",
+                report.on_chain.len()
+            )?,
+        }
+    }
     for f in &report.failures {
         writeln!(out, "FAIL {f}")?;
     }
@@ -440,6 +501,18 @@ fn verify_command(data: &Path) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("verify found {} problem(s)", report.failures.len())
     }
+}
+
+/// `ledger deploy`: the address alone on the first line, for scripts; then the lines to paste.
+async fn ledger_deploy(rpc: &str, data: &Path) -> anyhow::Result<()> {
+    let contract = iomt_edge::ledger::ethereum::deploy(rpc, &data.join("keys")).await?;
+    let rpc = toml::Value::String(rpc.to_owned());
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{contract}\n\n# For the pipeline file:\n[ledger.ethereum]\nrpc = {rpc}\ncontract = \"{contract}\""
+    )
+    .context("standard output")
 }
 
 /// `dump`: streams the readings of each batch as it is read, so that a batch that does not open

@@ -56,6 +56,8 @@ pub enum ServiceError {
     Broker(#[from] BrokerError),
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
+    #[error("ledger: {0}")]
+    Ethereum(#[from] crate::ledger::ethereum::EthereumError),
     #[error("external broker: {0}")]
     External(String),
     #[error("pipeline: {0}")]
@@ -385,9 +387,22 @@ impl Service {
         )?;
 
         let ledger_db = Arc::new(LedgerDb::open(&data_dir.join("ledger"))?);
-        let ledger: Arc<dyn Ledger> = match config.ledger.backend {
-            Backend::Local => Arc::new(LocalChain::new(ledger_db.clone())),
-        };
+        let (ledger, poll): (Arc<dyn Ledger>, Duration) =
+            match (config.ledger.backend, &config.ledger.ethereum) {
+                (Backend::Ethereum, Some(options)) => (
+                    Arc::new(options.build(&data_dir.join("keys"))?),
+                    options.poll_every,
+                ),
+                (Backend::Ethereum, None) => {
+                    return Err(ServiceError::Pipeline(
+                        "ledger.backend = \"ethereum\" needs [ledger.ethereum]".into(),
+                    ))
+                }
+                (Backend::Local, _) => (
+                    Arc::new(LocalChain::new(ledger_db.clone())),
+                    Duration::from_secs(1),
+                ),
+            };
         let anchoring = Anchoring::new(
             store.clone(),
             signer.clone(),
@@ -395,6 +410,7 @@ impl Service {
             ledger,
             metrics.clone(),
             config.ledger.checkpoint_every,
+            poll,
         );
         let (anchor_stop, anchor_stop_rx) = watch::channel(false);
         let anchor = {

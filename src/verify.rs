@@ -38,6 +38,11 @@ pub struct Report {
     pub checkpoints: u64,
     pub chain_entries: u64,
     pub anchors_pending: u64,
+    /// Checkpoints anchored on an Ethereum chain, with their notes and receipts: checked on
+    /// the chain by [`check_on_chain`].
+    pub on_chain: Vec<(String, Receipt)>,
+    /// Of those, how many were found on the chain.
+    pub on_chain_found: u64,
     /// Each failed check: what (batch 7, checkpoint 12, chain entry 3) and why.
     pub failures: Vec<String>,
 }
@@ -278,7 +283,9 @@ fn check_ledger(
                     ));
                 }
             }
-            Ok(Some(_)) => {}
+            Ok(Some(r @ Receipt::Ethereum { .. })) => {
+                report.on_chain.push((stored[size].clone(), r));
+            }
             Ok(None) if pending => report.anchors_pending += 1,
             Ok(None) => report.fail(format!(
                 "checkpoint of tree size {size}: neither anchored nor waiting in the outbox"
@@ -286,4 +293,78 @@ fn check_ledger(
             Err(e) => report.fail(format!("checkpoint of tree size {size}: {e}")),
         }
     }
+}
+
+/// Looks for every Ethereum anchor of the report on the chain at `rpc`, through the contract
+/// its receipt names, and fails each that is not there as its receipt says (dropped by a
+/// reorg, another chain, another contract).
+pub async fn check_on_chain(report: &mut Report, rpc: &str) {
+    use crate::ledger::ethereum::EthereumOptions;
+    use crate::ledger::{Anchor, Ledger};
+    let url: url::Url = match rpc.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            report.fail(format!("--rpc {rpc}: {e}"));
+            return;
+        }
+    };
+    let anchors = std::mem::take(&mut report.on_chain);
+    for (note, receipt) in &anchors {
+        let Receipt::Ethereum {
+            chain_id,
+            contract,
+            tx_hash,
+            block_hash,
+            ..
+        } = receipt
+        else {
+            continue;
+        };
+        let checkpoint = match Checkpoint::parse(note) {
+            Ok(c) => c,
+            Err(e) => {
+                report.fail(format!("an anchored checkpoint: {e}"));
+                continue;
+            }
+        };
+        let what = format!("anchor of the checkpoint of tree size {}", checkpoint.size);
+        let Ok(contract) = contract.parse() else {
+            report.fail(format!(
+                "{what}: its receipt's contract {contract:?} is not an address"
+            ));
+            continue;
+        };
+        let options = EthereumOptions {
+            chain_id: Some(*chain_id),
+            confirmations: 1,
+            ..EthereumOptions::new(url.clone(), contract)
+        };
+        let ledger = match options.reader() {
+            Ok(l) => l,
+            Err(e) => {
+                report.fail(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        let anchor = Anchor {
+            checkpoint,
+            note: note.clone(),
+        };
+        match ledger.find(&anchor).await {
+            Ok(Some(Receipt::Ethereum {
+                tx_hash: t,
+                block_hash: b,
+                ..
+            })) if &t == tx_hash && &b == block_hash => report.on_chain_found += 1,
+            Ok(Some(_)) => {
+                report.on_chain_found += 1;
+                // Anchored again in another transaction (a reorg re-included it): still there.
+            }
+            Ok(None) => report.fail(format!(
+                "{what}: not on the chain as its receipt says (transaction {tx_hash})"
+            )),
+            Err(e) => report.fail(format!("{what}: {e}")),
+        }
+    }
+    report.on_chain = anchors;
 }

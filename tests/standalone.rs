@@ -114,7 +114,7 @@ fn the_readme_says_how_to_install_and_what_the_test_script_installs() {
         .collect();
     assert_eq!(
         packages,
-        ["mosquitto", "mosquitto-clients", "g++"],
+        ["mosquitto", "mosquitto-clients", "g++", "nodejs", "npm"],
         "scripts/test.sh installs"
     );
     assert!(readme.contains("sudo apt-get"));

@@ -7,6 +7,8 @@
 //! Ethereum-compatible chain) takes a signed checkpoint and returns a receipt; backends plug in
 //! here through the trait.
 
+pub mod ethereum;
+
 use crate::seal::checkpoint::{Checkpoint, NoteError, NoteSigner};
 use crate::store::{Store, StoreError};
 
@@ -52,6 +54,9 @@ pub struct LedgerOptions {
         with = "humantime_serde"
     )]
     pub checkpoint_every: std::time::Duration,
+    /// `[ledger.ethereum]`: needed by `backend = "ethereum"`.
+    #[serde(default)]
+    pub ethereum: Option<ethereum::EthereumOptions>,
 }
 
 impl LedgerOptions {
@@ -67,6 +72,14 @@ impl LedgerOptions {
                 "must be at least 1s: each checkpoint is signed, stored and anchored".into(),
             ));
         }
+        if self.backend == Backend::Ethereum && self.ethereum.is_none() {
+            return Err((
+                "ledger.backend",
+                "\"ethereum\" needs a [ledger.ethereum] table with rpc and contract \
+                 (`iomt-edge ledger deploy` prints it)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -76,6 +89,7 @@ impl Default for LedgerOptions {
         LedgerOptions {
             backend: Backend::default(),
             checkpoint_every: Self::default_checkpoint_every(),
+            ethereum: None,
         }
     }
 }
@@ -87,6 +101,8 @@ pub enum Backend {
     /// The embedded hash chain in `<data>/ledger/`.
     #[default]
     Local,
+    /// An Ethereum-compatible chain, through the anchor contract (`[ledger.ethereum]`).
+    Ethereum,
 }
 
 /// A future a [`Ledger`] returns: backends talk to networks (Ethereum JSON-RPC) or to disk.

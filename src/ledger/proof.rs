@@ -437,3 +437,48 @@ pub fn check(proof: &ProofFile, trusted_key: Option<&str>) -> Result<Checked, Ch
         key_trusted: trusted_key.is_some(),
     })
 }
+
+/// Looks the proof's anchor up on the Ethereum chain at `rpc` (step "ledger receipt"): the
+/// contract its receipt names must hold an `Anchored` event of the checkpoint's root, size and
+/// origin. Returns the transaction found.
+pub async fn check_anchor(
+    proof: &ProofFile,
+    checked: &Checked,
+    rpc: &str,
+) -> Result<String, CheckError> {
+    use super::ethereum::EthereumOptions;
+    use super::{Anchor, Ledger};
+    let step = "ledger receipt";
+    let Some(Receipt::Ethereum {
+        chain_id, contract, ..
+    }) = &proof.receipt
+    else {
+        return fail(step, "the proof has no Ethereum receipt to look up");
+    };
+    let url = rpc.parse().or_else(|e| fail(step, format!("--rpc: {e}")))?;
+    let contract = contract
+        .parse()
+        .or_else(|_| fail(step, format!("{contract:?} is not an address")))?;
+    let options = EthereumOptions {
+        chain_id: Some(*chain_id),
+        confirmations: 1,
+        ..EthereumOptions::new(url, contract)
+    };
+    let ledger = options.reader().or_else(|e| fail(step, e))?;
+    let anchor = Anchor {
+        checkpoint: checked.checkpoint.clone(),
+        note: proof.checkpoint.clone(),
+    };
+    match ledger.find(&anchor).await {
+        Ok(Some(Receipt::Ethereum {
+            tx_hash,
+            block_number,
+            ..
+        })) => Ok(format!("transaction {tx_hash} in block {block_number}")),
+        Ok(_) => fail(
+            step,
+            "no anchor of this checkpoint's root, size and origin is on that chain's contract",
+        ),
+        Err(e) => fail(step, e),
+    }
+}

@@ -20,8 +20,6 @@ use crate::store::Store;
 /// Submissions handed to the ledger and not yet final, at most: a chain that takes longer to
 /// confirm one than the checkpoint period does not fall behind.
 const WINDOW: usize = 16;
-/// How often submissions are looked at while some wait for confirmations.
-const POLL: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -33,6 +31,8 @@ pub struct Anchoring {
     ledger: Arc<dyn Ledger>,
     metrics: Arc<Metrics>,
     every: Duration,
+    /// How often submissions are looked at while some wait for their ledger.
+    poll: Duration,
 }
 
 /// What the stage did.
@@ -60,6 +60,7 @@ impl Anchoring {
         ledger: Arc<dyn Ledger>,
         metrics: Arc<Metrics>,
         every: Duration,
+        poll: Duration,
     ) -> Self {
         Anchoring {
             store,
@@ -68,6 +69,7 @@ impl Anchoring {
             ledger,
             metrics,
             every,
+            poll,
         }
     }
 
@@ -104,7 +106,7 @@ impl Anchoring {
                 match self.round(&mut summary).await {
                     Ok(waiting) => {
                         backoff = BACKOFF_MIN;
-                        next_round = now + if waiting { POLL } else { self.every };
+                        next_round = now + if waiting { self.poll } else { self.every };
                     }
                     Err(()) => {
                         next_round = now + backoff;
@@ -216,6 +218,12 @@ impl Anchoring {
                     // Submitted again at the next round.
                     p.submission = None;
                     Ok(None)
+                }
+                // A transaction the chain refused (reverted): submitted again after the
+                // back-off, not polled forever.
+                Err(e @ LedgerError::Refused { .. }) => {
+                    p.submission = None;
+                    Err(e)
                 }
                 Err(e) => Err(e),
             },

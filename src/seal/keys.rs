@@ -127,8 +127,9 @@ impl NodeKeys {
     }
 }
 
-/// The key file's bytes, `None` if there is no such file.
-fn read_key(path: &Path) -> Result<Option<Vec<u8>>, KeyError> {
+/// The key file's bytes, `None` if there is no such file. Shared with the ledger's Ethereum key
+/// (src/ledger/ethereum.rs), which follows the same rules.
+pub(crate) fn read_key(path: &Path) -> Result<Option<Vec<u8>>, KeyError> {
     match fs::metadata(path) {
         Ok(meta) => {
             let mode = meta.permissions().mode() & 0o777;
@@ -145,7 +146,7 @@ fn read_key(path: &Path) -> Result<Option<Vec<u8>>, KeyError> {
     }
 }
 
-fn create_key(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+pub(crate) fn create_key(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
     // create_new: two nodes started on one data dir must not overwrite each other's key.
     let mut f = OpenOptions::new()
         .write(true)
@@ -157,7 +158,7 @@ fn create_key(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
     f.sync_all().map_err(io(path))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), KeyError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), KeyError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
