@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod anvil;
 pub mod formats;
 pub mod load;
 pub mod mosquitto;
