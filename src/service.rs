@@ -236,6 +236,35 @@ impl Service {
 
         let (sealer, signer) = (Arc::new(Sealer::new(keys.master)), Arc::new(keys.signer));
 
+        // Before any listener: a ledger that cannot be opened or configured stops the start
+        // before a device is acknowledged.
+        let ledger_dir = data_dir.join("ledger");
+        if store.latest_checkpoint()?.is_some() && !ledger_dir.join("db").is_file() {
+            return Err(ServiceError::Ledger(LedgerError::Db {
+                path: ledger_dir,
+                reason: "missing, while the store holds checkpoints it anchored: restore it \
+                         from a backup (a new one would start the chain over)"
+                    .into(),
+            }));
+        }
+        let ledger_db = Arc::new(LedgerDb::open(&data_dir.join("ledger"))?);
+        let (ledger, poll): (Arc<dyn Ledger>, Duration) =
+            match (config.ledger.backend, &config.ledger.ethereum) {
+                (Backend::Ethereum, Some(options)) => (
+                    Arc::new(options.build(&data_dir.join("keys"))?),
+                    options.poll_every,
+                ),
+                (Backend::Ethereum, None) => {
+                    return Err(ServiceError::Pipeline(
+                        "ledger.backend = \"ethereum\" needs [ledger.ethereum]".into(),
+                    ))
+                }
+                (Backend::Local, _) => (
+                    Arc::new(LocalChain::new(ledger_db.clone())),
+                    Duration::from_secs(1),
+                ),
+            };
+
         let routes = config
             .routes
             .iter()
@@ -386,23 +415,6 @@ impl Service {
             move || ingest_stage.run(input_rx, commit_tx, output_handle),
         )?;
 
-        let ledger_db = Arc::new(LedgerDb::open(&data_dir.join("ledger"))?);
-        let (ledger, poll): (Arc<dyn Ledger>, Duration) =
-            match (config.ledger.backend, &config.ledger.ethereum) {
-                (Backend::Ethereum, Some(options)) => (
-                    Arc::new(options.build(&data_dir.join("keys"))?),
-                    options.poll_every,
-                ),
-                (Backend::Ethereum, None) => {
-                    return Err(ServiceError::Pipeline(
-                        "ledger.backend = \"ethereum\" needs [ledger.ethereum]".into(),
-                    ))
-                }
-                (Backend::Local, _) => (
-                    Arc::new(LocalChain::new(ledger_db.clone())),
-                    Duration::from_secs(1),
-                ),
-            };
         let anchoring = Anchoring::new(
             store.clone(),
             signer.clone(),

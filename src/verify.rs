@@ -89,6 +89,8 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
     })?;
     progress.start("batches", n);
     let mut log_intact = true;
+    let mut interior: Vec<(u8, u64, Hash)> = Vec::new();
+    let mut bad_nodes = 0u64;
     for id in 0..n {
         progress.advance(1);
         let leaf = match store.batch(id) {
@@ -131,7 +133,31 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
             _ => {}
         }
         match leaf.or(stored) {
-            Some(l) if frontier.size() == id => frontier.push(l),
+            Some(l) if frontier.size() == id => {
+                frontier.push(l);
+                // Each complete subtree this leaf closes must be the node the store serves
+                // (roots, proofs and tiles are read from those nodes).
+                let mut node = (0u8, id, l);
+                while let Some(&(level, index, left)) = interior.last() {
+                    if level != node.0 {
+                        break;
+                    }
+                    interior.pop();
+                    let parent = (level + 1, index >> 1, merkle::node_hash(&left, &node.2));
+                    if store.log_node(parent.0, parent.1).ok().flatten() != Some(parent.2) {
+                        bad_nodes += 1;
+                        if bad_nodes <= 3 {
+                            report.fail(format!(
+                                "the stored log's node {}/{} is not the hash of its leaves",
+                                parent.0, parent.1
+                            ));
+                        }
+                        log_intact = false;
+                    }
+                    node = parent;
+                }
+                interior.push(node);
+            }
             Some(_) => {}
             None => {
                 // Nothing to put in its place: later roots cannot be rebuilt.
@@ -143,6 +169,9 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
         }
     }
     progress.finish();
+    if bad_nodes > 3 {
+        report.fail(format!("{bad_nodes} stored log nodes in all are damaged"));
+    }
     if log_size != n && n > 0 {
         report.fail(format!(
             "the log of batches holds {log_size} leaves, the store {n} batches"
@@ -159,7 +188,6 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
     progress.start("checkpoints", checkpoints.len() as u64);
     let log = BatchLog::new(&store);
     let mut previous: Option<Checkpoint> = None;
-    let mut verified = BTreeMap::new();
     for (size, note) in &checkpoints {
         progress.advance(1);
         report.checkpoints += 1;
@@ -210,7 +238,6 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
                 ));
             }
         }
-        verified.insert(*size, note.clone());
         previous = Some(c);
     }
     progress.finish();
@@ -243,12 +270,17 @@ fn check_ledger(
     let mut chained = BTreeMap::new();
     let mut failures = Vec::new();
     let walked = {
-        LocalChain::walk(db, &mut |e, _| {
-            if verifier.verify(&e.note).is_err() {
-                failures.push(format!(
+        LocalChain::walk(db, &mut |e, hash| {
+            match verifier.verify(&e.note).map(Checkpoint::parse) {
+                Ok(Ok(c)) if c.size == e.size && c.root == e.root => {}
+                Ok(Ok(_)) => failures.push(format!(
+                    "chain entry {}: its tree size or root is not its checkpoint's",
+                    e.index
+                )),
+                _ => failures.push(format!(
                     "chain entry {}: its checkpoint's signature does not verify",
                     e.index
-                ));
+                )),
             }
             match stored.get(&e.size) {
                 Some(note) if **note == e.note => {}
@@ -262,7 +294,7 @@ fn check_ledger(
                     e.index, e.size
                 )),
             }
-            chained.insert(e.size, e.index);
+            chained.insert(e.size, (e.index, *hash));
             Ok(())
         })
     };
@@ -271,15 +303,39 @@ fn check_ledger(
         Err(e) => failures.push(e),
     }
     report.failures.extend(failures);
+    match outbox.known() {
+        Ok(known) => {
+            for (size, note) in known {
+                match stored.get(&size) {
+                    Some(n) if **n == note => {}
+                    Some(_) => report.fail(format!(
+                        "checkpoint of tree size {size}: the ledger database anchored or queued \
+                         another one (the store was replaced)"
+                    )),
+                    None => report.fail(format!(
+                        "checkpoint of tree size {size}: anchored or queued by the ledger \
+                         database, but the store does not hold it (the store was rolled back or \
+                         lost it)"
+                    )),
+                }
+            }
+        }
+        Err(e) => report.fail(format!("the outbox: {e}")),
+    }
     for (size, _) in checkpoints {
         let receipt = outbox.receipt(*size);
         let pending = outbox.is_pending(*size).unwrap_or(false);
         match receipt {
-            Ok(Some(Receipt::Local { index, .. })) => {
-                if chained.get(size) != Some(&index) {
+            Ok(Some(Receipt::Local {
+                index, entry_hash, ..
+            })) => {
+                let linked = chained
+                    .get(size)
+                    .is_some_and(|(i, h)| *i == index && merkle::to_hex(h) == entry_hash);
+                if !linked {
                     report.fail(format!(
-                        "checkpoint of tree size {size}: its receipt names chain entry {index}, \
-                         which does not anchor it"
+                        "checkpoint of tree size {size}: its receipt names chain entry {index} \
+                         with another hash, or an entry that does not anchor it"
                     ));
                 }
             }
@@ -315,6 +371,7 @@ pub async fn check_on_chain(report: &mut Report, rpc: &str) {
             contract,
             tx_hash,
             block_hash,
+            block_number,
             ..
         } = receipt
         else {
@@ -334,9 +391,11 @@ pub async fn check_on_chain(report: &mut Report, rpc: &str) {
             ));
             continue;
         };
+        // From its block: public endpoints cap the range eth_getLogs may scan.
         let options = EthereumOptions {
             chain_id: Some(*chain_id),
             confirmations: 1,
+            from_block: *block_number,
             ..EthereumOptions::new(url.clone(), contract)
         };
         let ledger = match options.reader() {

@@ -115,38 +115,50 @@ async fn proofs_verify_offline_and_every_alteration_is_named() {
         "{text}"
     );
 
-    // What a proof holds of others: salted leaves. A neighbour's reading, known field by field,
-    // encodes to no hash on the path, salted with anything but its own secret salt.
+    // What a proof holds of others: salted leaves. The leaf next to this reading's (its sibling,
+    // the first hash on its path) is a neighbour's; knowing that reading field by field, one
+    // cannot reproduce its leaf without its secret salt, with no salt or any other.
     let r = &p.readings[0];
-    let neighbour_seq = if r.index == 0 {
-        r.reading.seq + 1
-    } else {
-        r.reading.seq - 1
+    let (sibling_leaf, sibling_row) = {
+        use iomt_edge::model::batch::BatchView;
+        use iomt_edge::seal::Sealer;
+        use iomt_edge::store::{open_node_keys, KeyMode, SledStore, Store};
+        let store = SledStore::open_existing(&data.join("store")).unwrap();
+        let keys = open_node_keys(&store, &data.join("keys"), "", KeyMode::ReadOnly).unwrap();
+        let opened = Sealer::new(keys.master)
+            .open(&store.batch(r.batch).unwrap().unwrap())
+            .unwrap();
+        let view = BatchView::new(&opened.batch).unwrap();
+        let sibling = (r.index ^ 1) as usize;
+        assert!(sibling < view.len(), "pick a reading with a sibling leaf");
+        let row = view.row(sibling);
+        let salt = leaf::reading_salt(opened.salt_key.as_ref().unwrap(), row.seq);
+        let mut scratch = Vec::new();
+        let real = merkle::to_hex(&leaf::reading_leaf(&row, Some(&salt), &mut scratch));
+        let fields: Vec<u8> = {
+            let mut v = Vec::new();
+            leaf::encode(&row, None, &mut v);
+            v
+        };
+        (real, fields)
     };
-    let stored = stored_readings(&data);
-    let n = stored.iter().find(|x| x.seq == neighbour_seq).unwrap();
-    let guess = iomt_edge::model::batch::ReadingRef {
-        seq: n.seq,
-        ts: n.ts,
-        received: n.received,
-        source: &n.source,
-        subject: n.subject.as_deref(),
-        metric: n.metric.name(),
-        value: n.value,
-        text: n.text.as_deref(),
-        unit: &n.unit,
-        flags: n.flags,
-    };
+    // The test can fail: the neighbour's real, salted leaf is on the path.
+    assert_eq!(r.path[0], sibling_leaf);
+    let guess = leaf::decode(&sibling_row).unwrap();
     let mut scratch = Vec::new();
-    for salt in [None, Some([0u8; 32])] {
-        let guessed = merkle::to_hex(&leaf::reading_leaf(&guess, salt.as_ref(), &mut scratch));
+    for salt in [None, Some([0u8; 32]), Some([0xffu8; 32])] {
+        let guessed = merkle::to_hex(&leaf::reading_leaf(
+            &guess.reading(),
+            salt.as_ref(),
+            &mut scratch,
+        ));
         assert!(
             !r.path.contains(&guessed),
             "a guessed neighbour's leaf is on the path"
         );
     }
     assert!(
-        !out.contains(&format!("\"seq\": {neighbour_seq},")),
+        !out.contains(&format!("\"seq\": {},", guess.seq)),
         "only its own reading"
     );
 

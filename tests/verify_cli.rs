@@ -165,6 +165,33 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
         &["FAIL chain entry 1 does not hold the hash of entry 0"],
     );
 
+    // The last chain entry edited: no entry after it holds its hash, but its receipt does.
+    let d = copy(&data, &dir.path().join("chain-last"));
+    {
+        let db = sled::open(d.join("ledger")).unwrap();
+        let chain = tree(&db, "chain");
+        let (k, v) = chain.last().unwrap().unwrap();
+        let mut e = ChainEntry::decode(&v).unwrap();
+        e.anchored_at += 1;
+        chain.insert(k, e.encode()).unwrap();
+        db.flush().unwrap();
+    }
+    assert_caught(&d, &["its receipt names chain entry"]);
+
+    // An interior node of the stored log damaged: proofs and tiles read it.
+    let d = copy(&data, &dir.path().join("log-node"));
+    {
+        let db = sled::open(d.join("store")).unwrap();
+        let mut key = vec![1u8];
+        key.extend_from_slice(&0u64.to_be_bytes());
+        tree(&db, "log").insert(key, &[7u8; 32][..]).unwrap();
+        db.flush().unwrap();
+    }
+    assert_caught(
+        &d,
+        &["the stored log's node 1/0 is not the hash of its leaves"],
+    );
+
     // A checkpoint signed by another key of the same name.
     let d = copy(&data, &dir.path().join("forged"));
     {

@@ -179,6 +179,13 @@ impl<'b> ReadingSink<'b> {
                 }
                 let v = units::to_canonical(d.metric, unit, v)
                     .map_err(|e| DecodeError::new(Reason::BadUnit, e.to_string()))?;
+                // A finite value can overflow in conversion (kcal × 4.184 near f64::MAX).
+                if !v.is_finite() {
+                    return Err(DecodeError::new(
+                        Reason::BadValue,
+                        format!("{} is out of range once converted to its unit", d.metric),
+                    ));
+                }
                 if let Some((lo, hi)) = info.plausible {
                     if !(lo..=hi).contains(&v) {
                         flags |= flags::OUT_OF_RANGE;

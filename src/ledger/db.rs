@@ -24,6 +24,8 @@ pub struct LedgerDb {
     pub(super) outbox: sled::Tree,
     /// Tree size (u64 BE) → the receipt of its anchor as JSON.
     pub(super) receipts: sled::Tree,
+    /// Tree size (u64 BE) → the signed note of the checkpoint anchored.
+    pub(super) anchored_notes: sled::Tree,
     log: File,
 }
 
@@ -57,6 +59,7 @@ impl LedgerDb {
             chain_sizes: db.open_tree("chain_sizes").map_err(sled)?,
             outbox: db.open_tree("outbox").map_err(sled)?,
             receipts: db.open_tree("receipts").map_err(sled)?,
+            anchored_notes: db.open_tree("anchored_notes").map_err(sled)?,
             db,
             log,
         })

@@ -26,6 +26,10 @@ pub struct Pending {
     pub queued_at: i64,
     /// Why the last attempt failed (never a key or a reading).
     pub last_error: Option<String>,
+    /// Set when the ledger refused this anchor for good (a mined transaction that reverted):
+    /// it is not sent again, and stays here for an operator to see.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// The outbox of one ledger database.
@@ -50,14 +54,30 @@ impl Outbox {
     }
 
     /// Queues the checkpoint of `size` unless it is queued or anchored already. Durable when it
-    /// returns.
+    /// returns. A different checkpoint of the same size queued or anchored before is an error:
+    /// the store no longer holds what this ledger database anchored (it was restored from an
+    /// older copy), which must be seen, not skipped.
     pub fn enqueue(&self, size: u64, note: &str) -> Result<bool, LedgerError> {
         let key = size.to_be_bytes();
         let err = |e: sled::Error| self.db.error(e);
-        if self.db.receipts.contains_key(key).map_err(err)?
-            || self.db.outbox.contains_key(key).map_err(err)?
-        {
-            return Ok(false);
+        let conflict = || LedgerError::Refused {
+            ledger: "outbox".into(),
+            reason: format!(
+                "another checkpoint of tree size {size} was queued or anchored before: the \
+                 store was rolled back or replaced behind the ledger database (run verify)"
+            ),
+        };
+        if let Some(v) = self.db.outbox.get(key).map_err(err)? {
+            return match self.parse(size, &v)?.note == note {
+                true => Ok(false),
+                false => Err(conflict()),
+            };
+        }
+        if self.db.receipts.contains_key(key).map_err(err)? {
+            return match self.anchored_note(size)? {
+                Some(n) if n != note => Err(conflict()),
+                _ => Ok(false),
+            };
         }
         let p = Pending {
             size,
@@ -66,6 +86,7 @@ impl Outbox {
             attempts: 0,
             queued_at: now_micros(),
             last_error: None,
+            refused: None,
         };
         let v = serde_json::to_vec(&p).expect("pending serialises");
         self.db.outbox.insert(key, v).map_err(err)?;
@@ -93,14 +114,54 @@ impl Outbox {
         self.db.durable()
     }
 
-    /// The anchor of `size` is done: its receipt replaces its outbox entry, in one transaction.
+    /// The note of the anchored checkpoint of `size`, kept beside its receipt.
+    fn anchored_note(&self, size: u64) -> Result<Option<String>, LedgerError> {
+        match self
+            .db
+            .anchored_notes
+            .get(size.to_be_bytes())
+            .map_err(|e| self.db.error(e))?
+        {
+            None => Ok(None),
+            Some(v) => String::from_utf8(v.to_vec())
+                .map(Some)
+                .map_err(|_| self.db.error(format!("anchored note {size}: not UTF-8"))),
+        }
+    }
+
+    /// Every anchored or queued checkpoint, by tree size, with its note (for `verify`).
+    pub fn known(&self) -> Result<Vec<(u64, String)>, LedgerError> {
+        let mut out = Vec::new();
+        for kv in self.db.anchored_notes.iter() {
+            let (k, v) = kv.map_err(|e| self.db.error(e))?;
+            out.push((
+                size_of(&self.db, &k)?,
+                String::from_utf8_lossy(&v).into_owned(),
+            ));
+        }
+        for kv in self.db.outbox.iter() {
+            let (k, v) = kv.map_err(|e| self.db.error(e))?;
+            let size = size_of(&self.db, &k)?;
+            out.push((size, self.parse(size, &v)?.note));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The anchor of `size` is done: its receipt replaces its outbox entry, in one transaction,
+    /// and its note is kept beside it.
     pub fn complete(&self, size: u64, receipt: &Receipt) -> Result<(), LedgerError> {
         let key = size.to_be_bytes();
         let v = serde_json::to_vec(receipt).expect("receipt serialises");
-        (&self.db.outbox, &self.db.receipts)
-            .transaction(|(outbox, receipts)| {
+        let note = match self.db.outbox.get(key).map_err(|e| self.db.error(e))? {
+            Some(p) => self.parse(size, &p)?.note,
+            None => return Err(self.db.error(format!("outbox entry {size} is gone"))),
+        };
+        (&self.db.outbox, &self.db.receipts, &self.db.anchored_notes)
+            .transaction(|(outbox, receipts, notes)| {
                 outbox.remove(&key)?;
                 receipts.insert(&key, v.as_slice())?;
+                notes.insert(&key, note.as_bytes())?;
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| self.db.error(format!("{e:?}")))?;
@@ -229,6 +290,16 @@ mod tests {
         outbox.complete(5, &r).unwrap();
         assert_eq!(outbox.receipt(5).unwrap(), Some(r));
         assert!(!outbox.enqueue(5, "n5").unwrap(), "anchored already");
+        // Another checkpoint of a size queued or anchored before: a store rolled back behind
+        // the ledger database, never skipped in silence.
+        for size in [5, 9] {
+            let err = outbox.enqueue(size, "other").unwrap_err().to_string();
+            assert!(err.contains("rolled back"), "{err}");
+        }
+        assert_eq!(
+            outbox.known().unwrap(),
+            vec![(5, "n5".to_owned()), (9, "n9".to_owned())]
+        );
         assert_eq!(outbox.newest().unwrap(), Some(9));
         assert_eq!(outbox.depth().unwrap().0, 1);
     }

@@ -345,6 +345,16 @@ pub fn check(proof: &ProofFile, trusted_key: Option<&str>) -> Result<Checked, Ch
         .verify(&proof.checkpoint)
         .or_else(|e| fail("checkpoint signature", e))?;
     let checkpoint = Checkpoint::parse(text).or_else(|e| fail("checkpoint", e))?;
+    let key_name = key.split('+').next().unwrap_or_default();
+    if checkpoint.origin != key_name {
+        return fail(
+            "checkpoint",
+            format!(
+                "its origin {:?} is not the key's name {key_name:?}",
+                checkpoint.origin
+            ),
+        );
+    }
     if proof.readings.is_empty() {
         return fail("readings", "the proof holds none");
     }
@@ -450,7 +460,10 @@ pub async fn check_anchor(
     use super::{Anchor, Ledger};
     let step = "ledger receipt";
     let Some(Receipt::Ethereum {
-        chain_id, contract, ..
+        chain_id,
+        contract,
+        block_number,
+        ..
     }) = &proof.receipt
     else {
         return fail(step, "the proof has no Ethereum receipt to look up");
@@ -459,9 +472,11 @@ pub async fn check_anchor(
     let contract = contract
         .parse()
         .or_else(|_| fail(step, format!("{contract:?} is not an address")))?;
+    // From its block: public endpoints cap the range eth_getLogs may scan.
     let options = EthereumOptions {
         chain_id: Some(*chain_id),
         confirmations: 1,
+        from_block: *block_number,
         ..EthereumOptions::new(url, contract)
     };
     let ledger = options.reader().or_else(|e| fail(step, e))?;
@@ -480,5 +495,42 @@ pub async fn check_anchor(
             "no anchor of this checkpoint's root, size and origin is on that chain's contract",
         ),
         Err(e) => fail(step, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values unit conversions make (0.901 × 100, kelvin, kPa) come back from a proof file as
+    /// the very same f64, or a genuine proof would fail and an edited one pass.
+    #[test]
+    fn reading_values_survive_the_proof_file_exactly() {
+        for v in [
+            0.901 * 100.0,
+            27.150000000000034,
+            37.503099999999996,
+            1000.9999999999999,
+            -0.0,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+        ] {
+            let r = ProvenReading {
+                seq: 1,
+                ts: 0,
+                time: format_ts(0),
+                received: 0,
+                source: "s".into(),
+                subject: None,
+                metric: "spo2".into(),
+                value: Some(v),
+                text: None,
+                unit: "%".into(),
+                flags: 0,
+            };
+            let back: ProvenReading =
+                serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            assert_eq!(back.value.map(f64::to_bits), Some(v.to_bits()), "{v:?}");
+        }
     }
 }

@@ -103,7 +103,13 @@ impl Anchoring {
                 }
             }
             if now >= next_round {
-                match self.round(&mut summary).await {
+                // A stop does not wait for a slow ledger: what the round did not finish, the
+                // outbox keeps.
+                let round = tokio::select! {
+                    r = self.round(&mut summary) => r,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                match round {
                     Ok(waiting) => {
                         backoff = BACKOFF_MIN;
                         next_round = now + if waiting { self.poll } else { self.every };
@@ -162,7 +168,12 @@ impl Anchoring {
         let (store, signer, outbox) =
             (self.store.clone(), self.signer.clone(), self.outbox.clone());
         let cut = blocking(move || {
-            let last = store.latest_checkpoint()?.map_or(0, |(size, _)| size);
+            let latest = store.latest_checkpoint()?;
+            // Stored by a cut whose queueing failed: queued now (a no-op when it was).
+            if let Some((size, note)) = &latest {
+                outbox.enqueue(*size, note)?;
+            }
+            let last = latest.map_or(0, |(size, _)| size);
             if store.log_size()? <= last {
                 return Ok(None);
             }
@@ -185,11 +196,25 @@ impl Anchoring {
         let pending = blocking(move || outbox.pending(WINDOW))
             .await
             .map_err(|e| self.failed(0, &e))?;
-        let waiting = !pending.is_empty();
-        for p in pending {
-            self.advance(p, summary).await.map_err(|(size, e)| {
-                self.failed(size, &e);
-            })?;
+        let waiting = pending.iter().any(|p| p.refused.is_none());
+        let mut failed = false;
+        for p in pending.into_iter().filter(|p| p.refused.is_none()) {
+            match self.advance(p, summary).await {
+                Ok(()) => {}
+                // The ledger is down: the next entries would fail alike.
+                Err((size, e @ LedgerError::Unavailable { .. })) => {
+                    self.failed(size, &e);
+                    return Err(());
+                }
+                // One entry refused: the later ones are not held up behind it.
+                Err((size, e)) => {
+                    self.failed(size, &e);
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            return Err(());
         }
         Ok(waiting)
     }
@@ -219,10 +244,11 @@ impl Anchoring {
                     p.submission = None;
                     Ok(None)
                 }
-                // A transaction the chain refused (reverted): submitted again after the
-                // back-off, not polled forever.
+                // A transaction the chain mined and refused (reverted, or no event): sending it
+                // again would fail alike and pay again. Set aside, named in the outbox and
+                // counted; later checkpoints, consistent with it, go on being anchored.
                 Err(e @ LedgerError::Refused { .. }) => {
-                    p.submission = None;
+                    p.refused = Some(e.to_string());
                     Err(e)
                 }
                 Err(e) => Err(e),
