@@ -5,6 +5,7 @@
 //! alarms at any replay speed. A reading flagged out of range or without sensor contact never
 //! feeds a rule as if it were real.
 
+pub mod news2;
 pub mod threshold;
 
 use serde::{Deserialize, Serialize};
