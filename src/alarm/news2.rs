@@ -1,6 +1,8 @@
 //! The National Early Warning Score 2 (Royal College of Physicians, 2017): the sub-score of each
-//! of its seven parameters, the total and the clinical risk band. Pure functions of the values;
-//! which reading feeds which parameter, staleness and publishing belong to the engine.
+//! of its seven parameters, the total and the clinical risk band, and [`News2Tracker`], which
+//! keeps each subject's latest trusted reading of every parameter (in device time, with a
+//! staleness window) and says when a subject's score changes. Publishing the scores and the
+//! NEWS2 alarm rule are wired by the pipeline (not yet: issue 9).
 //!
 //! The chart lists whole numbers (temperature to one decimal); devices report finer. A value
 //! between two bands of the chart (91.5 % between 91 and 92, 38.05 °C between 38.0 and 38.1)
@@ -10,6 +12,8 @@
 //! residue (38.000000000001 °C from °F) is not taken for such a value.
 
 use serde::Serialize;
+
+use crate::model::reading::Metric;
 
 /// A NEWS2 parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -295,6 +299,280 @@ pub fn score(o: &Observations) -> Score {
     }
 }
 
+/// One reading as the tracker sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    pub metric: Metric,
+    pub value: Option<f64>,
+    pub text: Option<&'a str>,
+    /// Device time, µs.
+    pub ts: i64,
+    pub seq: u64,
+    pub flags: u16,
+}
+
+/// The reading behind a parameter's sub-score: what a published score names as its evidence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Evidence {
+    pub score: u8,
+    /// The value scored: a number, or the ACVPU letter, or "air"/"oxygen".
+    pub value: serde_json::Value,
+    pub seq: u64,
+    /// Device time, µs.
+    pub ts: i64,
+}
+
+/// A subject's score changed: what `news2/<site>/<subject>` carries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct News2Update {
+    pub subject: String,
+    pub total: u8,
+    pub band: Band,
+    pub partial: bool,
+    pub scale: u8,
+    /// Each parameter present: its sub-score and the reading behind it.
+    pub parameters: std::collections::BTreeMap<&'static str, Evidence>,
+    /// Parameters never seen for this subject, and those whose latest reading is older than the
+    /// staleness window.
+    pub missing: Vec<&'static str>,
+    pub stale: Vec<&'static str>,
+    /// Device time of the reading that changed the score, µs.
+    pub ts: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    value: f64,
+    consciousness: Option<Consciousness>,
+    seq: u64,
+    ts: i64,
+}
+
+/// Inputs, in the order of [`SubjectState::latest`].
+const INPUTS: [Metric; 8] = [
+    Metric::RespRate,
+    Metric::Spo2,
+    Metric::O2Flow,
+    Metric::BpSystolic,
+    Metric::HeartRate,
+    Metric::PulseRate,
+    Metric::Consciousness,
+    Metric::BodyTemp,
+];
+
+#[derive(Debug, Default)]
+struct SubjectState {
+    latest: [Option<Latest>; 8],
+    scale: Spo2Scale,
+    /// A subject setting: on supplemental oxygen whatever the flow readings say.
+    on_oxygen: Option<bool>,
+    last: Option<(u8, Band, bool, [Option<u8>; 7])>,
+}
+
+/// Per-subject NEWS2 state: the latest trusted reading of each parameter, and the last score
+/// published. Bounded: beyond `max_subjects` new subjects are not tracked (counted).
+#[derive(Debug)]
+pub struct News2Tracker {
+    staleness_us: i64,
+    max_subjects: usize,
+    subjects: std::collections::HashMap<String, SubjectState>,
+    untracked: u64,
+}
+
+/// Flags that keep a reading out of a clinical score: the untrusted ones and `questionable`.
+const NOT_CLINICAL: u16 =
+    crate::model::reading::flags::UNTRUSTED | crate::model::reading::flags::QUESTIONABLE;
+
+impl News2Tracker {
+    pub fn new(staleness: std::time::Duration, max_subjects: usize) -> Self {
+        News2Tracker {
+            staleness_us: i64::try_from(staleness.as_micros()).unwrap_or(i64::MAX),
+            max_subjects,
+            subjects: std::collections::HashMap::new(),
+            untracked: 0,
+        }
+    }
+
+    /// Readings of subjects not tracked because `max_subjects` are.
+    pub fn untracked(&self) -> u64 {
+        self.untracked
+    }
+
+    /// A subject's settings: its SpO2 scale, and whether it is on supplemental oxygen.
+    pub fn configure(&mut self, subject: &str, scale: Option<Spo2Scale>, on_oxygen: Option<bool>) {
+        if let Some(state) = self.state(subject) {
+            if let Some(s) = scale {
+                state.scale = s;
+            }
+            state.on_oxygen = on_oxygen.or(state.on_oxygen);
+        }
+    }
+
+    fn state(&mut self, subject: &str) -> Option<&mut SubjectState> {
+        if !self.subjects.contains_key(subject) {
+            if self.subjects.len() >= self.max_subjects {
+                self.untracked += 1;
+                return None;
+            }
+            self.subjects
+                .insert(subject.to_owned(), SubjectState::default());
+        }
+        self.subjects.get_mut(subject)
+    }
+
+    /// Takes one reading; returns the subject's new score when it changed. A reading older than
+    /// the one a parameter holds (out of order) changes nothing; flagged readings are ignored.
+    pub fn observe(&mut self, subject: &str, o: &Observation<'_>) -> Option<News2Update> {
+        let slot = INPUTS.iter().position(|m| *m == o.metric)?;
+        if o.flags & NOT_CLINICAL != 0 {
+            return None;
+        }
+        let latest = match o.metric {
+            Metric::Consciousness => Latest {
+                value: 0.0,
+                consciousness: Some(Consciousness::parse(o.text?)?),
+                seq: o.seq,
+                ts: o.ts,
+            },
+            _ => Latest {
+                value: o.value.filter(|v| v.is_finite())?,
+                consciousness: None,
+                seq: o.seq,
+                ts: o.ts,
+            },
+        };
+        let staleness = self.staleness_us;
+        let state = self.state(subject)?;
+        if state.latest[slot].is_some_and(|l| l.ts > o.ts) {
+            return None;
+        }
+        state.latest[slot] = Some(latest);
+        let update = Self::evaluate(subject, state, o.ts, staleness);
+        let key = (
+            update.total,
+            update.band,
+            update.partial,
+            Self::subscores(&update),
+        );
+        if state.last == Some(key) {
+            return None;
+        }
+        state.last = Some(key);
+        Some(update)
+    }
+
+    fn subscores(u: &News2Update) -> [Option<u8>; 7] {
+        Param::ALL.map(|p| u.parameters.get(p.as_str()).map(|e| e.score))
+    }
+
+    fn evaluate(subject: &str, s: &SubjectState, now: i64, staleness: i64) -> News2Update {
+        let fresh = |slot: usize| s.latest[slot].filter(|l| now.saturating_sub(l.ts) <= staleness);
+        let seen = |slot: usize| s.latest[slot].is_some();
+        let mut parameters = std::collections::BTreeMap::new();
+        let mut missing = Vec::new();
+        let mut stale = Vec::new();
+        let mut note = |p: Param, slots: &[usize]| {
+            if slots.iter().any(|&i| seen(i)) {
+                stale.push(p.as_str());
+            } else {
+                missing.push(p.as_str());
+            }
+        };
+        // Oxygen: a setting, or the latest flow reading.
+        let flow = fresh(2);
+        let on_oxygen = match (s.on_oxygen, flow) {
+            (Some(true), _) => Some(true),
+            (_, Some(f)) => Some(f.value > 0.0),
+            (setting, None) => setting,
+        };
+        let mut obs = Observations {
+            scale: s.scale,
+            on_oxygen,
+            ..Observations::default()
+        };
+        let numeric = |slot: usize| fresh(slot).map(|l| (l.value, l));
+        let rr = numeric(0);
+        let spo2 = numeric(1);
+        let sbp = numeric(3);
+        // Pulse: heart rate or pulse rate, whichever is newer.
+        let pulse = match (numeric(4), numeric(5)) {
+            (Some(a), Some(b)) => Some(if b.1.ts > a.1.ts { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        let avpu = fresh(6);
+        let temp = numeric(7);
+        obs.resp_rate = rr.map(|x| x.0);
+        obs.spo2 = spo2.map(|x| x.0);
+        obs.bp_systolic = sbp.map(|x| x.0);
+        obs.pulse = pulse.map(|x| x.0);
+        obs.consciousness = avpu.and_then(|l| l.consciousness);
+        obs.temperature = temp.map(|x| x.0);
+        let score = score(&obs);
+        let number = |v: f64| serde_json::json!(v);
+        let evidence = [
+            rr.map(|(v, l)| (number(v), l)),
+            spo2.map(|(v, l)| (number(v), l)),
+            None,
+            sbp.map(|(v, l)| (number(v), l)),
+            pulse.map(|(v, l)| (number(v), l)),
+            avpu.map(|l| {
+                let letter = match l.consciousness {
+                    Some(Consciousness::Alert) => "A",
+                    Some(Consciousness::Confusion) => "C",
+                    Some(Consciousness::Voice) => "V",
+                    Some(Consciousness::Pain) => "P",
+                    _ => "U",
+                };
+                (serde_json::json!(letter), l)
+            }),
+            temp.map(|(v, l)| (number(v), l)),
+        ];
+        let slots: [&[usize]; 7] = [&[0], &[1], &[2], &[3], &[4, 5], &[6], &[7]];
+        for (i, p) in Param::ALL.into_iter().enumerate() {
+            let Some(sub) = score.parameters[i] else {
+                note(p, slots[i]);
+                continue;
+            };
+            let (value, seq, ts) = match &evidence[i] {
+                Some((v, l)) => (v.clone(), l.seq, l.ts),
+                // Air or oxygen: the flow reading behind it, or the setting (no reading).
+                None => (
+                    serde_json::json!(if on_oxygen == Some(true) {
+                        "oxygen"
+                    } else {
+                        "air"
+                    }),
+                    flow.map_or(0, |l| l.seq),
+                    flow.map_or(0, |l| l.ts),
+                ),
+            };
+            parameters.insert(
+                p.as_str(),
+                Evidence {
+                    score: sub,
+                    value,
+                    seq,
+                    ts,
+                },
+            );
+        }
+        News2Update {
+            subject: subject.to_owned(),
+            total: score.total,
+            band: score.band,
+            partial: score.partial,
+            scale: match s.scale {
+                Spo2Scale::One => 1,
+                Spo2Scale::Two => 2,
+            },
+            parameters,
+            missing,
+            stale,
+            ts: now,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,5 +663,84 @@ mod tests {
             assert_eq!(s.band.as_str(), p["band"].as_str().unwrap(), "{name}");
             assert_eq!(s.partial, p["partial"].as_bool().unwrap(), "{name}");
         }
+    }
+
+    fn obs(metric: Metric, value: f64, ts_s: i64, seq: u64) -> Observation<'static> {
+        Observation {
+            metric,
+            value: Some(value),
+            text: None,
+            ts: ts_s * 1_000_000,
+            seq,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn the_tracker_scores_the_latest_fresh_reading_of_each_parameter() {
+        let mut t = News2Tracker::new(std::time::Duration::from_secs(15 * 60), 10);
+        let u = t
+            .observe("bed-3", &obs(Metric::RespRate, 22.0, 0, 1))
+            .unwrap();
+        assert_eq!((u.total, u.band, u.partial), (2, Band::Low, true));
+        assert_eq!(u.parameters["resp_rate"].seq, 1);
+        assert!(u.missing.contains(&"spo2") && u.stale.is_empty());
+        // The same sub-score again: no update.
+        assert!(t
+            .observe("bed-3", &obs(Metric::RespRate, 23.0, 10, 2))
+            .is_none());
+        let u = t.observe("bed-3", &obs(Metric::Spo2, 91.0, 20, 3)).unwrap();
+        assert_eq!((u.total, u.band), (5, Band::Medium));
+        // Pulse is the newer of heart rate and pulse rate.
+        t.observe("bed-3", &obs(Metric::HeartRate, 120.0, 30, 4));
+        let u = t
+            .observe("bed-3", &obs(Metric::PulseRate, 70.0, 40, 5))
+            .unwrap();
+        assert_eq!(u.parameters["pulse"].seq, 5);
+        // Oxygen from a flow reading.
+        let u = t
+            .observe("bed-3", &obs(Metric::O2Flow, 2.0, 50, 6))
+            .unwrap();
+        assert_eq!(u.parameters["air_or_oxygen"].score, 2);
+        assert_eq!(u.parameters["air_or_oxygen"].seq, 6);
+        // An out-of-order reading changes nothing; a flagged one is ignored.
+        assert!(t.observe("bed-3", &obs(Metric::Spo2, 99.0, 5, 7)).is_none());
+        let mut flagged = obs(Metric::Spo2, 99.0, 60, 8);
+        flagged.flags = crate::model::reading::flags::NO_CONTACT;
+        assert!(t.observe("bed-3", &flagged).is_none());
+        // Sixteen minutes on, the earlier parameters are stale.
+        let u = t
+            .observe("bed-3", &obs(Metric::BodyTemp, 37.0, 20 + 16 * 60, 9))
+            .unwrap();
+        assert!(
+            u.stale.contains(&"resp_rate") && u.stale.contains(&"spo2"),
+            "{u:?}"
+        );
+        assert_eq!((u.total, u.partial), (0, true));
+    }
+
+    #[test]
+    fn consciousness_scale_two_and_bounded_subjects() {
+        let mut t = News2Tracker::new(std::time::Duration::from_secs(900), 1);
+        let avpu = Observation {
+            metric: Metric::Consciousness,
+            value: None,
+            text: Some("V"),
+            ts: 0,
+            seq: 1,
+            flags: 0,
+        };
+        let u = t.observe("a", &avpu).unwrap();
+        assert_eq!((u.total, u.band), (3, Band::LowMedium));
+        assert_eq!(u.parameters["consciousness"].value, serde_json::json!("V"));
+        t.configure("a", Some(Spo2Scale::Two), Some(true));
+        let u = t.observe("a", &obs(Metric::Spo2, 95.0, 1, 2)).unwrap();
+        assert_eq!((u.scale, u.parameters["spo2"].score), (2, 2));
+        assert_eq!(
+            u.parameters["air_or_oxygen"].value,
+            serde_json::json!("oxygen")
+        );
+        assert!(t.observe("b", &obs(Metric::Spo2, 95.0, 1, 3)).is_none());
+        assert_eq!(t.untracked(), 1);
     }
 }
