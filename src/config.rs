@@ -80,6 +80,8 @@ pub struct PipelineConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub ledger: crate::ledger::LedgerOptions,
+    #[serde(default)]
+    pub news2: crate::alarm::news2::News2Options,
     /// A stop (SIGTERM, SIGINT, or a stage failing) ends within this long: past it, whatever
     /// is left unstored is abandoned (it was never acknowledged) and the process exits non-zero.
     #[serde(default = "default_stop_timeout", with = "humantime_serde")]
@@ -441,6 +443,9 @@ impl PipelineConfig {
         }
         if let Err((key, message)) = self.ledger.check() {
             return Err(invalid(0..0, key.into(), message));
+        }
+        if let Err((key, message)) = self.news2.check() {
+            return Err(invalid(0..0, key, message));
         }
         if let Some(ext) = &self.broker.external {
             if let Err(m) = parse_mqtt_url(ext) {

@@ -398,7 +398,7 @@ impl Service {
         }
         let ingest_stage = Ingest::new(
             RouteTable::new(routes),
-            AlarmEngine::from_config(&config.rules),
+            AlarmEngine::from_config(&config.rules).with_news2(config.news2.build()),
             &config.ingest,
             &batch,
             store.clone(),

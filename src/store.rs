@@ -334,11 +334,12 @@ impl SledStore {
             return Err(lost());
         }
         // A new Config each time: clones of one share its global error.
-        let db = sled::Config::new()
-            .path(&self.path)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(sled)?;
+        let db = open_sled(
+            sled::Config::new()
+                .path(&self.path)
+                .cache_capacity(CACHE_BYTES),
+        )
+        .map_err(sled)?;
         let log = File::open(self.path.join(SLED_LOG)).map_err(|source| StoreError::Segment {
             path: self.path.join(SLED_LOG),
             source,
@@ -425,6 +426,25 @@ impl SledStore {
     #[cfg(test)]
     fn with_trees<T>(&self, op: impl FnOnce(&Trees) -> T) -> T {
         op(self.read().as_ref().expect("store open"))
+    }
+}
+
+/// Opens a sled database, waiting a moment when its file lock is still taken. The data
+/// directory's own lock (`DataDirLock`) keeps other processes out, so a taken sled lock is this
+/// process's: sled's background threads hold it for a moment after the last handle of an
+/// earlier opening is dropped (a reopening after an I/O error, a command run right after).
+pub fn open_sled(config: sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
     }
 }
 

@@ -292,6 +292,11 @@ pub fn alarm_topic(site: &str, subject: &str, rule: &str) -> String {
     format!("alarms/{site}/{}/{rule}", level(subject))
 }
 
+/// `news2/<site>/<subject>`, the subject encoded with [`level`].
+pub fn news2_topic(site: &str, subject: &str) -> String {
+    format!("news2/{site}/{}", level(subject))
+}
+
 /// The prefix of the dead-letter topics.
 pub const DEAD_LETTER_PREFIX: &str = "edge/deadletter/";
 

@@ -104,6 +104,7 @@ async fn every_checkpoint_is_anchored_on_the_chain_even_across_a_stalled_node() 
         })
         .unwrap();
     drop(store);
+    wait_sled_released(&data.join("store"));
     let key = std::fs::read_to_string(keys.join("node.key")).unwrap();
     let verifier = NoteVerifier::parse(
         &NoteSigner::from_private_key(key.trim())

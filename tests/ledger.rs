@@ -168,6 +168,7 @@ async fn a_restart_continues_the_log_and_the_chain() {
         let store = SledStore::open_existing(&data.join("store")).unwrap();
         store.latest_checkpoint().unwrap().unwrap()
     };
+    wait_sled_released(&data.join("store"));
 
     let edge = Edge::start(&text, &data);
     // An hour's period: nothing is cut while it runs; the stop cuts one.
@@ -246,6 +247,7 @@ async fn a_failing_ledger_never_stalls_ingest_and_the_outbox_anchors_everything_
             .unwrap();
         sizes
     };
+    wait_sled_released(&data.join("store"));
     assert!(cut.len() >= 3, "{cut:?}");
 
     // The ledger is back: the outbox empties, every checkpoint anchored once, in order.

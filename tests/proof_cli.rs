@@ -142,6 +142,7 @@ async fn proofs_verify_offline_and_every_alteration_is_named() {
         };
         (real, fields)
     };
+    wait_sled_released(&data.join("store"));
     // The test can fail: the neighbour's real, salted leaf is on the path.
     assert_eq!(r.path[0], sibling_leaf);
     let guess = leaf::decode(&sibling_row).unwrap();

@@ -71,6 +71,7 @@ fn every_vector_file_names_its_source() {
         [
             "ble-gatt.json",
             "merkle-rfc6962.json",
+            "news2-rcp2017.json",
             "senml-rfc8428.json",
             "signed-note.json"
         ]

@@ -54,6 +54,12 @@ fn copy(from: &Path, to: &Path) -> PathBuf {
     to.to_owned()
 }
 
+/// Both sled databases of a data directory, released by this process.
+fn wait_sled_released_all(data: &Path) {
+    wait_sled_released(&data.join("store"));
+    wait_sled_released(&data.join("ledger"));
+}
+
 fn tree(db: &sled::Db, name: &str) -> sled::Tree {
     db.open_tree(name).unwrap()
 }
@@ -87,6 +93,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
         let db = sled::open(data.join("store")).unwrap();
         tree(&db, "headers").len() as u64
     };
+    wait_sled_released(&data.join("store"));
     assert!(batches >= 5, "{batches} batches");
     assert!(
         report.contains(&format!("batches: {batches} (300 readings)")),
@@ -121,6 +128,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
             .unwrap();
         db.flush().unwrap();
     }
+    wait_sled_released_all(&d);
     assert_caught(&d, &["FAIL batch 1:"]);
 
     // A batch deleted: it is missing (the log still proves it existed).
@@ -131,6 +139,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
         tree(&db, "headers").remove(2u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
+    wait_sled_released_all(&d);
     assert_caught(&d, &["FAIL batch 2: missing"]);
 
     // Two batches swapped, entries and all.
@@ -148,6 +157,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
         }
         db.flush().unwrap();
     }
+    wait_sled_released_all(&d);
     assert_caught(&d, &["FAIL batch 1:", "FAIL batch 2:"]);
 
     // A local chain entry edited.
@@ -160,6 +170,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
         chain.insert(0u64.to_be_bytes(), e.encode()).unwrap();
         db.flush().unwrap();
     }
+    wait_sled_released_all(&d);
     assert_caught(
         &d,
         &["FAIL chain entry 1 does not hold the hash of entry 0"],
@@ -176,6 +187,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
         chain.insert(k, e.encode()).unwrap();
         db.flush().unwrap();
     }
+    wait_sled_released_all(&d);
     assert_caught(&d, &["its receipt names chain entry"]);
 
     // An interior node of the stored log damaged: proofs and tiles read it.
@@ -187,6 +199,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
         tree(&db, "log").insert(key, &[7u8; 32][..]).unwrap();
         db.flush().unwrap();
     }
+    wait_sled_released_all(&d);
     assert_caught(
         &d,
         &["the stored log's node 1/0 is not the hash of its leaves"],
@@ -206,6 +219,7 @@ async fn verify_passes_a_sound_directory_and_names_every_kind_of_tampering() {
             .unwrap();
         db.flush().unwrap();
     }
+    wait_sled_released_all(&d);
     assert_caught(&d, &["signature does not verify"]);
 
     // The store rolled back to the copy taken after the first run: the chain anchored more.

@@ -98,6 +98,7 @@ pub fn build(config: &RuleConfig) -> Box<dyn Rule> {
 #[derive(Debug)]
 pub struct AlarmEngine {
     rules: Vec<Box<dyn Rule>>,
+    news2: Option<news2::News2Tracker>,
     /// Rule indices by metric index.
     by_metric: Vec<Vec<usize>>,
     events: Vec<AlarmEvent>,
@@ -113,9 +114,37 @@ impl AlarmEngine {
         }
         AlarmEngine {
             rules,
+            news2: None,
             by_metric,
             events: Vec::new(),
         }
+    }
+
+    /// Scores NEWS2 too, with `tracker`.
+    pub fn with_news2(mut self, tracker: Option<news2::News2Tracker>) -> Self {
+        self.news2 = tracker;
+        self
+    }
+
+    /// Feeds one reading (and its text, for consciousness) to the NEWS2 tracker: its subject's
+    /// new score, when it changed.
+    pub fn observe_news2(
+        &mut self,
+        r: &RowRef<'_>,
+        text: Option<&str>,
+    ) -> Option<news2::News2Update> {
+        let tracker = self.news2.as_mut()?;
+        tracker.observe(
+            r.subject.unwrap_or(r.source),
+            &news2::Observation {
+                metric: r.metric,
+                value: r.value,
+                text,
+                ts: r.ts,
+                seq: r.seq,
+                flags: r.flags,
+            },
+        )
     }
 
     pub fn from_config(rules: &[RuleConfig]) -> Self {
@@ -124,7 +153,11 @@ impl AlarmEngine {
 
     /// Readings whose subject some rule could not track (bounded state), in total.
     pub fn subjects_untracked(&self) -> u64 {
-        self.rules.iter().map(|r| r.subjects_untracked()).sum()
+        self.rules
+            .iter()
+            .map(|r| r.subjects_untracked())
+            .sum::<u64>()
+            + self.news2.as_ref().map_or(0, |t| t.untracked())
     }
 
     /// Looks at one reading; returns the alarm changes it caused.

@@ -299,6 +299,85 @@ pub fn score(o: &Observations) -> Score {
     }
 }
 
+/// `[news2]` of the pipeline file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct News2Options {
+    /// Score every subject and publish `news2/<site>/<subject>` (retained) when it changes.
+    #[serde(default = "News2Options::default_enabled")]
+    pub enabled: bool,
+    /// A parameter's latest reading older than this (device time, against the subject's newest
+    /// reading) no longer counts: the score is then partial.
+    #[serde(default = "News2Options::default_staleness", with = "humantime_serde")]
+    pub staleness: std::time::Duration,
+    /// Subjects scored at most; readings of more are counted, not scored.
+    #[serde(default = "News2Options::default_max_subjects")]
+    pub max_subjects: usize,
+    /// Subjects with a prescribed 88–92 % SpO2 target (scale 2), or on supplemental oxygen.
+    #[serde(default, rename = "subject")]
+    pub subjects: Vec<News2Subject>,
+}
+
+/// `[[news2.subject]]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct News2Subject {
+    pub name: String,
+    #[serde(default)]
+    pub spo2_scale: Option<u8>,
+    #[serde(default)]
+    pub on_oxygen: Option<bool>,
+}
+
+impl News2Options {
+    const fn default_enabled() -> bool {
+        true
+    }
+
+    const fn default_staleness() -> std::time::Duration {
+        std::time::Duration::from_secs(15 * 60)
+    }
+
+    const fn default_max_subjects() -> usize {
+        10_000
+    }
+
+    /// What is wrong with these options, as a key and a message.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        if self.staleness.is_zero() {
+            return Err(("news2.staleness".into(), "must be above zero".into()));
+        }
+        for (i, s) in self.subjects.iter().enumerate() {
+            if !matches!(s.spo2_scale, None | Some(1) | Some(2)) {
+                return Err((format!("news2.subject[{i}].spo2_scale"), "is 1 or 2".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tracker these options describe; `None` when scoring is off.
+    pub fn build(&self) -> Option<News2Tracker> {
+        if !self.enabled {
+            return None;
+        }
+        let mut t = News2Tracker::new(self.staleness, self.max_subjects);
+        for s in &self.subjects {
+            let scale = s.spo2_scale.map(|n| match n {
+                2 => Spo2Scale::Two,
+                _ => Spo2Scale::One,
+            });
+            t.configure(&s.name, scale, s.on_oxygen);
+        }
+        Some(t)
+    }
+}
+
+impl Default for News2Options {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
 /// One reading as the tracker sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
@@ -742,5 +821,22 @@ mod tests {
         );
         assert!(t.observe("b", &obs(Metric::Spo2, 95.0, 1, 3)).is_none());
         assert_eq!(t.untracked(), 1);
+    }
+
+    #[test]
+    fn options_are_checked_and_configure_subjects() {
+        let bad: News2Options =
+            toml::from_str("[[subject]]\nname = \"a\"\nspo2_scale = 3\n").unwrap();
+        assert_eq!(bad.check().unwrap_err().0, "news2.subject[0].spo2_scale");
+        assert!(toml::from_str::<News2Options>("colour = 1").is_err());
+        let off: News2Options = toml::from_str("enabled = false").unwrap();
+        assert!(off.build().is_none());
+        let o: News2Options =
+            toml::from_str("[[subject]]\nname = \"a\"\nspo2_scale = 2\non_oxygen = true\n")
+                .unwrap();
+        o.check().unwrap();
+        let mut t = o.build().unwrap();
+        let u = t.observe("a", &obs(Metric::Spo2, 95.0, 0, 1)).unwrap();
+        assert_eq!((u.scale, u.parameters["spo2"].score), (2, 2));
     }
 }

@@ -44,10 +44,7 @@ impl LedgerDb {
             path: path.to_owned(),
             reason: e.to_string(),
         };
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(4 << 20)
-            .open()
+        let db = crate::store::open_sled(sled::Config::new().path(path).cache_capacity(4 << 20))
             .map_err(sled)?;
         let log = File::open(path.join(SLED_LOG)).map_err(|e| LedgerError::Db {
             path: path.join(SLED_LOG),

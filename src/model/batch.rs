@@ -145,6 +145,18 @@ impl Columns {
         }
     }
 
+    /// The text of row `i`, if it has one.
+    pub fn text(&self, i: usize) -> Option<&str> {
+        if !self.text_valid[i] {
+            return None;
+        }
+        let (a, b) = (
+            self.text_offsets[i] as usize,
+            self.text_offsets[i + 1] as usize,
+        );
+        std::str::from_utf8(&self.text_bytes[a..b]).ok()
+    }
+
     fn truncate(&mut self, len: usize) {
         self.seq.truncate(len);
         self.ts.truncate(len);

@@ -35,7 +35,7 @@ use crate::store::{Store, StoreError};
 
 /// Topics this service publishes on itself. Messages there are not readings: ingest only
 /// carries their acknowledgement, in order with the others.
-pub const OWN_TOPIC_PREFIXES: &[&str] = &["alarms/", "edge/"];
+pub const OWN_TOPIC_PREFIXES: &[&str] = &["alarms/", "edge/", "news2/"];
 
 /// Seqs are reserved durably in blocks of this many. A seq leaves ingest (in a batch, or named
 /// by an alarm) only once it lies below the durable reservation, so no crash can hand it out
@@ -326,6 +326,10 @@ impl Ingest {
                 }
                 .emit(&self.metrics);
                 output.send(Outgoing::Alarm(event));
+            }
+            let text = self.builder.columns().text(i);
+            if let Some(update) = self.alarms.observe_news2(&row, text) {
+                output.send(Outgoing::News2(Box::new(update)));
             }
         }
         let untracked = self.alarms.subjects_untracked();

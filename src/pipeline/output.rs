@@ -12,14 +12,17 @@ use serde_json::json;
 use tracing::{debug, error};
 
 use super::Publisher;
+use crate::alarm::news2::News2Update;
 use crate::alarm::AlarmEvent;
 use crate::model::reading::format_ts;
-use crate::topic::{alarm_topic, dead_letter_topic};
+use crate::topic::{alarm_topic, dead_letter_topic, news2_topic};
 
 /// Something to publish.
 #[derive(Debug)]
 pub enum Outgoing {
     Alarm(AlarmEvent),
+    /// A subject's NEWS2 score changed.
+    News2(Box<News2Update>),
     DeadLetter {
         topic: String,
         codec: &'static str,
@@ -36,6 +39,7 @@ impl Outgoing {
     fn bytes(&self) -> usize {
         128 + match self {
             Outgoing::Alarm(e) => e.rule.len() + e.subject.len(),
+            Outgoing::News2(u) => u.subject.len() + 1024,
             Outgoing::DeadLetter {
                 topic,
                 detail,
@@ -194,6 +198,16 @@ pub fn encode(site: &str, o: &Outgoing) -> (String, Bytes, bool) {
                 "since": format_ts(e.since),
             });
             (topic, Bytes::from(body.to_string()), true)
+        }
+        Outgoing::News2(u) => {
+            let mut body = serde_json::to_value(u.as_ref()).expect("a score serialises");
+            body["site"] = site.into();
+            body["time"] = format_ts(u.ts).into();
+            (
+                news2_topic(site, &u.subject),
+                Bytes::from(body.to_string()),
+                true,
+            )
         }
         Outgoing::DeadLetter {
             topic,

@@ -357,6 +357,8 @@ pub fn stored_readings(data: &Path) -> Vec<Reading> {
             .batch;
         out.extend(BatchView::new(&batch).unwrap().readings().unwrap());
     }
+    drop(store);
+    wait_sled_released(&data.join("store"));
     out
 }
 
@@ -396,6 +398,32 @@ pub fn write_store(data: &Path, n: u64, rows: usize, record_check: bool) {
     let sealer = Sealer::new(keys.master);
     let batches: Vec<_> = (0..n).map(|id| seal_batch(&sealer, id, rows)).collect();
     store.put_batches(&batches).unwrap();
+    drop(store);
+    wait_sled_released(&data.join("store"));
+}
+
+/// Waits until no handle of this process holds the sled database in `dir` any more: sled's
+/// background threads may keep its lock for a moment after the last `Db` is dropped, and a
+/// process started next (the service, `dump`, `verify`) would find it taken.
+pub fn wait_sled_released(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(dir.join("db")) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: sled's lock still held",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// An MQTT client connected to `port`, with its event loop.
