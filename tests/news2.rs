@@ -65,3 +65,45 @@ async fn a_subjects_score_is_published_retained_with_its_evidence() {
     let r = stored.iter().find(|r| r.seq == spo2_seq).unwrap();
     assert_eq!((r.metric.name(), r.value), ("spo2", Some(91.0)));
 }
+
+/// The shipped ward pipeline scores NEWS2 out of the box: one SenML pack with every input
+/// gives a whole (not partial) score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ward_pipeline_scores_a_whole_news2_from_one_senml_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = on_free_ports(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/ward.toml"))
+            .unwrap(),
+        "ward",
+    );
+    let edge = Edge::start(&text, &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let mut scores = subscribe(port, "news2/#").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // SenML's "/" is a ratio: 0.93 is 93 %.
+    let pack = format!(
+        r#"[{{"bn":"urn:dev:patch:3:","bt":{now},"n":"temp","u":"Cel","v":38.6}},{{"n":"hr","u":"/min","v":112}},{{"n":"rr","u":"/min","v":23}},{{"n":"spo2","u":"/","v":0.93}},{{"n":"sys","u":"mm[Hg]","v":98}},{{"n":"avpu","vs":"A"}},{{"n":"o2flow","u":"L/min","v":2}}]"#
+    );
+    publish_all(
+        port,
+        &[("ward/7/bed/3/senml".to_owned(), pack.into_bytes())],
+    )
+    .await;
+    let topic = format!("news2/{SITE}/ward7-bed3");
+    let (_, payload, _) = next_matching(&mut scores, |t, p| {
+        t == topic
+            && serde_json::from_slice::<serde_json::Value>(p).is_ok_and(|v| v["partial"] == false)
+    })
+    .await;
+    let s: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    // temp 1, pulse 2, resp 2, SpO2 2, systolic 2, alert 0, oxygen 2.
+    assert_eq!(s["total"], 11, "{s}");
+    assert_eq!(s["band"], "high");
+    assert_eq!(s["parameters"]["consciousness"]["value"], "A");
+    assert_eq!(s["parameters"]["air_or_oxygen"]["value"], "oxygen");
+    assert!(s["missing"].as_array().unwrap().is_empty());
+    assert!(edge.stop().success());
+}
