@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use iomt_edge::ledger::proof::{self, BatchProof, ProofFile, ProvenReading, ReadingProof, FORMAT};
 use iomt_edge::model::batch::ReadingRef;
-use iomt_edge::model::reading::format_ts;
 use iomt_edge::seal::checkpoint::{Checkpoint, NoteSigner};
 use iomt_edge::seal::merkle::{self, to_hex, Hash};
 use iomt_edge::seal::{entry, leaf, BatchHeader};
@@ -72,19 +71,7 @@ fn build(readings: u64, signer: &NoteSigner) -> ProofFile {
     ProofFile {
         format: FORMAT.to_owned(),
         readings: vec![ReadingProof {
-            reading: ProvenReading {
-                seq,
-                ts: r.ts,
-                time: format_ts(r.ts),
-                received: r.received,
-                source: r.source.into(),
-                subject: r.subject.map(Into::into),
-                metric: r.metric.into(),
-                value: r.value,
-                text: None,
-                unit: r.unit.into(),
-                flags: 0,
-            },
+            reading: ProvenReading::from_ref(&r),
             leaf: to_hex(&bytes),
             batch: id,
             index,

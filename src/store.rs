@@ -197,7 +197,7 @@ pub trait Store: Send + Sync + 'static {
 const VALUE_VERSION: u8 = 1;
 const SEQ_RESERVED: &[u8] = b"seq_reserved";
 /// sled 0.34's log file in the store directory.
-const SLED_LOG: &str = "db";
+pub const SLED_LOG: &str = "db";
 const KEY_CHECK: &[u8] = b"master_key_check";
 
 /// The store of a data directory: sled and the segment files. Not `Clone`: the sled handles
@@ -340,7 +340,7 @@ impl SledStore {
                 .cache_capacity(CACHE_BYTES),
         )
         .map_err(sled)?;
-        let log = File::open(self.path.join(SLED_LOG)).map_err(|source| StoreError::Segment {
+        let log = sled_log(&self.path).map_err(|source| StoreError::Segment {
             path: self.path.join(SLED_LOG),
             source,
         })?;
@@ -446,6 +446,20 @@ pub fn open_sled(config: sled::Config) -> sled::Result<sled::Db> {
             r => return r,
         }
     }
+}
+
+/// A descriptor of the log file of the sled database in `dir`, for [`make_durable`].
+pub fn sled_log(dir: &Path) -> std::io::Result<File> {
+    File::open(dir.join(SLED_LOG))
+}
+
+/// Flushes `db`, then syncs its log file (`log`, from [`sled_log`]). sled 0.34 makes its writes
+/// durable with `sync_file_range` alone, which neither commits the file's metadata (its new
+/// length) nor flushes the drive's cache; `fdatasync` does both, through any descriptor of the
+/// file.
+pub fn make_durable(db: &sled::Db, log: &File) -> sled::Result<()> {
+    db.flush()?;
+    log.sync_data().map_err(sled::Error::Io)
 }
 
 fn checkpoint_entry((k, v): (sled::IVec, sled::IVec)) -> Result<(u64, String), StoreError> {
@@ -986,14 +1000,8 @@ impl Trees {
         self.durable()
     }
 
-    /// Flushes sled, then syncs its log file. sled 0.34 makes its writes durable with
-    /// `sync_file_range` alone, which neither commits the file's metadata (its new length)
-    /// nor flushes the drive's cache; `fdatasync` does both, through any descriptor of the
-    /// file.
     fn durable(&self) -> Result<(), Failure> {
-        self.db.flush()?;
-        self.log.sync_data().map_err(sled::Error::Io)?;
-        Ok(())
+        Ok(make_durable(&self.db, &self.log)?)
     }
 
     fn key_check_value(&self) -> Result<Option<[u8; CHECK_LEN]>, Failure> {

@@ -82,11 +82,13 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
     let n = log_size.max(last_id).max(latest_checkpoint);
     let mut frontier = Frontier::default();
     // The rebuilt root at each size a checkpoint names.
-    let mut sizes = BTreeMap::new();
-    store.checkpoints(&mut |size, _| {
-        sizes.insert(size, None::<Hash>);
+    let mut checkpoints = Vec::new();
+    store.checkpoints(&mut |size, note| {
+        checkpoints.push((size, note));
         ControlFlow::Continue(())
     })?;
+    let mut sizes: BTreeMap<u64, Option<Hash>> =
+        checkpoints.iter().map(|(size, _)| (*size, None)).collect();
     progress.start("batches", n);
     let mut log_intact = true;
     let mut interior: Vec<(u8, u64, Hash)> = Vec::new();
@@ -180,11 +182,6 @@ pub fn verify(data: &Path, progress: &mut dyn Progress) -> Result<Report, Verify
 
     // Checkpoints: signed by the node, each root the rebuilt log's at its size, each
     // consistent with the one before through the stored log.
-    let mut checkpoints = Vec::new();
-    store.checkpoints(&mut |size, note| {
-        checkpoints.push((size, note));
-        ControlFlow::Continue(())
-    })?;
     progress.start("checkpoints", checkpoints.len() as u64);
     let log = BatchLog::new(&store);
     let mut previous: Option<Checkpoint> = None;
@@ -355,23 +352,13 @@ fn check_ledger(
 /// its receipt names, and fails each that is not there as its receipt says (dropped by a
 /// reorg, another chain, another contract).
 pub async fn check_on_chain(report: &mut Report, rpc: &str) {
-    use crate::ledger::ethereum::EthereumOptions;
-    use crate::ledger::{Anchor, Ledger};
-    let url: url::Url = match rpc.parse() {
-        Ok(u) => u,
-        Err(e) => {
-            report.fail(format!("--rpc {rpc}: {e}"));
-            return;
-        }
-    };
+    use crate::ledger::ethereum::find_as_receipt_says;
+    use crate::ledger::Anchor;
     let anchors = std::mem::take(&mut report.on_chain);
     for (note, receipt) in &anchors {
         let Receipt::Ethereum {
-            chain_id,
-            contract,
             tx_hash,
             block_hash,
-            block_number,
             ..
         } = receipt
         else {
@@ -385,31 +372,11 @@ pub async fn check_on_chain(report: &mut Report, rpc: &str) {
             }
         };
         let what = format!("anchor of the checkpoint of tree size {}", checkpoint.size);
-        let Ok(contract) = contract.parse() else {
-            report.fail(format!(
-                "{what}: its receipt's contract {contract:?} is not an address"
-            ));
-            continue;
-        };
-        // From its block: public endpoints cap the range eth_getLogs may scan.
-        let options = EthereumOptions {
-            chain_id: Some(*chain_id),
-            confirmations: 1,
-            from_block: *block_number,
-            ..EthereumOptions::new(url.clone(), contract)
-        };
-        let ledger = match options.reader() {
-            Ok(l) => l,
-            Err(e) => {
-                report.fail(format!("{what}: {e}"));
-                continue;
-            }
-        };
         let anchor = Anchor {
             checkpoint,
             note: note.clone(),
         };
-        match ledger.find(&anchor).await {
+        match find_as_receipt_says(rpc, receipt, &anchor).await {
             Ok(Some(Receipt::Ethereum {
                 tx_hash: t,
                 block_hash: b,

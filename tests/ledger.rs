@@ -20,6 +20,20 @@ use iomt_edge::store::{SledStore, Store};
 
 const T0: i64 = 1_700_000_000;
 
+/// The tree sizes of the checkpoints the local chain of `data` anchors, in chain order.
+fn chained_sizes(data: &std::path::Path) -> Vec<u64> {
+    let db = LedgerDb::open_existing(&data.join("ledger"))
+        .unwrap()
+        .unwrap();
+    let mut sizes = Vec::new();
+    LocalChain::walk(&db, &mut |e, _| {
+        sizes.push(e.size);
+        Ok(())
+    })
+    .unwrap();
+    sizes
+}
+
 /// GET `path`: the status and the body's bytes.
 fn get_bytes(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -191,15 +205,7 @@ async fn a_restart_continues_the_log_and_the_chain() {
         .unwrap();
     merkle::verify_consistency(c1.size, c2.size, &c1.root, &c2.root, &proof).unwrap();
     drop(store);
-    let db = LedgerDb::open_existing(&data.join("ledger"))
-        .unwrap()
-        .unwrap();
-    let mut sizes = Vec::new();
-    LocalChain::walk(&db, &mut |e, _| {
-        sizes.push(e.size);
-        Ok(())
-    })
-    .unwrap();
+    let sizes = chained_sizes(&data);
     assert_eq!(sizes, vec![c1.size, c2.size]);
 }
 
@@ -257,14 +263,6 @@ async fn a_failing_ledger_never_stalls_ingest_and_the_outbox_anchors_everything_
         cut.len() as f64,
     );
     assert!(edge.stop().success());
-    let db = LedgerDb::open_existing(&data.join("ledger"))
-        .unwrap()
-        .unwrap();
-    let mut sizes = Vec::new();
-    LocalChain::walk(&db, &mut |e, _| {
-        sizes.push(e.size);
-        Ok(())
-    })
-    .unwrap();
+    let sizes = chained_sizes(&data);
     assert_eq!(sizes, cut);
 }

@@ -9,9 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::LedgerError;
-
-/// sled 0.34's log file.
-const SLED_LOG: &str = "db";
+use crate::store::SLED_LOG;
 
 pub struct LedgerDb {
     path: PathBuf,
@@ -46,7 +44,7 @@ impl LedgerDb {
         };
         let db = crate::store::open_sled(sled::Config::new().path(path).cache_capacity(4 << 20))
             .map_err(sled)?;
-        let log = File::open(path.join(SLED_LOG)).map_err(|e| LedgerError::Db {
+        let log = crate::store::sled_log(path).map_err(|e| LedgerError::Db {
             path: path.join(SLED_LOG),
             reason: e.to_string(),
         })?;
@@ -81,10 +79,20 @@ impl LedgerDb {
         }
     }
 
-    /// Flushes sled and `fdatasync`s its log, for the reason `store::Trees::durable` does.
+    /// A u64 key or value (big-endian), `what` naming it when it is not 8 bytes.
+    pub(super) fn u64_of(
+        &self,
+        what: impl std::fmt::Display,
+        bytes: &[u8],
+    ) -> Result<u64, LedgerError> {
+        bytes
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| self.error(format!("{what}: not 8 bytes")))
+    }
+
+    /// Flushes sled and `fdatasync`s its log ([`crate::store::make_durable`]).
     pub(super) fn durable(&self) -> Result<(), LedgerError> {
-        self.db.flush().map_err(|e| self.error(e))?;
-        self.log.sync_data().map_err(|e| self.error(e))?;
-        Ok(())
+        crate::store::make_durable(&self.db, &self.log).map_err(|e| self.error(e))
     }
 }

@@ -494,6 +494,39 @@ impl Ledger for EthereumLedger {
     }
 }
 
+/// Looks `anchor` up on the chain at `rpc` where `receipt` says it is: the receipt's chain and
+/// contract, from its block on (public endpoints cap the range `eth_getLogs` may scan). Reads
+/// only: no key is touched. `Ok(None)` when no anchor of that root, size and origin is there;
+/// `Err` says why the lookup itself failed (a receipt of another backend, a bad URL or address,
+/// an unreachable chain).
+pub async fn find_as_receipt_says(
+    rpc: &str,
+    receipt: &LedgerReceipt,
+    anchor: &Anchor,
+) -> Result<Option<LedgerReceipt>, String> {
+    let LedgerReceipt::Ethereum {
+        chain_id,
+        contract,
+        block_number,
+        ..
+    } = receipt
+    else {
+        return Err("not an Ethereum receipt".into());
+    };
+    let url: Url = rpc.parse().map_err(|e| format!("--rpc {rpc}: {e}"))?;
+    let contract: Address = contract
+        .parse()
+        .map_err(|_| format!("the receipt's contract {contract:?} is not an address"))?;
+    let options = EthereumOptions {
+        chain_id: Some(*chain_id),
+        confirmations: 1,
+        from_block: *block_number,
+        ..EthereumOptions::new(url, contract)
+    };
+    let ledger = options.reader().map_err(|e| e.to_string())?;
+    ledger.find(anchor).await.map_err(|e| e.to_string())
+}
+
 /// The event's `originHash`: SHA-256 of the checkpoint's origin line, without its newline.
 pub fn origin_hash(origin: &str) -> B256 {
     B256::from_slice(digest(&SHA256, origin.as_bytes()).as_ref())

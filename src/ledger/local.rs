@@ -134,14 +134,7 @@ impl LocalChain {
             .map_err(|e| self.db.error(e))?
         {
             None => Ok(None),
-            Some(v) => {
-                let index = u64::from_be_bytes(
-                    v.as_ref()
-                        .try_into()
-                        .map_err(|_| self.db.error(format!("chain size {size}: not 8 bytes")))?,
-                );
-                self.receipt(index)
-            }
+            Some(v) => self.receipt(self.db.u64_of(format_args!("chain size {size}"), &v)?),
         }
     }
 
@@ -175,14 +168,7 @@ impl LocalChain {
         }
         let (index, previous) = match self.db.chain.last().map_err(|e| self.db.error(e))? {
             None => (0, [0u8; 32]),
-            Some((k, v)) => {
-                let last = u64::from_be_bytes(
-                    k.as_ref()
-                        .try_into()
-                        .map_err(|_| self.db.error("chain key: not 8 bytes"))?,
-                );
-                (last + 1, ChainEntry::hash(&v))
-            }
+            Some((k, v)) => (self.db.u64_of("chain key", &k)? + 1, ChainEntry::hash(&v)),
         };
         let entry = ChainEntry {
             index,
@@ -218,11 +204,7 @@ impl LocalChain {
         let mut n = 0u64;
         for kv in db.chain.iter() {
             let (k, v) = kv.map_err(|e| format!("reading the chain: {e}"))?;
-            let key = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| "a chain key is not 8 bytes".to_owned())?,
-            );
+            let key = db.u64_of("a chain key", &k).map_err(|e| e.to_string())?;
             let entry = ChainEntry::decode(&v).map_err(|r| format!("chain entry {key}: {r}"))?;
             if key != n || entry.index != n {
                 return Err(format!(

@@ -39,9 +39,7 @@ pub struct Outbox {
 }
 
 fn size_of(db: &LedgerDb, k: &[u8]) -> Result<u64, LedgerError> {
-    k.try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| db.error("an outbox key is not 8 bytes"))
+    db.u64_of("an outbox key", k)
 }
 
 impl Outbox {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::log::BatchLog;
 use super::outbox::Outbox;
 use super::{LedgerError, Receipt};
-use crate::model::batch::BatchView;
+use crate::model::batch::{BatchView, ReadingRef};
 use crate::model::reading::format_ts;
 use crate::seal::checkpoint::{Checkpoint, NoteVerifier};
 use crate::seal::leaf;
@@ -71,6 +71,40 @@ pub struct ProvenReading {
     pub text: Option<String>,
     pub unit: String,
     pub flags: u16,
+}
+
+impl ProvenReading {
+    pub fn from_ref(r: &ReadingRef<'_>) -> Self {
+        ProvenReading {
+            seq: r.seq,
+            ts: r.ts,
+            time: format_ts(r.ts),
+            received: r.received,
+            source: r.source.to_owned(),
+            subject: r.subject.map(str::to_owned),
+            metric: r.metric.to_owned(),
+            value: r.value,
+            text: r.text.map(str::to_owned),
+            unit: r.unit.to_owned(),
+            flags: r.flags,
+        }
+    }
+
+    /// The fields as the leaf encoding takes them (`time` aside).
+    pub fn fields(&self) -> ReadingRef<'_> {
+        ReadingRef {
+            seq: self.seq,
+            ts: self.ts,
+            received: self.received,
+            source: &self.source,
+            subject: self.subject.as_deref(),
+            metric: &self.metric,
+            value: self.value,
+            text: self.text.as_deref(),
+            unit: &self.unit,
+            flags: self.flags,
+        }
+    }
 }
 
 /// One batch and the path from it to the checkpoint's root.
@@ -200,19 +234,7 @@ impl Prover<'_> {
             leaf::encode(&r, salt.as_ref(), &mut bytes);
             let path = merkle::inclusion_proof(&leaves, i).map_err(|e| batch_error(id, e))?;
             out.push(ReadingProof {
-                reading: ProvenReading {
-                    seq: r.seq,
-                    ts: r.ts,
-                    time: format_ts(r.ts),
-                    received: r.received,
-                    source: r.source.to_owned(),
-                    subject: r.subject.map(str::to_owned),
-                    metric: r.metric.to_owned(),
-                    value: r.value,
-                    text: r.text.map(str::to_owned),
-                    unit: r.unit.to_owned(),
-                    flags: r.flags,
-                },
+                reading: ProvenReading::from_ref(&r),
                 leaf: to_hex(&bytes),
                 batch: id,
                 index: i as u64,
@@ -403,19 +425,10 @@ pub fn check(proof: &ProofFile, trusted_key: Option<&str>) -> Result<Checked, Ch
                 ),
             );
         }
-        let stated = &r.reading;
-        let same = c.seq == stated.seq
-            && c.ts == stated.ts
-            && c.received == stated.received
-            && c.source == stated.source
-            && c.subject == stated.subject
-            && c.metric == stated.metric
-            && c.value.map(f64::to_bits) == stated.value.map(f64::to_bits)
-            && c.text == stated.text
-            && c.unit == stated.unit
-            && c.flags == stated.flags
-            && format_ts(c.ts) == stated.time;
-        if !same {
+        // The stated fields, encoded with the leaf's own salt, must be the leaf's bytes.
+        let mut stated = Vec::with_capacity(bytes.len());
+        leaf::encode(&r.reading.fields(), c.salt.as_ref(), &mut stated);
+        if stated != bytes || format_ts(c.ts) != r.reading.time {
             return fail(
                 &step,
                 "the reading stated is not the one its leaf bytes encode",
@@ -456,35 +469,15 @@ pub async fn check_anchor(
     checked: &Checked,
     rpc: &str,
 ) -> Result<String, CheckError> {
-    use super::ethereum::EthereumOptions;
-    use super::{Anchor, Ledger};
     let step = "ledger receipt";
-    let Some(Receipt::Ethereum {
-        chain_id,
-        contract,
-        block_number,
-        ..
-    }) = &proof.receipt
-    else {
+    let Some(receipt @ Receipt::Ethereum { .. }) = &proof.receipt else {
         return fail(step, "the proof has no Ethereum receipt to look up");
     };
-    let url = rpc.parse().or_else(|e| fail(step, format!("--rpc: {e}")))?;
-    let contract = contract
-        .parse()
-        .or_else(|_| fail(step, format!("{contract:?} is not an address")))?;
-    // From its block: public endpoints cap the range eth_getLogs may scan.
-    let options = EthereumOptions {
-        chain_id: Some(*chain_id),
-        confirmations: 1,
-        from_block: *block_number,
-        ..EthereumOptions::new(url, contract)
-    };
-    let ledger = options.reader().or_else(|e| fail(step, e))?;
-    let anchor = Anchor {
+    let anchor = super::Anchor {
         checkpoint: checked.checkpoint.clone(),
         note: proof.checkpoint.clone(),
     };
-    match ledger.find(&anchor).await {
+    match super::ethereum::find_as_receipt_says(rpc, receipt, &anchor).await {
         Ok(Some(Receipt::Ethereum {
             tx_hash,
             block_number,
