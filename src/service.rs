@@ -33,6 +33,7 @@ use crate::pipeline::ingest::{Ingest, IngestError, IngestSummary, PendingBatch};
 use crate::pipeline::input;
 use crate::pipeline::output::Output;
 use crate::pipeline::routes::{Route, RouteTable};
+use crate::pipeline::ward::WardHub;
 use crate::pipeline::{disk, Acker, GiveUp, Publisher};
 use crate::seal::keys::KeyError;
 use crate::seal::Sealer;
@@ -350,11 +351,13 @@ impl Service {
             }
         };
 
+        let ward = Arc::new(WardHub::new(&config.site));
         let (output_stage, output_handle, output_probe) = Output::new(
             config.site.clone(),
             publisher,
             config.ingest.output_queue_bytes,
         );
+        let output_stage = output_stage.with_ward(ward.clone());
         metrics.probe_queue_bytes("output", output_probe);
         // Ends once ingest drops the last handle.
         let output = spawn_stage(
@@ -404,7 +407,8 @@ impl Service {
             store.clone(),
             health.clone(),
             metrics.clone(),
-        )?;
+        )?
+        .with_ward(ward.clone());
         let ingest = spawn_stage(
             "ingest",
             &ended_tx,

@@ -21,6 +21,7 @@ use super::health::{Health, Phase, Problem};
 use super::input::{InputClosed, InputQueue};
 use super::output::{Outgoing, OutputHandle};
 use super::routes::{Route, RouteTable};
+use super::ward::{VitalReading, WardHub};
 use super::AckToken;
 use crate::alarm::AlarmEngine;
 use crate::codec::{decode_payload, ClockWindow, DecodeError, Message, ReadingSink, Reason};
@@ -30,7 +31,7 @@ use crate::model::events::{
     AlarmChanged, DecodeFailed, InternalEvent, PayloadOversized, TopicUnrouted,
 };
 use crate::model::metrics::Metrics;
-use crate::model::reading::now_micros;
+use crate::model::reading::{flags, now_micros};
 use crate::store::{Store, StoreError};
 
 /// Topics this service publishes on itself. Messages there are not readings: ingest only
@@ -43,7 +44,10 @@ pub const OWN_TOPIC_PREFIXES: &[&str] = &["alarms/", "edge/", "news2/"];
 const SEQ_BLOCK: u64 = 1 << 20;
 
 /// How long ingest waits for a message when it holds no open batch (only to be responsive).
-const IDLE_WAIT: Duration = Duration::from_millis(500);
+const IDLE_WAIT: Duration = Duration::from_millis(250);
+
+/// How often the ward view gets the vitals ingest gathered: a dashboard shows seconds.
+const WARD_FEED_EVERY: Duration = Duration::from_millis(250);
 
 /// A batch on its way to the commit stage, with the acknowledgements it releases.
 #[derive(Debug)]
@@ -83,6 +87,10 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     route_counters: Vec<prometheus::IntCounter>,
     alarm_subjects_untracked: u64,
+    /// The ward view, and the vitals gathered for it since it was last fed.
+    ward: Option<Arc<WardHub>>,
+    ward_pending: Vec<VitalReading>,
+    ward_fed: Instant,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -125,7 +133,32 @@ impl Ingest {
             metrics,
             route_counters,
             alarm_subjects_untracked: 0,
+            ward: None,
+            ward_pending: Vec::new(),
+            ward_fed: Instant::now(),
         })
+    }
+
+    /// Feeds the ward view with the vitals it shows.
+    pub fn with_ward(mut self, ward: Arc<WardHub>) -> Self {
+        self.ward = Some(ward);
+        self
+    }
+
+    /// Hands the gathered vitals to the ward view: at most every [`WARD_FEED_EVERY`], so that
+    /// its lock is not taken per reading.
+    fn feed_ward(&mut self, force: bool) {
+        let Some(ward) = &self.ward else { return };
+        if self.ward_pending.is_empty()
+            || !(force
+                || self.ward_fed.elapsed() >= WARD_FEED_EVERY
+                || self.ward_pending.len() >= 4096)
+        {
+            return;
+        }
+        ward.vitals(&self.ward_pending);
+        self.ward_pending.clear();
+        self.ward_fed = Instant::now();
     }
 
     /// Runs until the input closes (every transport sender gone, the queue drained), then
@@ -164,6 +197,7 @@ impl Ingest {
                 Ok(None) => {}
                 Err(InputClosed) => break,
             }
+            self.feed_ward(false);
             let Some(o) = opened else { continue };
             let now = Instant::now();
             let full = self.builder.len() >= self.batch.max_rows
@@ -177,6 +211,7 @@ impl Ingest {
             }
         }
         self.flush(&commit, &mut acks)?;
+        self.feed_ward(true);
         Ok(IngestSummary {
             next_seq: self.builder.next_seq(),
             messages,
@@ -328,6 +363,19 @@ impl Ingest {
                 output.send(Outgoing::Alarm(event));
             }
             let text = self.builder.columns().text(i);
+            if self.ward.is_some()
+                && WardHub::shows(row.metric)
+                && row.flags & flags::UNTRUSTED == 0
+            {
+                self.ward_pending.push(VitalReading {
+                    subject: row.subject.unwrap_or(row.source).to_owned(),
+                    metric: row.metric,
+                    value: row.value,
+                    text: text.map(str::to_owned),
+                    ts: row.ts,
+                    received: row.received,
+                });
+            }
             if let Some(update) = self.alarms.observe_news2(&row, text) {
                 output.send(Outgoing::News2(Box::new(update)));
             }

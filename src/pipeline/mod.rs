@@ -3,6 +3,7 @@
 //! where alarms and dead letters go ([`Publisher`]). Transports implement these; stages never
 //! name a transport. [`health`] is the state every stage reports into and `/healthz` reads.
 
+pub mod alarms;
 pub mod anchor;
 pub mod commit;
 pub mod disk;
@@ -11,6 +12,7 @@ pub mod ingest;
 pub mod input;
 pub mod output;
 pub mod routes;
+pub mod ward;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tracing::{debug, error};
 
+use super::ward::WardHub;
 use super::Publisher;
 use crate::alarm::news2::News2Update;
 use crate::alarm::AlarmEvent;
@@ -119,6 +120,7 @@ pub struct Output {
     publisher: Box<dyn Publisher>,
     rx: flume::Receiver<(Outgoing, usize)>,
     room: Arc<Room>,
+    ward: Option<Arc<WardHub>>,
 }
 
 /// Closes the queue's room when the stage ends, a panic included, so that no sender waits for
@@ -151,10 +153,17 @@ impl Output {
                 publisher,
                 rx,
                 room: room.clone(),
+                ward: None,
             },
             OutputHandle { tx, room },
             move || probe_room.used() as i64,
         )
+    }
+
+    /// Shows alarms and scores on the ward view too.
+    pub fn with_ward(mut self, ward: Arc<WardHub>) -> Self {
+        self.ward = Some(ward);
+        self
     }
 
     /// Publishes until every handle is dropped and the queue is drained.
@@ -166,12 +175,25 @@ impl Output {
             fail::fail_point!("output-message");
             let (topic, payload, retain) = encode(&self.site, &o);
             self.room.give(n);
+            if let Some(ward) = &self.ward {
+                show(ward, &o, &payload);
+            }
             if let Err(e) = self.publisher.publish(topic.clone(), payload, retain) {
                 // The topic names a subject: only at debug level.
                 error!(error = %e, "could not publish an alarm or dead letter");
                 debug!(topic, "the message that could not be published");
             }
         }
+    }
+}
+
+/// Shows an alarm or a score on the ward view.
+fn show(ward: &WardHub, o: &Outgoing, payload: &Bytes) {
+    let body = || serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
+    match o {
+        Outgoing::Alarm(e) => ward.alarm(&e.subject, &e.rule, body(), !e.active),
+        Outgoing::News2(u) => ward.news2(&u.subject, body()),
+        Outgoing::DeadLetter { .. } => {}
     }
 }
 
