@@ -496,30 +496,8 @@ impl PipelineConfig {
                     format!("`{name}` is used by another rule"),
                 ));
             }
-            match (r.above, r.below) {
-                (Some(_), None) | (None, Some(_)) => {}
-                _ => {
-                    return Err(invalid(
-                        span,
-                        key("above"),
-                        "set exactly one of `above` and `below`".into(),
-                    ))
-                }
-            }
-            if r.metric.info().kind != crate::model::reading::ValueKind::Numeric {
-                return Err(invalid(
-                    span,
-                    key("metric"),
-                    format!("{} has no numeric value", r.metric),
-                ));
-            }
-            if !(r.hysteresis >= 0.0 && r.hysteresis.is_finite()) {
-                return Err(invalid(
-                    span,
-                    key("hysteresis"),
-                    "must be a finite number >= 0".into(),
-                ));
-            }
+            r.check()
+                .map_err(|(k, m)| invalid(span.clone(), key(k), m))?;
         }
         Ok(())
     }

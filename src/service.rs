@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::alarm::silence::SilenceWatch;
 use crate::alarm::AlarmEngine;
 use crate::config::PipelineConfig;
 use crate::ledger::db::LedgerDb;
@@ -26,6 +27,7 @@ use crate::ledger::local::LocalChain;
 use crate::ledger::outbox::Outbox;
 use crate::ledger::{Backend, Ledger, LedgerError};
 use crate::model::metrics::Metrics;
+use crate::pipeline::alarms::{AlarmCommand, AlarmControl, AlarmInput, AlarmStage, Kept};
 use crate::pipeline::anchor::{AnchorSummary, Anchoring};
 use crate::pipeline::commit::{Commit, CommitError, CommitSummary, WriteWatch};
 use crate::pipeline::health::Health;
@@ -34,6 +36,10 @@ use crate::pipeline::input;
 use crate::pipeline::output::Output;
 use crate::pipeline::routes::{Route, RouteTable};
 use crate::pipeline::ward::WardHub;
+use crate::store::alarm_db::{AlarmDb, AlarmDbError};
+
+/// Inputs queued for the alarm stage: conditions are rare, scores a few a second per bed.
+const ALARM_QUEUE: usize = 4096;
 use crate::pipeline::{disk, Acker, GiveUp, Publisher};
 use crate::seal::keys::KeyError;
 use crate::seal::Sealer;
@@ -70,6 +76,8 @@ pub enum ServiceError {
     },
     #[error("starting a stage: {0}")]
     Spawn(std::io::Error),
+    #[error("{0}")]
+    AlarmDb(#[from] crate::store::alarm_db::AlarmDbError),
     /// The service stopped because of a failure, or could not stop cleanly.
     #[error("{}", .0.join("; "))]
     Stopped(Vec<String>),
@@ -171,6 +179,7 @@ pub struct Service {
     store: Arc<dyn Store>,
     transport: Transport,
     ingest: Stage<Result<IngestSummary, IngestError>>,
+    alarms: Stage<Result<(), AlarmDbError>>,
     commit: Stage<Result<CommitSummary, CommitError>>,
     output: Stage<()>,
     ended: mpsc::UnboundedReceiver<Ended>,
@@ -249,6 +258,10 @@ impl Service {
             }));
         }
         let ledger_db = Arc::new(LedgerDb::open(&data_dir.join("ledger"))?);
+        // Alarms, acknowledgements and NEWS2 states of the previous run: read before any
+        // listener, so that no alarm of it is raised a second time.
+        let alarm_db = AlarmDb::open(&data_dir.join("alarms"))?;
+        let kept = Kept::load(&alarm_db)?;
         let (ledger, poll): (Arc<dyn Ledger>, Duration) =
             match (config.ledger.backend, &config.ledger.ethereum) {
                 (Backend::Ethereum, Some(options)) => (
@@ -352,12 +365,8 @@ impl Service {
         };
 
         let ward = Arc::new(WardHub::new(&config.site));
-        let (output_stage, output_handle, output_probe) = Output::new(
-            config.site.clone(),
-            publisher,
-            config.ingest.output_queue_bytes,
-        );
-        let output_stage = output_stage.with_ward(ward.clone());
+        let (output_stage, output_handle, output_probe) =
+            Output::new(publisher, config.ingest.output_queue_bytes);
         metrics.probe_queue_bytes("output", output_probe);
         // Ends once ingest drops the last handle.
         let output = spawn_stage(
@@ -399,16 +408,45 @@ impl Service {
                 .max_unacked
                 .min(usize::from(config.broker.inflight / 4).max(1));
         }
+        let mut engine = AlarmEngine::from_config(&config.rules).with_news2(config.news2.build());
+        kept.restore_engine(&mut engine);
+        let (alarm_tx, alarm_rx) = flume::bounded::<AlarmInput>(ALARM_QUEUE);
+        let (alarm_command_tx, alarm_commands) = flume::bounded::<AlarmCommand>(64);
+        let alarm_control = AlarmControl::new(alarm_command_tx);
+        let probe = alarm_rx.clone();
+        metrics.probe_queue("alarms", move || probe.len() as i64);
+        let alarm_stage = AlarmStage::new(
+            &config.site,
+            &config.rules,
+            config.news2.adaptive.clone(),
+            alarm_db,
+            kept,
+            store.as_ref(),
+            output_handle.clone(),
+            ward.clone(),
+            metrics.clone(),
+        );
+        // Ends once ingest has (it holds the other end of the input).
+        let alarms = spawn_stage(
+            "alarms",
+            &ended_tx,
+            |r: &Result<(), AlarmDbError>| match r {
+                Ok(()) => "stopped".into(),
+                Err(e) => e.to_string(),
+            },
+            move || alarm_stage.run(alarm_rx, alarm_commands),
+        )?;
         let ingest_stage = Ingest::new(
             RouteTable::new(routes),
-            AlarmEngine::from_config(&config.rules).with_news2(config.news2.build()),
+            engine,
             &config.ingest,
             &batch,
             store.clone(),
             health.clone(),
             metrics.clone(),
         )?
-        .with_ward(ward.clone());
+        .with_ward(ward.clone())
+        .with_alarm_stage(&config.site, alarm_tx, SilenceWatch::ears(&config.rules));
         let ingest = spawn_stage(
             "ingest",
             &ended_tx,
@@ -469,6 +507,8 @@ impl Service {
             ),
             http_stop_rx,
         ));
+        // The dashboard's acknowledgements go through this (wired with the dashboard).
+        let _ = &alarm_control;
 
         let text = serde_json::to_string_pretty(&endpoints).expect("endpoints serialise");
         let path = data_dir.join(ENDPOINTS_FILE);
@@ -486,6 +526,7 @@ impl Service {
             store,
             transport,
             ingest,
+            alarms,
             commit,
             output,
             ended,
@@ -567,6 +608,7 @@ impl Service {
             store,
             mut transport,
             ingest,
+            alarms,
             commit,
             output,
             give_up,
@@ -588,6 +630,12 @@ impl Service {
 
         transport.stop_accepting().await;
         let ingest = ingest.join(deadline).await;
+        // After ingest, which feeds it; before output, which publishes its last transitions.
+        match alarms.join(deadline).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => problems.push(format!("alarms: {e}")),
+            Err(e) => problems.push(e),
+        }
         let commit = commit.join(deadline).await;
         // Output ends once ingest has: its last alarms reach the transport before it closes.
         if let Err(e) = output.join(deadline).await {

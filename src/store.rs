@@ -27,6 +27,7 @@
 //! and the bindings a copy or a lost write would break: the header sealed inside a batch names
 //! the id it is stored under, and the `headers` entry equals it.
 
+pub mod alarm_db;
 mod log;
 mod segments;
 

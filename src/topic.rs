@@ -280,6 +280,33 @@ fn hashed(encoded: &str, raw: &[u8]) -> String {
     out
 }
 
+/// The identifier a level written by [`level`] stands for; `None` for a hashed level (the
+/// identifier was too long to write whole) or a level [`level`] would not write.
+pub fn unlevel(level_text: &str) -> Option<String> {
+    if level_text.is_empty() || level_text.contains('~') {
+        return None;
+    }
+    let b = level_text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: u8| (c as char).to_digit(16);
+            let hi = hex(*b.get(i + 1)?)?;
+            let lo = hex(*b.get(i + 2)?)?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let id = String::from_utf8(out).ok()?;
+    // Only the one spelling `level` writes names it: anything else would let two topics
+    // configure one subject.
+    (level(&id) == level_text).then_some(id)
+}
+
 /// Whether `s` can stand as one level of the topics this service publishes (a site, a rule
 /// name): as [`level`] would write it, so it needs no encoding.
 pub fn is_plain_level(s: &str) -> bool {
@@ -317,6 +344,20 @@ pub fn dead_letter_topic(topic: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unlevel_reverses_level_and_nothing_else() {
+        for id in ["bed-3", "ward7/bed3", "ward7_bed3", "Zoë #1", "a+b"] {
+            assert_eq!(unlevel(&level(id)).as_deref(), Some(id));
+        }
+        assert_eq!(
+            unlevel("ward7%2fbed3"),
+            None,
+            "lower-case escape: not our spelling"
+        );
+        assert_eq!(unlevel("%ZZ"), None);
+        assert_eq!(unlevel(&level(&"x".repeat(500))), None, "hashed");
+    }
 
     #[test]
     fn filters_match_like_mqtt() {

@@ -135,13 +135,25 @@ async fn a_rules_alarm_arrives_retained_on_its_topic_and_clears() {
     )
     .await;
     let (_, cleared, _) = next_matching(&mut alarms, |t, _| t == topic).await;
-    assert!(
-        cleared.is_empty(),
-        "an empty retained message clears the alarm"
+    let cleared: serde_json::Value = serde_json::from_slice(&cleared).unwrap();
+    assert_eq!(cleared["state"], "cleared");
+    let history: Vec<&str> = cleared["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["raised", "condition-cleared", "cleared"]);
+    assert_eq!(
+        cleared["evidence"]["value"], 89.0,
+        "the evidence reading itself"
     );
+    // The cleared state stays retained, with its history: a dashboard that connects now sees
+    // that it cleared, and when.
     let mut later = subscribe(port, &topic).await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(later.try_recv().is_err(), "nothing retained once cleared");
+    let (_, retained, _) = next_matching(&mut later, |_, _| true).await;
+    let retained: serde_json::Value = serde_json::from_slice(&retained).unwrap();
+    assert_eq!(retained["state"], "cleared");
 
     edge.wait_metric("iomt_readings_stored_total", 12.0);
     assert_eq!(
@@ -514,8 +526,9 @@ metric = "spo2"
     let underscore = format!("alarms/{SITE}/ward7_bed3/spo2-low");
     let mut raised = BTreeSet::new();
     while raised.len() < 2 {
-        let (t, p, _) = next_matching(&mut alarms, |_, p| !p.is_empty()).await;
+        let (t, p, _) = next_matching(&mut alarms, |_, _| true).await;
         let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(v["state"], "active");
         raised.insert((t, v["subject"].as_str().unwrap().to_owned()));
     }
     assert_eq!(
@@ -527,13 +540,23 @@ metric = "spo2"
     );
     // Clearing the first leaves the second retained.
     publish_all(port, &[obs("ward7/bed3", T0 + 10, 97.0)]).await;
-    let (t, p, _) = next_matching(&mut alarms, |_, p| p.is_empty()).await;
+    let state = |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).unwrap()["state"].clone();
+    let (t, _, _) = next_matching(&mut alarms, |_, p| state(p) == "cleared").await;
     assert_eq!(t, slash);
-    assert!(p.is_empty());
     let mut late = subscribe(port, "alarms/#").await;
-    let (t, p, retained) = next_matching(&mut late, |_, _| true).await;
-    assert!(retained && !p.is_empty());
-    assert_eq!(t, underscore);
+    let mut retained = BTreeSet::new();
+    while retained.len() < 2 {
+        let (t, p, flag) = next_matching(&mut late, |_, _| true).await;
+        assert!(flag);
+        retained.insert((t, state(&p).as_str().unwrap().to_owned()));
+    }
+    assert_eq!(
+        retained,
+        BTreeSet::from([
+            (slash, "cleared".to_owned()),
+            (underscore, "active".to_owned())
+        ])
+    );
     assert!(edge.stop().success());
 }
 
@@ -585,7 +608,7 @@ metric = "spo2"
     let log = edge.log();
     assert!(edge.stop().success());
     assert!(
-        log.contains("alarm raised"),
+        log.contains("alarm changed"),
         "the events were logged:\n{log}"
     );
     for secret in [patient, "83.25", "97.75"] {

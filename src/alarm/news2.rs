@@ -1,8 +1,9 @@
 //! The National Early Warning Score 2 (Royal College of Physicians, 2017): the sub-score of each
 //! of its seven parameters, the total and the clinical risk band, and [`News2Tracker`], which
 //! keeps each subject's latest trusted reading of every parameter (in device time, with a
-//! staleness window) and says when a subject's score changes. Publishing the scores and the
-//! NEWS2 alarm rule are wired by the pipeline (not yet: issue 9).
+//! staleness window) and says when a subject's score changes, and adaptive monitoring: a command
+//! asking a subject's devices to sample faster when the band rises, and to relax once it has
+//! stayed below for a while ([`AdaptiveOptions`]), judged in device time like the rules.
 //!
 //! The chart lists whole numbers (temperature to one decimal); devices report finer. A value
 //! between two bands of the chart (91.5 % between 91 and 92, 38.05 °C between 38.0 and 38.1)
@@ -11,7 +12,7 @@
 //! towards calm. Values are first rounded to 10^-6 so that a unit conversion's floating-point
 //! residue (38.000000000001 °C from °F) is not taken for such a value.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::reading::Metric;
 
@@ -54,7 +55,7 @@ impl Param {
 
 /// Which SpO2 scale applies: scale 2 only for patients with a prescribed 88–92 % target
 /// (hypercapnic respiratory failure), as a clinician decides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Spo2Scale {
     #[default]
     One,
@@ -62,7 +63,7 @@ pub enum Spo2Scale {
 }
 
 /// ACVPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Consciousness {
     Alert,
     /// New confusion.
@@ -88,7 +89,7 @@ impl Consciousness {
 }
 
 /// The clinical risk band of a score, with the response the RCP ties to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Band {
     /// 0–4: ward-based response.
     #[serde(rename = "low")]
@@ -316,7 +317,109 @@ pub struct News2Options {
     /// Subjects with a prescribed 88–92 % SpO2 target (scale 2), or on supplemental oxygen.
     #[serde(default, rename = "subject")]
     pub subjects: Vec<News2Subject>,
+    /// Commands asking a subject's devices to sample faster while its band is raised.
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveOptions>,
 }
+
+/// `[news2.adaptive]`: adaptive monitoring. When a subject's band reaches `raise_at`, the
+/// service publishes `raise` on `topic` for each of the subject's devices; once the band has
+/// stayed below `raise_at` for `relax_after` (device time), it publishes `relax`. The topic and
+/// payloads are templates: `{site}`, `{subject}`, `{source}` (the device), `{band}`, `{total}`;
+/// in the topic, subject and source are written as topic levels, in the payload as JSON string
+/// contents.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveOptions {
+    #[serde(default = "AdaptiveOptions::default_raise_at")]
+    pub raise_at: Band,
+    #[serde(
+        default = "AdaptiveOptions::default_relax_after",
+        with = "humantime_serde"
+    )]
+    pub relax_after: std::time::Duration,
+    pub topic: String,
+    pub raise: String,
+    pub relax: String,
+}
+
+impl AdaptiveOptions {
+    const fn default_raise_at() -> Band {
+        Band::Medium
+    }
+
+    const fn default_relax_after() -> std::time::Duration {
+        std::time::Duration::from_secs(10 * 60)
+    }
+
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.raise_at == Band::Low {
+            return Err((
+                "news2.adaptive.raise_at".into(),
+                "`low` holds for every subject: use low-medium, medium or high".into(),
+            ));
+        }
+        if self.relax_after.is_zero() {
+            return Err((
+                "news2.adaptive.relax_after".into(),
+                "must be above zero".into(),
+            ));
+        }
+        let topic = self.render_topic("s", "subject", "source");
+        if crate::topic::check_topic_name(topic.as_bytes()).is_err() || topic.contains(['+', '#']) {
+            return Err((
+                "news2.adaptive.topic".into(),
+                "must render to a topic name (levels, no wildcards)".into(),
+            ));
+        }
+        for (key, t) in [("raise", &self.raise), ("relax", &self.relax)] {
+            if t.is_empty() {
+                return Err((format!("news2.adaptive.{key}"), "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The command topic for one device.
+    pub fn render_topic(&self, site: &str, subject: &str, source: &str) -> String {
+        self.topic
+            .replace("{site}", site)
+            .replace("{subject}", &crate::topic::level(subject))
+            .replace("{source}", &crate::topic::level(source))
+    }
+
+    /// The command payload for one device.
+    pub fn render_payload(&self, c: &Command, site: &str, source: &str) -> String {
+        let json_text = |s: &str| {
+            let quoted = serde_json::to_string(s).expect("a string serialises");
+            quoted[1..quoted.len() - 1].to_owned()
+        };
+        let template = if c.raise { &self.raise } else { &self.relax };
+        template
+            .replace("{site}", &json_text(site))
+            .replace("{subject}", &json_text(&c.subject))
+            .replace("{source}", &json_text(source))
+            .replace("{band}", c.band.as_str())
+            .replace("{total}", &c.total.to_string())
+    }
+}
+
+/// An adaptive-monitoring command for one subject's devices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub subject: String,
+    /// The devices heard for the subject (at most [`MAX_SOURCES`]).
+    pub sources: Vec<String>,
+    /// Raise the sampling rate (or relax it).
+    pub raise: bool,
+    pub band: Band,
+    pub total: u8,
+    /// Device time of the reading that decided it, µs.
+    pub ts: i64,
+}
+
+/// Devices remembered per subject for its commands.
+pub const MAX_SOURCES: usize = 8;
 
 /// `[[news2.subject]]`.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -352,6 +455,9 @@ impl News2Options {
                 return Err((format!("news2.subject[{i}].spo2_scale"), "is 1 or 2".into()));
             }
         }
+        if let Some(a) = &self.adaptive {
+            a.check()?;
+        }
         Ok(())
     }
 
@@ -361,6 +467,10 @@ impl News2Options {
             return None;
         }
         let mut t = News2Tracker::new(self.staleness, self.max_subjects);
+        t.adaptive = self.adaptive.as_ref().map(|a| Adaptive {
+            raise_at: a.raise_at,
+            relax_after_us: i64::try_from(a.relax_after.as_micros()).unwrap_or(i64::MAX),
+        });
         for s in &self.subjects {
             let scale = s.spo2_scale.map(|n| match n {
                 2 => Spo2Scale::Two,
@@ -417,9 +527,12 @@ pub struct News2Update {
     pub stale: Vec<&'static str>,
     /// Device time of the reading that changed the score, µs.
     pub ts: i64,
+    /// The reading that changed the score, whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<super::EvidenceReading>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Latest {
     value: f64,
     consciousness: Option<Consciousness>,
@@ -439,13 +552,29 @@ const INPUTS: [Metric; 8] = [
     Metric::BodyTemp,
 ];
 
-#[derive(Debug, Default)]
-struct SubjectState {
+/// A subject's whole NEWS2 state: what is kept across a restart.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct SubjectState {
     latest: [Option<Latest>; 8],
     scale: Spo2Scale,
     /// A subject setting: on supplemental oxygen whatever the flow readings say.
     on_oxygen: Option<bool>,
     last: Option<(u8, Band, bool, [Option<u8>; 7])>,
+    /// The devices heard for this subject, newest last.
+    #[serde(default)]
+    sources: Vec<String>,
+    /// Adaptive monitoring: the devices were asked to sample faster.
+    #[serde(default)]
+    raised: bool,
+    /// Device time the band went below `raise_at` while raised.
+    #[serde(default)]
+    calm_since: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Adaptive {
+    raise_at: Band,
+    relax_after_us: i64,
 }
 
 /// Per-subject NEWS2 state: the latest trusted reading of each parameter, and the last score
@@ -456,11 +585,11 @@ pub struct News2Tracker {
     max_subjects: usize,
     subjects: std::collections::HashMap<String, SubjectState>,
     untracked: u64,
+    adaptive: Option<Adaptive>,
+    commands: Vec<Command>,
 }
 
-/// Flags that keep a reading out of a clinical score: the untrusted ones and `questionable`.
-const NOT_CLINICAL: u16 =
-    crate::model::reading::flags::UNTRUSTED | crate::model::reading::flags::QUESTIONABLE;
+use crate::model::reading::flags::NOT_CLINICAL;
 
 impl News2Tracker {
     pub fn new(staleness: std::time::Duration, max_subjects: usize) -> Self {
@@ -469,6 +598,36 @@ impl News2Tracker {
             max_subjects,
             subjects: std::collections::HashMap::new(),
             untracked: 0,
+            adaptive: None,
+            commands: Vec::new(),
+        }
+    }
+
+    /// The adaptive-monitoring commands decided since the last call.
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.commands)
+    }
+
+    /// A subject's state, to keep across a restart.
+    pub fn snapshot(&self, subject: &str) -> Option<&SubjectState> {
+        self.subjects.get(subject)
+    }
+
+    /// Every subject's state.
+    pub fn snapshots(&self) -> impl Iterator<Item = (&String, &SubjectState)> {
+        self.subjects.iter()
+    }
+
+    /// After a restart: a subject's state as it was. Settings the pipeline file gives win over
+    /// the kept ones only where the kept ones are unset.
+    pub fn restore(&mut self, subject: &str, state: SubjectState) {
+        if let Some(s) = self.state(subject) {
+            let (scale, on_oxygen) = (s.scale, s.on_oxygen);
+            *s = state;
+            if s.scale == Spo2Scale::One {
+                s.scale = scale;
+            }
+            s.on_oxygen = s.on_oxygen.or(on_oxygen);
         }
     }
 
@@ -487,6 +646,17 @@ impl News2Tracker {
         }
     }
 
+    /// A subject's settings, exactly: its SpO2 scale, and whether it is on oxygen (`None`: as
+    /// its flow readings say).
+    pub fn set_settings(&mut self, subject: &str, scale: Spo2Scale, on_oxygen: Option<bool>) {
+        if let Some(state) = self.state(subject) {
+            state.scale = scale;
+            state.on_oxygen = on_oxygen;
+            // The next reading publishes the score on the new settings.
+            state.last = None;
+        }
+    }
+
     fn state(&mut self, subject: &str) -> Option<&mut SubjectState> {
         if !self.subjects.contains_key(subject) {
             if self.subjects.len() >= self.max_subjects {
@@ -501,7 +671,12 @@ impl News2Tracker {
 
     /// Takes one reading; returns the subject's new score when it changed. A reading older than
     /// the one a parameter holds (out of order) changes nothing; flagged readings are ignored.
-    pub fn observe(&mut self, subject: &str, o: &Observation<'_>) -> Option<News2Update> {
+    pub fn observe(
+        &mut self,
+        subject: &str,
+        source: &str,
+        o: &Observation<'_>,
+    ) -> Option<News2Update> {
         let slot = INPUTS.iter().position(|m| *m == o.metric)?;
         if o.flags & NOT_CLINICAL != 0 {
             return None;
@@ -520,13 +695,25 @@ impl News2Tracker {
                 ts: o.ts,
             },
         };
-        let staleness = self.staleness_us;
+        let (staleness, adaptive) = (self.staleness_us, self.adaptive);
         let state = self.state(subject)?;
         if state.latest[slot].is_some_and(|l| l.ts > o.ts) {
             return None;
         }
+        if !state.sources.iter().any(|s| s == source) {
+            if state.sources.len() >= MAX_SOURCES {
+                state.sources.remove(0);
+            }
+            state.sources.push(source.to_owned());
+        }
         state.latest[slot] = Some(latest);
         let update = Self::evaluate(subject, state, o.ts, staleness);
+        if let Some(a) = adaptive {
+            if let Some(c) = Self::adapt(a, subject, state, &update) {
+                self.commands.push(c);
+            }
+        }
+        let state = self.subjects.get_mut(subject)?;
         let key = (
             update.total,
             update.band,
@@ -538,6 +725,41 @@ impl News2Tracker {
         }
         state.last = Some(key);
         Some(update)
+    }
+
+    /// Adaptive monitoring: whether this score asks the subject's devices to change pace.
+    fn adapt(
+        a: Adaptive,
+        subject: &str,
+        state: &mut SubjectState,
+        u: &News2Update,
+    ) -> Option<Command> {
+        let command = |raise| Command {
+            subject: subject.to_owned(),
+            sources: state.sources.clone(),
+            raise,
+            band: u.band,
+            total: u.total,
+            ts: u.ts,
+        };
+        if u.band >= a.raise_at {
+            state.calm_since = None;
+            if state.raised {
+                return None;
+            }
+            state.raised = true;
+            return Some(command(true));
+        }
+        if !state.raised {
+            return None;
+        }
+        let calm = *state.calm_since.get_or_insert(u.ts);
+        if u.ts.saturating_sub(calm) < a.relax_after_us {
+            return None;
+        }
+        state.raised = false;
+        state.calm_since = None;
+        Some(command(false))
     }
 
     fn subscores(u: &News2Update) -> [Option<u8>; 7] {
@@ -648,6 +870,7 @@ impl News2Tracker {
             missing,
             stale,
             ts: now,
+            trigger: None,
         }
     }
 }
@@ -759,37 +982,45 @@ mod tests {
     fn the_tracker_scores_the_latest_fresh_reading_of_each_parameter() {
         let mut t = News2Tracker::new(std::time::Duration::from_secs(15 * 60), 10);
         let u = t
-            .observe("bed-3", &obs(Metric::RespRate, 22.0, 0, 1))
+            .observe("bed-3", "dev", &obs(Metric::RespRate, 22.0, 0, 1))
             .unwrap();
         assert_eq!((u.total, u.band, u.partial), (2, Band::Low, true));
         assert_eq!(u.parameters["resp_rate"].seq, 1);
         assert!(u.missing.contains(&"spo2") && u.stale.is_empty());
         // The same sub-score again: no update.
         assert!(t
-            .observe("bed-3", &obs(Metric::RespRate, 23.0, 10, 2))
+            .observe("bed-3", "dev", &obs(Metric::RespRate, 23.0, 10, 2))
             .is_none());
-        let u = t.observe("bed-3", &obs(Metric::Spo2, 91.0, 20, 3)).unwrap();
+        let u = t
+            .observe("bed-3", "dev", &obs(Metric::Spo2, 91.0, 20, 3))
+            .unwrap();
         assert_eq!((u.total, u.band), (5, Band::Medium));
         // Pulse is the newer of heart rate and pulse rate.
-        t.observe("bed-3", &obs(Metric::HeartRate, 120.0, 30, 4));
+        t.observe("bed-3", "dev", &obs(Metric::HeartRate, 120.0, 30, 4));
         let u = t
-            .observe("bed-3", &obs(Metric::PulseRate, 70.0, 40, 5))
+            .observe("bed-3", "dev", &obs(Metric::PulseRate, 70.0, 40, 5))
             .unwrap();
         assert_eq!(u.parameters["pulse"].seq, 5);
         // Oxygen from a flow reading.
         let u = t
-            .observe("bed-3", &obs(Metric::O2Flow, 2.0, 50, 6))
+            .observe("bed-3", "dev", &obs(Metric::O2Flow, 2.0, 50, 6))
             .unwrap();
         assert_eq!(u.parameters["air_or_oxygen"].score, 2);
         assert_eq!(u.parameters["air_or_oxygen"].seq, 6);
         // An out-of-order reading changes nothing; a flagged one is ignored.
-        assert!(t.observe("bed-3", &obs(Metric::Spo2, 99.0, 5, 7)).is_none());
+        assert!(t
+            .observe("bed-3", "dev", &obs(Metric::Spo2, 99.0, 5, 7))
+            .is_none());
         let mut flagged = obs(Metric::Spo2, 99.0, 60, 8);
         flagged.flags = crate::model::reading::flags::NO_CONTACT;
-        assert!(t.observe("bed-3", &flagged).is_none());
+        assert!(t.observe("bed-3", "dev", &flagged).is_none());
         // Sixteen minutes on, the earlier parameters are stale.
         let u = t
-            .observe("bed-3", &obs(Metric::BodyTemp, 37.0, 20 + 16 * 60, 9))
+            .observe(
+                "bed-3",
+                "dev",
+                &obs(Metric::BodyTemp, 37.0, 20 + 16 * 60, 9),
+            )
             .unwrap();
         assert!(
             u.stale.contains(&"resp_rate") && u.stale.contains(&"spo2"),
@@ -809,17 +1040,21 @@ mod tests {
             seq: 1,
             flags: 0,
         };
-        let u = t.observe("a", &avpu).unwrap();
+        let u = t.observe("a", "dev", &avpu).unwrap();
         assert_eq!((u.total, u.band), (3, Band::LowMedium));
         assert_eq!(u.parameters["consciousness"].value, serde_json::json!("V"));
         t.configure("a", Some(Spo2Scale::Two), Some(true));
-        let u = t.observe("a", &obs(Metric::Spo2, 95.0, 1, 2)).unwrap();
+        let u = t
+            .observe("a", "dev", &obs(Metric::Spo2, 95.0, 1, 2))
+            .unwrap();
         assert_eq!((u.scale, u.parameters["spo2"].score), (2, 2));
         assert_eq!(
             u.parameters["air_or_oxygen"].value,
             serde_json::json!("oxygen")
         );
-        assert!(t.observe("b", &obs(Metric::Spo2, 95.0, 1, 3)).is_none());
+        assert!(t
+            .observe("b", "dev", &obs(Metric::Spo2, 95.0, 1, 3))
+            .is_none());
         assert_eq!(t.untracked(), 1);
     }
 
@@ -836,7 +1071,9 @@ mod tests {
                 .unwrap();
         o.check().unwrap();
         let mut t = o.build().unwrap();
-        let u = t.observe("a", &obs(Metric::Spo2, 95.0, 0, 1)).unwrap();
+        let u = t
+            .observe("a", "dev", &obs(Metric::Spo2, 95.0, 0, 1))
+            .unwrap();
         assert_eq!((u.scale, u.parameters["spo2"].score), (2, 2));
     }
 }

@@ -1,18 +1,12 @@
 //! Threshold rules: a metric above or below a value for a while raises an alarm; coming back past
 //! the threshold by the hysteresis clears it.
 
-use std::collections::HashMap;
-
-use super::{AlarmEvent, Priority, Rule, RuleConfig};
+use super::breach::{Breach, Delay, Step};
+use super::{
+    AlarmEvent, EvidenceReading, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
+};
 use crate::model::batch::RowRef;
 use crate::model::reading::Metric;
-
-#[derive(Debug, Default, Clone, Copy)]
-struct SubjectState {
-    /// Device time the condition first held in the current breach.
-    breach_since: Option<i64>,
-    active: bool,
-}
 
 #[derive(Debug)]
 pub struct ThresholdRule {
@@ -20,35 +14,31 @@ pub struct ThresholdRule {
     metric: [Metric; 1],
     above: bool,
     threshold: f64,
-    for_us: i64,
+    delay: Delay,
     hysteresis: f64,
     priority: Priority,
-    /// Only subjects in breach or alarm: at most [`MAX_SUBJECTS`].
-    subjects: HashMap<Box<str>, SubjectState>,
-    untracked: u64,
+    subjects: PerSubject<Breach>,
 }
-
-/// Subjects come from topics and payloads: a flood of new ones must not grow memory without
-/// bound. A ward has tens of subjects; a depot hundreds.
-pub const MAX_SUBJECTS: usize = 10_000;
 
 impl ThresholdRule {
     pub fn new(c: &RuleConfig) -> Self {
         let (above, threshold) = match (c.above, c.below) {
             (Some(t), _) => (true, t),
             (None, Some(t)) => (false, t),
-            (None, None) => unreachable!("validated: one of above/below is set"),
+            (None, None) => unreachable!("checked: one of above/below is set"),
         };
         ThresholdRule {
             name: c.name.get_ref().clone(),
-            metric: [c.metric],
+            metric: [c.metric.expect("checked: a threshold rule has a metric")],
             above,
             threshold,
-            for_us: c.for_.as_micros().min(i64::MAX as u128) as i64,
+            delay: Delay {
+                for_us: c.for_us(),
+                max_gap_us: c.max_gap_us(),
+            },
             hysteresis: c.hysteresis,
             priority: c.priority,
-            subjects: HashMap::new(),
-            untracked: 0,
+            subjects: PerSubject::new(),
         }
     }
 
@@ -67,22 +57,6 @@ impl ThresholdRule {
             v >= self.threshold + self.hysteresis
         }
     }
-
-    fn event(&self, subject: &str, r: &RowRef<'_>, v: f64, active: bool, since: i64) -> AlarmEvent {
-        AlarmEvent {
-            rule: self.name.clone(),
-            subject: subject.to_owned(),
-            active,
-            priority: self.priority,
-            metric: self.metric[0].name(),
-            value: v,
-            condition: if self.above { "above" } else { "below" },
-            threshold: self.threshold,
-            seq: r.seq,
-            ts: r.ts,
-            since,
-        }
-    }
 }
 
 impl Rule for ThresholdRule {
@@ -90,75 +64,60 @@ impl Rule for ThresholdRule {
         &self.name
     }
 
-    fn subjects_untracked(&self) -> u64 {
-        self.untracked
-    }
-
     fn metrics(&self) -> &[Metric] {
         &self.metric
     }
 
-    fn observe(&mut self, subject: &str, r: &RowRef<'_>, out: &mut Vec<AlarmEvent>) {
+    fn observe(
+        &mut self,
+        subject: Subject<'_>,
+        message: u64,
+        r: &RowRef<'_>,
+        out: &mut Vec<AlarmEvent>,
+    ) {
         let Some(v) = r.value else { return };
-        let mut state = self.subjects.get(subject).copied().unwrap_or_default();
-        let before = state;
-        if state.active {
-            if self.recovered(v) {
-                out.push(self.event(subject, r, v, false, state.breach_since.unwrap_or(r.ts)));
-                state = SubjectState::default();
-            }
-        } else if self.breached(v) {
-            let since = *state.breach_since.get_or_insert(r.ts);
-            if r.ts.saturating_sub(since) >= self.for_us {
-                state.active = true;
-                out.push(self.event(subject, r, v, true, since));
-            }
-        } else {
-            state.breach_since = None;
-        }
-        if state.active != before.active || state.breach_since != before.breach_since {
-            if state.active || state.breach_since.is_some() {
-                if self.subjects.len() >= MAX_SUBJECTS && !self.subjects.contains_key(subject) {
-                    self.untracked += 1;
-                    // The event this reading produced (only a raise with a zero `for` can
-                    // happen here) would have no clear: withdraw it.
-                    out.retain(|e| e.subject != subject);
-                    return;
-                }
-                self.subjects.insert(subject.into(), state);
-            } else {
-                self.subjects.remove(subject);
-            }
-        }
+        let (breached, recovered) = (self.breached(v), self.recovered(v));
+        let delay = self.delay;
+        let (active, since) = match self
+            .subjects
+            .get(subject.id)
+            .step(delay, r.ts, message, breached, recovered)
+        {
+            Step::Quiet => return,
+            Step::Raise { since } => (true, since),
+            Step::Clear { since } => (false, since),
+        };
+        out.push(AlarmEvent {
+            rule: self.name.clone(),
+            subject: subject.name.to_owned(),
+            active,
+            priority: self.priority,
+            kind: RuleKind::Threshold,
+            metric: Some(self.metric[0].name().to_owned()),
+            value: Some(v),
+            condition: if self.above { "above" } else { "below" }.into(),
+            threshold: self.threshold,
+            seq: Some(r.seq),
+            ts: r.ts,
+            since,
+            evidence: Some(EvidenceReading::of(r)),
+        });
+    }
+
+    fn restore(&mut self, subject: Subject<'_>, since: i64, last_ts: i64) {
+        self.subjects.get(subject.id).restore(since, last_ts);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alarm::AlarmEngine;
+    use crate::alarm::testing::engine;
+    use crate::alarm::{AlarmEngine, MAX_SUBJECTS};
     use crate::model::reading::flags;
 
-    fn engine(rule: &str) -> AlarmEngine {
-        #[derive(serde::Deserialize)]
-        struct Rules {
-            rule: Vec<RuleConfig>,
-        }
-        let c: Rules = toml::from_str(rule).unwrap();
-        AlarmEngine::from_config(&c.rule)
-    }
-
     fn reading(seq: u64, ts_s: i64, value: f64) -> RowRef<'static> {
-        RowRef {
-            seq,
-            ts: ts_s * 1_000_000,
-            received: 0,
-            source: "dev",
-            subject: Some("bed-1"),
-            metric: Metric::Spo2,
-            value: Some(value),
-            flags: 0,
-        }
+        crate::alarm::testing::reading(Metric::Spo2, seq, ts_s, value)
     }
 
     const SPO2_LOW: &str = r#"
@@ -172,15 +131,7 @@ priority = "high"
 "#;
 
     fn run(e: &mut AlarmEngine, readings: &[(i64, f64)]) -> Vec<(u64, bool)> {
-        readings
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &(t, v))| {
-                e.observe(&reading(i as u64, t, v))
-                    .map(|ev| (ev.seq, ev.active))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        crate::alarm::testing::run(e, Metric::Spo2, readings)
     }
 
     #[test]
@@ -218,12 +169,19 @@ priority = "high"
     fn untrusted_readings_never_feed_a_rule() {
         let mut e = engine(SPO2_LOW.replace("30s", "0s").as_str());
         let mut r = reading(1, 0, 50.0);
-        for untrusted in [flags::NO_CONTACT, flags::CLOCK_SUSPECT, flags::OUT_OF_RANGE] {
+        for untrusted in [
+            flags::NO_CONTACT,
+            flags::CLOCK_SUSPECT,
+            flags::OUT_OF_RANGE,
+            flags::QUESTIONABLE,
+            flags::INVALID,
+            flags::TEST_DATA,
+        ] {
             r.flags = untrusted;
-            assert_eq!(e.observe(&r).count(), 0, "flags {untrusted:#x}");
+            assert_eq!(e.observe(&r, 1).count(), 0, "flags {untrusted:#x}");
         }
         r.flags = 0;
-        let ev: Vec<_> = e.observe(&r).collect();
+        let ev: Vec<_> = e.observe(&r, 1).collect();
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].subject, "bed-1");
         assert_eq!(ev[0].priority, Priority::High);
@@ -239,7 +197,11 @@ priority = "high"
                 subject: Some(&subject),
                 ..reading(i as u64, 0, 80.0)
             };
-            assert_eq!(e.observe(&r).count(), 0, "the 30 s delay has not passed");
+            assert_eq!(
+                e.observe(&r, i as u64).count(),
+                0,
+                "the 30 s delay has not passed"
+            );
         }
         assert_eq!(e.subjects_untracked(), 5);
         // A tracked subject still raises its alarm.
@@ -247,7 +209,7 @@ priority = "high"
             subject: Some("bed-3"),
             ..reading(1, 40, 80.0)
         };
-        assert_eq!(e.observe(&r).count(), 1);
+        assert_eq!(e.observe(&r, 1 << 40).count(), 1);
     }
 
     #[test]
@@ -259,8 +221,8 @@ priority = "high"
             seq: 2,
             ..reading(2, 0, 99.0)
         };
-        assert_eq!(e.observe(&a).count(), 1);
-        assert_eq!(e.observe(&b).count(), 0);
-        assert_eq!(e.observe(&a).count(), 0, "already active");
+        assert_eq!(e.observe(&a, 1).count(), 1);
+        assert_eq!(e.observe(&b, 2).count(), 0);
+        assert_eq!(e.observe(&a, 3).count(), 0, "already active");
     }
 }

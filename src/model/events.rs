@@ -187,38 +187,41 @@ impl InternalEvent for AnchorFailed<'_> {
     }
 }
 
+/// An alarm changed state (raised, acknowledged, silenced, escalated, cleared, ...).
 pub struct AlarmChanged<'a> {
     pub rule: &'a str,
     /// Identifies a patient or bed: logged at debug level only.
     pub subject: &'a str,
     pub priority: &'static str,
-    pub active: bool,
-    /// The reading that changed the alarm's state.
-    pub seq: u64,
+    /// What happened: the last entry of the alarm's history.
+    pub what: &'a str,
+    /// The reading behind the alarm, if any.
+    pub seq: Option<u64>,
+    /// Alarms not cleared, after the change.
+    pub active: usize,
 }
 
 impl InternalEvent for AlarmChanged<'_> {
     fn emit(self, m: &Metrics) {
-        if self.active {
-            m.alarms_raised.with_label_values(&[self.priority]).inc();
-            m.alarms_active.inc();
-            info!(
-                rule = self.rule,
-                priority = self.priority,
-                seq = self.seq,
-                "alarm raised"
-            );
-        } else {
-            m.alarms_cleared.inc();
-            m.alarms_active.dec();
-            info!(rule = self.rule, seq = self.seq, "alarm cleared");
+        m.alarms_active.set(self.active as i64);
+        m.alarm_transitions.with_label_values(&[self.what]).inc();
+        match self.what {
+            "raised" => m.alarms_raised.with_label_values(&[self.priority]).inc(),
+            "cleared" => m.alarms_cleared.inc(),
+            _ => {}
         }
+        info!(
+            rule = self.rule,
+            priority = self.priority,
+            what = self.what,
+            seq = self.seq,
+            "alarm changed"
+        );
         debug!(
             rule = self.rule,
             subject = self.subject,
-            active = self.active,
-            seq = self.seq,
-            "alarm changed"
+            what = self.what,
+            "alarm changed (subject)"
         );
     }
 }

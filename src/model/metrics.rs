@@ -27,6 +27,9 @@ pub struct Metrics {
     pub alarms_raised: IntCounterVec,
     pub alarms_cleared: IntCounter,
     pub alarms_active: IntGauge,
+    pub alarm_transitions: IntCounterVec,
+    pub alarm_acks_refused: IntCounter,
+    pub adaptive_commands: IntCounterVec,
     pub stored_latency: Histogram,
     pub queue_depth: IntGaugeVec,
     pub queue_bytes: IntGaugeVec,
@@ -95,7 +98,21 @@ impl Metrics {
             store_errors: counter("iomt_store_errors_total", "batches that failed to seal or store"),
             alarms_raised: counter_vec("iomt_alarms_raised_total", "alarms raised, by priority", &["priority"]),
             alarms_cleared: counter("iomt_alarms_cleared_total", "alarms cleared"),
-            alarms_active: gauge("iomt_alarms_active", "alarms active now"),
+            alarms_active: gauge("iomt_alarms_active", "alarms not cleared now"),
+            alarm_transitions: counter_vec(
+                "iomt_alarm_transitions_total",
+                "alarm transitions, by what happened (raised, acknowledged, silenced, escalated, cleared, ...)",
+                &["what"],
+            ),
+            alarm_acks_refused: counter(
+                "iomt_alarm_acks_refused_total",
+                "acknowledgements refused (no such alarm, a bad body, a bad token)",
+            ),
+            adaptive_commands: counter_vec(
+                "iomt_adaptive_commands_total",
+                "adaptive-monitoring commands published, by raise or relax",
+                &["command"],
+            ),
             stored_latency: reg(
                 &registry,
                 Histogram::with_opts(

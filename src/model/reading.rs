@@ -193,6 +193,10 @@ pub mod flags {
     /// condition for a time it never held.
     pub const UNTRUSTED: u16 =
         OUT_OF_RANGE | NO_CONTACT | INVALID | TEST_DATA | BEYOND_RANGE | CLOCK_SUSPECT;
+
+    /// Flags that keep a reading out of every clinical judgement (alarms, NEWS2): the untrusted
+    /// ones and `questionable`.
+    pub const NOT_CLINICAL: u16 = UNTRUSTED | QUESTIONABLE;
 }
 
 /// One stored reading, owned. The hot path never builds these: codecs push straight into the

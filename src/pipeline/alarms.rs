@@ -1,11 +1,35 @@
-//! The alarm stage: owns every alarm's lifecycle (active → acknowledged or silenced → cleared,
-//! latching, escalation), persists it, and publishes every transition. Ingest hands it the
-//! conditions its rules judge in device time; acknowledgements come from MQTT
-//! (`alarms/<site>/<subject>/<rule>/ack`) and from HTTP through an [`AlarmControl`].
+//! The alarm stage: owns every alarm's lifecycle (`alarm::lifecycle`), the silence rules, the
+//! NEWS2 band rules and adaptive-monitoring commands; keeps their state in `<data>/alarms/`;
+//! and publishes every transition, retained, with its history, on
+//! `alarms/<site>/<subject>/<rule>` (escalations also on `alarms/<site>/escalated`).
+//!
+//! Ingest hands it what its rules judged in device time, the NEWS2 scores, whom it heard, and
+//! the acknowledgements devices and nurses' stations publish on
+//! `alarms/<site>/<subject>/<rule>/ack`; HTTP acknowledges through an [`AlarmControl`]. It runs
+//! on a thread of its own until ingest is gone, then keeps what it knows and ends.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::{debug, warn};
+
+use super::output::{Outgoing, OutputHandle};
+use super::ward::WardHub;
+pub use crate::alarm::lifecycle::AckError;
+use crate::alarm::lifecycle::{AlarmRecord, Board, Transition};
+use crate::alarm::news2::{AdaptiveOptions, Command, News2Update, SubjectState};
+use crate::alarm::silence::SilenceWatch;
+use crate::alarm::{AlarmEngine, AlarmEvent, RuleConfig};
+use crate::model::events::{AlarmChanged, InternalEvent};
+use crate::model::metrics::Metrics;
+use crate::model::reading::{format_ts, now_micros};
+use crate::store::alarm_db::{AlarmDb, AlarmDbError, WatchRecord};
+use crate::store::Store;
+use crate::topic::{alarm_topic, news2_topic};
 
 /// An acknowledgement (or, with `silence`, a silencing: an acknowledgement with a deadline).
 #[derive(Debug, Clone, PartialEq)]
@@ -17,16 +41,26 @@ pub struct AckRequest {
     pub silence: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum AckError {
-    #[error("no alarm `{rule}` for that subject")]
-    NotFound { rule: String },
-    #[error("that alarm is cleared")]
-    Cleared,
-    #[error("{0}")]
-    Invalid(String),
-    #[error("the alarm stage is not running")]
-    Stopped,
+/// Longest `by` accepted: a name or a badge id, not a document.
+pub const MAX_BY_BYTES: usize = 64;
+/// Longest silence accepted: an alarm silenced for longer is an alarm switched off.
+pub const MAX_SILENCE: Duration = Duration::from_secs(60 * 60);
+
+impl AckRequest {
+    fn check(&self) -> Result<(), AckError> {
+        if self.by.trim().is_empty() || self.by.len() > MAX_BY_BYTES {
+            return Err(AckError::Invalid(format!(
+                "`by` names who acknowledges: 1 to {MAX_BY_BYTES} bytes"
+            )));
+        }
+        if self.silence.is_some_and(|s| s.is_zero() || s > MAX_SILENCE) {
+            return Err(AckError::Invalid(format!(
+                "a silence lasts from 1 s to {} s",
+                MAX_SILENCE.as_secs()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What the alarm stage is asked to do from outside.
@@ -52,6 +86,7 @@ impl AlarmControl {
 
     /// Acknowledges (or silences) an alarm; answers with the alarm's message afterwards.
     pub async fn ack(&self, request: AckRequest) -> Result<Value, AckError> {
+        request.check()?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.tx
             .send_async(AlarmCommand::Ack { request, reply })
@@ -59,4 +94,507 @@ impl AlarmControl {
             .map_err(|_| AckError::Stopped)?;
         answer.await.map_err(|_| AckError::Stopped)?
     }
+}
+
+/// What ingest hands the alarm stage.
+#[derive(Debug)]
+pub enum AlarmInput {
+    /// A reading rule's condition changed.
+    Condition(Box<AlarmEvent>),
+    /// A subject's NEWS2 score changed; its whole state, to keep.
+    News2 {
+        update: Box<News2Update>,
+        state: Box<SubjectState>,
+    },
+    /// A subject's NEWS2 state to keep (a setting changed, or ingest is stopping).
+    Subject {
+        subject: String,
+        state: Box<SubjectState>,
+    },
+    /// Whom each silence rule heard, at service time `at` (µs).
+    Heard { heard: Vec<Vec<String>>, at: i64 },
+    /// An adaptive-monitoring command to publish.
+    Command(Command),
+    /// A message on `alarms/<site>/<subject>/<rule>/ack`.
+    Ack { topic: String, payload: Bytes },
+}
+
+/// The body of an MQTT acknowledgement: `{"by": "...", "silence_s": 120}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckMessage {
+    by: String,
+    #[serde(default)]
+    silence_s: Option<u64>,
+}
+
+/// What a previous run left in `<data>/alarms/`, read before the stages start.
+#[derive(Debug, Default)]
+pub struct Kept {
+    pub alarms: Vec<AlarmRecord>,
+    pub subjects: Vec<(String, SubjectState)>,
+    pub watches: Vec<WatchRecord>,
+}
+
+impl Kept {
+    pub fn load(db: &AlarmDb) -> Result<Kept, AlarmDbError> {
+        Ok(Kept {
+            alarms: db.alarms()?,
+            subjects: db.subjects()?,
+            watches: db.watches()?,
+        })
+    }
+
+    /// Puts the rules and the NEWS2 tracker back where the previous run left them.
+    pub fn restore_engine(&self, engine: &mut AlarmEngine) {
+        for r in &self.alarms {
+            if r.condition {
+                engine.restore(r.rule(), r.subject(), r.event.since, r.event.ts);
+            }
+        }
+        if let Some(t) = engine.news2_mut() {
+            for (subject, s) in &self.subjects {
+                t.restore(subject, s.clone());
+            }
+        }
+    }
+}
+
+/// Longest the stage sleeps without looking at its timers.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// The alarm stage, built and ready to run on a thread of its own.
+pub struct AlarmStage {
+    site: String,
+    board: Board,
+    silence: SilenceWatch,
+    adaptive: Option<AdaptiveOptions>,
+    db: AlarmDb,
+    output: OutputHandle,
+    ward: Arc<WardHub>,
+    metrics: Arc<Metrics>,
+    /// Set when the database has changes not yet made durable.
+    dirty: bool,
+}
+
+impl std::fmt::Debug for AlarmStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlarmStage").finish_non_exhaustive()
+    }
+}
+
+impl AlarmStage {
+    /// Builds the stage with what the previous run kept; checks each kept alarm's evidence
+    /// against the store (a crash can lose a batch whose readings raised an alarm); publishes
+    /// the kept alarms again (an embedded broker's retained messages do not outlive it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        site: &str,
+        rules: &[RuleConfig],
+        adaptive: Option<AdaptiveOptions>,
+        db: AlarmDb,
+        kept: Kept,
+        store: &dyn Store,
+        output: OutputHandle,
+        ward: Arc<WardHub>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let now = now_micros();
+        let mut board = Board::new(rules);
+        let mut silence = SilenceWatch::new(rules);
+        for w in &kept.watches {
+            silence.restore(&w.rule, &w.who, w.raised, now);
+        }
+        let mut records = board.restore(kept.alarms, now);
+        let unchecked: Vec<u64> = records
+            .iter()
+            .filter(|r| !r.evidence_checked)
+            .filter_map(|r| r.event.seq)
+            .collect();
+        let stored = evidence_stored(store, &unchecked);
+        for r in &mut records {
+            let Some(seq) = r.event.seq.filter(|_| !r.evidence_checked) else {
+                continue;
+            };
+            let live = board
+                .get_mut(r.subject(), r.rule())
+                .expect("restored above");
+            live.evidence_checked = true;
+            if !stored.contains(&seq) {
+                live.remark(
+                    now,
+                    "evidence-lost",
+                    format!(
+                        "the reading with seq {seq} is not in the store: the service stopped \
+                         before its batch was stored"
+                    ),
+                );
+            }
+            *r = live.clone();
+        }
+        let mut stage = AlarmStage {
+            site: site.to_owned(),
+            board,
+            silence,
+            adaptive,
+            db,
+            output,
+            ward,
+            metrics,
+            dirty: false,
+        };
+        for r in records {
+            stage.publish(Transition {
+                record: r,
+                escalated: false,
+            });
+        }
+        stage.metrics.alarms_active.set(stage.board.len() as i64);
+        stage
+    }
+
+    /// Runs until ingest has gone and everything it sent is handled.
+    pub fn run(
+        mut self,
+        input: flume::Receiver<AlarmInput>,
+        commands: flume::Receiver<AlarmCommand>,
+    ) -> Result<(), AlarmDbError> {
+        enum Got {
+            Input(Option<AlarmInput>),
+            Command(Option<AlarmCommand>),
+            Nothing,
+        }
+        let mut commands_open = true;
+        loop {
+            let now = now_micros();
+            let due = [self.board.next_due(), self.silence.next_due()]
+                .into_iter()
+                .flatten()
+                .min();
+            let wait = due.map_or(MAX_WAIT, |d| {
+                Duration::from_micros(d.saturating_sub(now).max(0) as u64).min(MAX_WAIT)
+            });
+            let deadline = Instant::now() + wait;
+            let got = if commands_open {
+                flume::Selector::new()
+                    .recv(&input, |m| Got::Input(m.ok()))
+                    .recv(&commands, |c| Got::Command(c.ok()))
+                    .wait_deadline(deadline)
+                    .unwrap_or(Got::Nothing)
+            } else {
+                match input.recv_deadline(deadline) {
+                    Ok(m) => Got::Input(Some(m)),
+                    Err(flume::RecvTimeoutError::Timeout) => Got::Nothing,
+                    Err(flume::RecvTimeoutError::Disconnected) => Got::Input(None),
+                }
+            };
+            match got {
+                Got::Input(None) => break,
+                Got::Input(Some(m)) => {
+                    self.handle(m);
+                    // Take what else is waiting before making it durable once.
+                    for m in input.try_iter().take(1024) {
+                        self.handle(m);
+                    }
+                }
+                Got::Command(Some(c)) => self.command(c),
+                // HTTP has gone: nothing more comes from there.
+                Got::Command(None) => commands_open = false,
+                Got::Nothing => {}
+            }
+            self.tick(now_micros());
+            self.persist()?;
+        }
+        let watches: Vec<WatchRecord> = self
+            .silence
+            .watched()
+            .into_iter()
+            .map(|(rule, who, _, raised)| WatchRecord { rule, who, raised })
+            .collect();
+        self.db.put_watches(&watches)?;
+        self.dirty = true;
+        self.persist()
+    }
+
+    fn persist(&mut self) -> Result<(), AlarmDbError> {
+        if self.dirty {
+            self.db.flush()?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, now: i64) {
+        for t in self.board.tick(now) {
+            self.publish(t);
+        }
+        let mut events = Vec::new();
+        self.silence.tick(now, &mut events);
+        for ev in events {
+            self.condition(ev, now);
+        }
+    }
+
+    fn condition(&mut self, ev: AlarmEvent, now: i64) {
+        if let Some(t) = self.board.condition(ev, now) {
+            self.publish(t);
+        }
+    }
+
+    fn handle(&mut self, m: AlarmInput) {
+        let now = now_micros();
+        match m {
+            AlarmInput::Condition(ev) => self.condition(*ev, now),
+            AlarmInput::News2 { update, state } => {
+                self.keep_subject(&update.subject, &state);
+                let mut body = serde_json::to_value(update.as_ref()).expect("a score serialises");
+                body["site"] = self.site.clone().into();
+                body["time"] = format_ts(update.ts).into();
+                self.ward.news2(&update.subject, body.clone());
+                self.output.send(Outgoing::Message {
+                    topic: news2_topic(&self.site, &update.subject),
+                    payload: Bytes::from(body.to_string()),
+                    retain: true,
+                });
+                for t in self.board.news2(&update, now) {
+                    self.publish(t);
+                }
+            }
+            AlarmInput::Subject { subject, state } => self.keep_subject(&subject, &state),
+            AlarmInput::Heard { heard, at } => {
+                let mut events = Vec::new();
+                self.silence.heard(heard, at, &mut events);
+                for ev in events {
+                    self.condition(ev, now);
+                }
+            }
+            AlarmInput::Command(c) => self.adapt(&c),
+            AlarmInput::Ack { topic, payload } => self.mqtt_ack(&topic, &payload, now),
+        }
+    }
+
+    fn keep_subject(&mut self, subject: &str, state: &SubjectState) {
+        match self.db.put_subject(subject, state) {
+            Ok(()) => self.dirty = true,
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                warn!(error = %e, "could not keep a subject's NEWS2 state");
+            }
+        }
+    }
+
+    fn adapt(&mut self, c: &Command) {
+        let Some(a) = &self.adaptive else { return };
+        let sources: Vec<&str> = if a.topic.contains("{source}") {
+            c.sources.iter().map(String::as_str).collect()
+        } else {
+            vec![c.sources.last().map_or("", String::as_str)]
+        };
+        for source in sources {
+            self.metrics
+                .adaptive_commands
+                .with_label_values(&[if c.raise { "raise" } else { "relax" }])
+                .inc();
+            self.output.send(Outgoing::Message {
+                topic: a.render_topic(&self.site, &c.subject, source),
+                payload: Bytes::from(a.render_payload(c, &self.site, source)),
+                retain: false,
+            });
+        }
+    }
+
+    /// `alarms/<site>/<subject>/<rule>/ack`: the alarm whose topic this is, acknowledged by
+    /// the body's `by`.
+    fn mqtt_ack(&mut self, topic: &str, payload: &[u8], now: i64) {
+        let Some(alarm) = topic.strip_suffix("/ack") else {
+            return;
+        };
+        let found = self
+            .board
+            .records()
+            .find(|r| alarm_topic(&self.site, r.subject(), r.rule()) == alarm)
+            .map(|r| (r.subject().to_owned(), r.rule().to_owned()));
+        let parsed = serde_json::from_slice::<AckMessage>(payload).map_err(|e| {
+            AckError::Invalid(format!(
+                "an acknowledgement is {{\"by\": ..., \"silence_s\": ...}}: {e}"
+            ))
+        });
+        let result = match (found, parsed) {
+            (None, _) => Err(AckError::NotFound {
+                rule: alarm.rsplit('/').next().unwrap_or("").to_owned(),
+            }),
+            (_, Err(e)) => Err(e),
+            (Some((subject, rule)), Ok(m)) => {
+                let request = AckRequest {
+                    subject,
+                    rule,
+                    by: m.by,
+                    silence: m.silence_s.map(Duration::from_secs),
+                };
+                self.ack(&request, now)
+            }
+        };
+        if let Err(e) = result {
+            self.metrics.alarm_acks_refused.inc();
+            debug!(topic, error = %e, "an acknowledgement was refused");
+        }
+    }
+
+    fn ack(&mut self, request: &AckRequest, now: i64) -> Result<Value, AckError> {
+        request.check()?;
+        let silence = request
+            .silence
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let t = self.board.ack(
+            &request.subject,
+            &request.rule,
+            request.by.trim(),
+            silence,
+            now,
+        )?;
+        let body = self.message(&t.record);
+        self.publish(t);
+        Ok(body)
+    }
+
+    fn command(&mut self, c: AlarmCommand) {
+        match c {
+            AlarmCommand::Ack { request, reply } => {
+                let result = self.ack(&request, now_micros());
+                if result.is_err() {
+                    self.metrics.alarm_acks_refused.inc();
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Publishes a transition, shows it on the ward view, and keeps it.
+    fn publish(&mut self, t: Transition) {
+        let r = &t.record;
+        AlarmChanged {
+            rule: r.rule(),
+            subject: r.subject(),
+            priority: r.priority.as_str(),
+            what: r.history.last().map_or("", |h| h.what.as_str()),
+            seq: r.event.seq,
+            active: self.board.len(),
+        }
+        .emit(&self.metrics);
+        let body = self.message(r);
+        let cleared = r.state == crate::alarm::lifecycle::AlarmState::Cleared;
+        self.ward
+            .alarm(r.subject(), r.rule(), body.clone(), cleared);
+        let payload = Bytes::from(body.to_string());
+        if t.escalated {
+            self.output.send(Outgoing::Message {
+                topic: format!("alarms/{}/escalated", self.site),
+                payload: payload.clone(),
+                retain: false,
+            });
+        }
+        self.output.send(Outgoing::Message {
+            topic: alarm_topic(&self.site, r.subject(), r.rule()),
+            payload,
+            retain: true,
+        });
+        match self.db.put_alarm(r) {
+            Ok(()) => self.dirty = true,
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                warn!(error = %e, "could not keep an alarm's state");
+            }
+        }
+    }
+
+    /// An alarm's message: the alarm, where it stands, its evidence and its history.
+    fn message(&self, r: &AlarmRecord) -> Value {
+        alarm_message(&self.site, r)
+    }
+}
+
+/// The retained message of an alarm on `alarms/<site>/<subject>/<rule>`.
+pub fn alarm_message(site: &str, r: &AlarmRecord) -> Value {
+    let e = &r.event;
+    let evidence = e.evidence.as_ref().map(|ev| {
+        json!({
+            "seq": ev.seq,
+            "ts": format_ts(ev.ts),
+            "received": format_ts(ev.received),
+            "source": ev.source,
+            "metric": ev.metric,
+            "value": ev.value,
+            "flags": ev.flags,
+        })
+    });
+    let history: Vec<Value> = r
+        .history
+        .iter()
+        .map(|h| {
+            let mut v = json!({
+                "at": format_ts(h.at),
+                "what": h.what,
+                "priority": h.priority.as_str(),
+            });
+            if let Some(by) = &h.by {
+                v["by"] = by.clone().into();
+            }
+            if let Some(seq) = h.seq {
+                v["seq"] = seq.into();
+            }
+            if let Some(note) = &h.note {
+                v["note"] = note.clone().into();
+            }
+            v
+        })
+        .collect();
+    json!({
+        "site": site,
+        "subject": e.subject,
+        "rule": e.rule,
+        "kind": if e.kind.technical() { "technical" } else { "clinical" },
+        "type": e.kind.as_str(),
+        "state": r.state.as_str(),
+        "priority": r.priority.as_str(),
+        "condition_holds": r.condition,
+        "latching": r.latching,
+        "metric": e.metric,
+        "value": e.value,
+        "condition": e.condition,
+        "threshold": e.threshold,
+        "seq": e.seq,
+        "ts": format_ts(e.ts),
+        "since": format_ts(e.since),
+        "raised_at": format_ts(r.raised_at),
+        "escalations": r.escalations,
+        "acknowledged": r.acknowledged.as_ref().map(|a| json!({"by": a.by, "at": format_ts(a.at)})),
+        "silenced_until": r.silenced_until.map(format_ts),
+        "evidence": evidence,
+        "history": history,
+    })
+}
+
+/// Which of `seqs` lie in a stored batch.
+fn evidence_stored(store: &dyn Store, seqs: &[u64]) -> Vec<u64> {
+    if seqs.is_empty() {
+        return Vec::new();
+    }
+    let headers = match store.headers() {
+        Ok(h) => h,
+        Err(e) => {
+            // Not knowing is not losing: say nothing rather than call evidence lost.
+            warn!(error = %e, "could not read the batch headers to check alarms' evidence");
+            return seqs.to_vec();
+        }
+    };
+    let ranges: BTreeMap<u64, u64> = headers.iter().map(|h| (h.seq_first, h.seq_last)).collect();
+    seqs.iter()
+        .copied()
+        .filter(|&s| {
+            ranges
+                .range(..=s)
+                .next_back()
+                .is_some_and(|(_, &max)| s <= max)
+        })
+        .collect()
 }

@@ -17,19 +17,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::debug;
 
+use super::alarms::AlarmInput;
 use super::health::{Health, Phase, Problem};
 use super::input::{InputClosed, InputQueue};
 use super::output::{Outgoing, OutputHandle};
 use super::routes::{Route, RouteTable};
 use super::ward::{VitalReading, WardHub};
 use super::AckToken;
+use crate::alarm::news2::{Spo2Scale, SubjectState};
+use crate::alarm::silence::Ears;
 use crate::alarm::AlarmEngine;
 use crate::codec::{decode_payload, ClockWindow, DecodeError, Message, ReadingSink, Reason};
 use crate::config::{BatchConfig, IngestConfig};
 use crate::model::batch::{BatchBuilder, Columns};
-use crate::model::events::{
-    AlarmChanged, DecodeFailed, InternalEvent, PayloadOversized, TopicUnrouted,
-};
+use crate::model::events::{DecodeFailed, InternalEvent, PayloadOversized, TopicUnrouted};
 use crate::model::metrics::Metrics;
 use crate::model::reading::{flags, now_micros};
 use crate::store::{Store, StoreError};
@@ -91,6 +92,12 @@ pub struct Ingest {
     ward: Option<Arc<WardHub>>,
     ward_pending: Vec<VitalReading>,
     ward_fed: Instant,
+    /// The alarm stage, and whom the silence rules heard since it was last told.
+    alarm_stage: Option<flume::Sender<AlarmInput>>,
+    ears: Ears,
+    site: String,
+    /// Messages handled: tells the readings of one message apart from another's.
+    message_no: u64,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -136,7 +143,33 @@ impl Ingest {
             ward: None,
             ward_pending: Vec::new(),
             ward_fed: Instant::now(),
+            alarm_stage: None,
+            ears: Ears::default(),
+            site: String::new(),
+            message_no: 0,
         })
+    }
+
+    /// Hands conditions, scores, acknowledgements and whom it heard to the alarm stage of
+    /// `site`.
+    pub fn with_alarm_stage(
+        mut self,
+        site: &str,
+        tx: flume::Sender<AlarmInput>,
+        ears: Ears,
+    ) -> Self {
+        self.site = site.to_owned();
+        self.alarm_stage = Some(tx);
+        self.ears = ears;
+        self
+    }
+
+    /// Sends to the alarm stage. Blocks while it is behind (back-pressure); a stage that has
+    /// ended reports its own failure, so a send to it is dropped here.
+    fn to_alarms(&self, m: AlarmInput) {
+        if let Some(tx) = &self.alarm_stage {
+            let _ = tx.send(m);
+        }
     }
 
     /// Feeds the ward view with the vitals it shows.
@@ -159,6 +192,20 @@ impl Ingest {
         ward.vitals(&self.ward_pending);
         self.ward_pending.clear();
         self.ward_fed = Instant::now();
+    }
+
+    /// Tells the alarm stage whom the silence rules heard, at most every [`WARD_FEED_EVERY`].
+    fn report_heard(&mut self, force: bool) {
+        if self.ears.is_empty() || !self.ears.anything() {
+            return;
+        }
+        if force || self.ward_fed.elapsed() >= WARD_FEED_EVERY {
+            let heard = self.ears.take();
+            self.to_alarms(AlarmInput::Heard {
+                heard,
+                at: now_micros(),
+            });
+        }
     }
 
     /// Runs until the input closes (every transport sender gone, the queue drained), then
@@ -197,6 +244,7 @@ impl Ingest {
                 Ok(None) => {}
                 Err(InputClosed) => break,
             }
+            self.report_heard(false);
             self.feed_ward(false);
             let Some(o) = opened else { continue };
             let now = Instant::now();
@@ -211,7 +259,21 @@ impl Ingest {
             }
         }
         self.flush(&commit, &mut acks)?;
+        self.report_heard(true);
         self.feed_ward(true);
+        // Keep every subject's NEWS2 state as it is now, not only as of its last change.
+        if let Some(t) = self.alarms.news2_mut() {
+            let states: Vec<AlarmInput> = t
+                .snapshots()
+                .map(|(subject, state)| AlarmInput::Subject {
+                    subject: subject.clone(),
+                    state: Box::new(state.clone()),
+                })
+                .collect();
+            for m in states {
+                self.to_alarms(m);
+            }
+        }
         Ok(IngestSummary {
             next_seq: self.builder.next_seq(),
             messages,
@@ -279,7 +341,22 @@ impl Ingest {
             TopicUnrouted { topic: "" }.emit(&self.metrics);
             return Ok(());
         };
+        if topic.starts_with("alarms/") && topic.ends_with("/ack") {
+            self.to_alarms(AlarmInput::Ack {
+                topic: topic.to_owned(),
+                payload: payload.clone(),
+            });
+            return Ok(());
+        }
         if OWN_TOPIC_PREFIXES.iter().any(|p| topic.starts_with(p)) {
+            return Ok(());
+        }
+        if let Some(subject) = topic
+            .strip_prefix("config/")
+            .and_then(|t| t.strip_prefix(self.site.as_str()))
+            .and_then(|t| t.strip_prefix('/'))
+        {
+            self.subject_settings(topic, subject, payload, output);
             return Ok(());
         }
         let received = now_micros();
@@ -349,18 +426,16 @@ impl Ingest {
         self.metrics.next_seq.set(self.builder.next_seq() as i64);
         // Alarms name their readings' seqs: those must be reserved first.
         self.reserve_seqs()?;
+        self.message_no += 1;
         for i in mark..self.builder.len() {
             let row = self.builder.columns().row(i);
-            for event in self.alarms.observe(&row) {
-                AlarmChanged {
-                    rule: &event.rule,
-                    subject: &event.subject,
-                    priority: event.priority.as_str(),
-                    active: event.active,
-                    seq: event.seq,
+            if !self.ears.is_empty() {
+                self.ears.note(&row);
+            }
+            for event in self.alarms.observe(&row, self.message_no) {
+                if let Some(tx) = &self.alarm_stage {
+                    let _ = tx.send(AlarmInput::Condition(Box::new(event)));
                 }
-                .emit(&self.metrics);
-                output.send(Outgoing::Alarm(event));
             }
             let text = self.builder.columns().text(i);
             if self.ward.is_some()
@@ -377,7 +452,24 @@ impl Ingest {
                 });
             }
             if let Some(update) = self.alarms.observe_news2(&row, text) {
-                output.send(Outgoing::News2(Box::new(update)));
+                let state = self.news2_state(&update.subject.clone());
+                self.to_alarms(AlarmInput::News2 {
+                    update: Box::new(update),
+                    state: Box::new(state),
+                });
+            }
+            let commands = self
+                .alarms
+                .news2_mut()
+                .map(|t| t.take_commands())
+                .unwrap_or_default();
+            for c in commands {
+                let state = self.news2_state(&c.subject);
+                self.to_alarms(AlarmInput::Subject {
+                    subject: c.subject.clone(),
+                    state: Box::new(state),
+                });
+                self.to_alarms(AlarmInput::Command(c));
             }
         }
         let untracked = self.alarms.subjects_untracked();
@@ -388,6 +480,86 @@ impl Ingest {
             self.alarm_subjects_untracked = untracked;
         }
         Ok(())
+    }
+}
+
+impl Ingest {
+    fn news2_state(&mut self, subject: &str) -> SubjectState {
+        self.alarms
+            .news2_mut()
+            .and_then(|t| t.snapshot(subject).cloned())
+            .unwrap_or_default()
+    }
+
+    /// `config/<site>/<subject>`: a subject's NEWS2 settings, `{"spo2_scale": 1 or 2,
+    /// "on_oxygen": bool}` (either may be left out); an empty payload (a retained message
+    /// deleted) resets them. A payload that is neither is dead-lettered.
+    fn subject_settings(
+        &mut self,
+        topic: &str,
+        level: &str,
+        payload: &Bytes,
+        output: &OutputHandle,
+    ) {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Settings {
+            #[serde(default)]
+            spo2_scale: Option<u8>,
+            #[serde(default)]
+            on_oxygen: Option<bool>,
+        }
+        let parsed = match crate::topic::unlevel(level) {
+            None => Err(
+                "the subject level is not one this service writes (see README, Topics)".to_owned(),
+            ),
+            Some(_) if payload.is_empty() => Ok(Settings {
+                spo2_scale: Some(1),
+                on_oxygen: None,
+            }),
+            Some(_) => serde_json::from_slice::<Settings>(payload)
+                .map_err(|e| e.to_string())
+                .and_then(|s| match s.spo2_scale {
+                    None | Some(1) | Some(2) => Ok(s),
+                    Some(n) => Err(format!("spo2_scale is 1 or 2, not {n}")),
+                }),
+        };
+        let settings = parsed.and_then(|s| {
+            crate::topic::unlevel(level)
+                .map(|subject| (subject, s))
+                .ok_or_else(|| "the subject level does not decode".to_owned())
+        });
+        match settings {
+            Ok((subject, s)) => {
+                let Some(t) = self.alarms.news2_mut() else {
+                    return;
+                };
+                let scale = match s.spo2_scale {
+                    Some(2) => Spo2Scale::Two,
+                    _ => Spo2Scale::One,
+                };
+                t.set_settings(&subject, scale, s.on_oxygen);
+                let state = self.news2_state(&subject);
+                self.to_alarms(AlarmInput::Subject {
+                    subject,
+                    state: Box::new(state),
+                });
+            }
+            Err(detail) => {
+                self.metrics.dead_letters.inc();
+                debug!(topic, detail, "subject settings refused");
+                if self.ingest.dead_letter {
+                    output.send(Outgoing::DeadLetter {
+                        topic: topic.to_owned(),
+                        codec: "subject-settings",
+                        reason: Reason::Structure.as_str(),
+                        detail,
+                        payload: Some(payload.clone()),
+                        received: now_micros(),
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -426,8 +598,6 @@ impl DeadLetters<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
     use crate::config::PipelineConfig;
     use crate::pipeline::input::{queue, Received};
@@ -435,20 +605,10 @@ mod tests {
     use crate::pipeline::Publisher;
     use crate::store::SledStore;
 
-    /// Records, for each alarm published, its seq and the store's reservation at that moment.
-    struct Witness {
-        store: Arc<dyn Store>,
-        seen: Arc<Mutex<Vec<(u64, u64)>>>,
-    }
+    struct Discard;
 
-    impl Publisher for Witness {
-        fn publish(&mut self, _topic: String, payload: Bytes, _retain: bool) -> Result<(), String> {
-            let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-            let reserved = self.store.seq_reserved().unwrap();
-            self.seen
-                .lock()
-                .unwrap()
-                .push((v["seq"].as_u64().unwrap(), reserved));
+    impl Publisher for Discard {
+        fn publish(&mut self, _: String, _: Bytes, _: bool) -> Result<(), String> {
             Ok(())
         }
     }
@@ -497,15 +657,21 @@ priority = "low"
             metrics,
         )
         .unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (output_stage, output, _probe) = Output::new(
-            "w".into(),
-            Box::new(Witness {
-                store: store.clone(),
-                seen: seen.clone(),
-            }),
-            1 << 20,
-        );
+        // Records, for each alarm condition ingest hands on, its seq and the store's
+        // reservation at that moment.
+        let (alarm_tx, alarm_rx) = flume::bounded::<AlarmInput>(16);
+        let ingest = ingest.with_alarm_stage("w", alarm_tx, Ears::default());
+        let alarm_store = store.clone();
+        let alarm_thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for m in alarm_rx.iter() {
+                if let AlarmInput::Condition(ev) = m {
+                    seen.push((ev.seq.unwrap(), alarm_store.seq_reserved().unwrap()));
+                }
+            }
+            seen
+        });
+        let (output_stage, output, _probe) = Output::new(Box::new(Discard), 1 << 20);
         let output_thread = std::thread::spawn(move || output_stage.run());
         let (tx, rx) = queue(16 << 20);
         let (commit_tx, commit_rx) = flume::bounded::<PendingBatch>(64);
@@ -553,7 +719,7 @@ priority = "low"
         assert_eq!(batches.join().unwrap(), 60_000);
         output_thread.join().unwrap();
         assert_eq!(summary.next_seq, 61_000);
-        let seen = seen.lock().unwrap();
+        let seen = alarm_thread.join().unwrap();
         assert!(!seen.is_empty(), "the rule raised alarms");
         for &(seq, reserved) in seen.iter() {
             assert!(

@@ -1,5 +1,5 @@
-//! The output stage: publishes alarms (`alarms/<site>/<subject>/<rule>`, QoS 1, retained while
-//! active, cleared by an empty retained message) and dead letters (`edge/deadletter/<topic>`)
+//! The output stage: publishes what the alarm stage says (alarms, NEWS2 scores, adaptive
+//! commands, each with its topic and retain flag) and dead letters (`edge/deadletter/<topic>`)
 //! through whichever [`Publisher`] the transport gives it, on a thread of its own. Its queue is
 //! bounded in bytes: ingest waits when it is full (back-pressure), nothing is dropped.
 
@@ -11,19 +11,19 @@ use bytes::Bytes;
 use serde_json::json;
 use tracing::{debug, error};
 
-use super::ward::WardHub;
 use super::Publisher;
-use crate::alarm::news2::News2Update;
-use crate::alarm::AlarmEvent;
 use crate::model::reading::format_ts;
-use crate::topic::{alarm_topic, dead_letter_topic, news2_topic};
+use crate::topic::dead_letter_topic;
 
 /// Something to publish.
 #[derive(Debug)]
 pub enum Outgoing {
-    Alarm(AlarmEvent),
-    /// A subject's NEWS2 score changed.
-    News2(Box<News2Update>),
+    /// A message made elsewhere (the alarm stage).
+    Message {
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    },
     DeadLetter {
         topic: String,
         codec: &'static str,
@@ -39,8 +39,7 @@ impl Outgoing {
     /// Roughly the bytes this message holds while queued.
     fn bytes(&self) -> usize {
         128 + match self {
-            Outgoing::Alarm(e) => e.rule.len() + e.subject.len(),
-            Outgoing::News2(u) => u.subject.len() + 1024,
+            Outgoing::Message { topic, payload, .. } => topic.len() + payload.len(),
             Outgoing::DeadLetter {
                 topic,
                 detail,
@@ -116,11 +115,9 @@ impl OutputHandle {
 
 /// The output stage, built and ready to run on a thread of its own.
 pub struct Output {
-    site: String,
     publisher: Box<dyn Publisher>,
     rx: flume::Receiver<(Outgoing, usize)>,
     room: Arc<Room>,
-    ward: Option<Arc<WardHub>>,
 }
 
 /// Closes the queue's room when the stage ends, a panic included, so that no sender waits for
@@ -136,7 +133,6 @@ impl Drop for CloseOnDrop {
 impl Output {
     /// The stage, the handle ingest queues messages with, and a probe of the queued bytes.
     pub fn new(
-        site: String,
         publisher: Box<dyn Publisher>,
         max_bytes: usize,
     ) -> (Self, OutputHandle, impl Fn() -> i64 + Send + Sync) {
@@ -149,21 +145,13 @@ impl Output {
         let probe_room = room.clone();
         (
             Output {
-                site,
                 publisher,
                 rx,
                 room: room.clone(),
-                ward: None,
             },
             OutputHandle { tx, room },
             move || probe_room.used() as i64,
         )
-    }
-
-    /// Shows alarms and scores on the ward view too.
-    pub fn with_ward(mut self, ward: Arc<WardHub>) -> Self {
-        self.ward = Some(ward);
-        self
     }
 
     /// Publishes until every handle is dropped and the queue is drained.
@@ -173,11 +161,8 @@ impl Output {
             // Fault tests: `output-message=panic` fails the stage.
             #[cfg(feature = "failpoints")]
             fail::fail_point!("output-message");
-            let (topic, payload, retain) = encode(&self.site, &o);
+            let (topic, payload, retain) = encode(&o);
             self.room.give(n);
-            if let Some(ward) = &self.ward {
-                show(ward, &o, &payload);
-            }
             if let Err(e) = self.publisher.publish(topic.clone(), payload, retain) {
                 // The topic names a subject: only at debug level.
                 error!(error = %e, "could not publish an alarm or dead letter");
@@ -187,50 +172,14 @@ impl Output {
     }
 }
 
-/// Shows an alarm or a score on the ward view.
-fn show(ward: &WardHub, o: &Outgoing, payload: &Bytes) {
-    let body = || serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
-    match o {
-        Outgoing::Alarm(e) => ward.alarm(&e.subject, &e.rule, body(), !e.active),
-        Outgoing::News2(u) => ward.news2(&u.subject, body()),
-        Outgoing::DeadLetter { .. } => {}
-    }
-}
-
 /// The topic, payload and retain flag of an outgoing message.
-pub fn encode(site: &str, o: &Outgoing) -> (String, Bytes, bool) {
+pub fn encode(o: &Outgoing) -> (String, Bytes, bool) {
     match o {
-        Outgoing::Alarm(e) => {
-            let topic = alarm_topic(site, &e.subject, &e.rule);
-            if !e.active {
-                return (topic, Bytes::new(), true);
-            }
-            let body = json!({
-                "site": site,
-                "subject": e.subject,
-                "rule": e.rule,
-                "state": "active",
-                "priority": e.priority.as_str(),
-                "metric": e.metric,
-                "value": e.value,
-                "condition": e.condition,
-                "threshold": e.threshold,
-                "seq": e.seq,
-                "ts": format_ts(e.ts),
-                "since": format_ts(e.since),
-            });
-            (topic, Bytes::from(body.to_string()), true)
-        }
-        Outgoing::News2(u) => {
-            let mut body = serde_json::to_value(u.as_ref()).expect("a score serialises");
-            body["site"] = site.into();
-            body["time"] = format_ts(u.ts).into();
-            (
-                news2_topic(site, &u.subject),
-                Bytes::from(body.to_string()),
-                true,
-            )
-        }
+        Outgoing::Message {
+            topic,
+            payload,
+            retain,
+        } => (topic.clone(), payload.clone(), *retain),
         Outgoing::DeadLetter {
             topic,
             codec,
@@ -253,38 +202,5 @@ pub fn encode(site: &str, o: &Outgoing) -> (String, Bytes, bool) {
                 false,
             )
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::alarm::Priority;
-
-    #[test]
-    fn alarm_messages() {
-        let mut e = AlarmEvent {
-            rule: "spo2-low".into(),
-            subject: "ward7/bed3".into(),
-            active: true,
-            priority: Priority::High,
-            metric: "spo2",
-            value: 88.0,
-            condition: "below",
-            threshold: 92.0,
-            seq: 42,
-            ts: 1_700_000_000_000_000,
-            since: 1_700_000_000_000_000,
-        };
-        let (topic, payload, retain) = encode("w", &Outgoing::Alarm(e.clone()));
-        assert_eq!(topic, "alarms/w/ward7%2Fbed3/spo2-low");
-        assert!(retain);
-        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-        assert_eq!(v["seq"], 42);
-        assert_eq!(v["priority"], "high");
-        assert_eq!(v["ts"], "2023-11-14T22:13:20Z");
-        e.active = false;
-        let (_, payload, retain) = encode("w", &Outgoing::Alarm(e));
-        assert!(payload.is_empty() && retain);
     }
 }
