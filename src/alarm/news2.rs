@@ -1059,6 +1059,56 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_monitoring_raises_with_the_band_and_relaxes_after_a_calm_while() {
+        let o: News2Options = toml::from_str(
+            "[adaptive]\nraise_at = \"medium\"\nrelax_after = \"10m\"\n\
+             topic = \"devices/{source}/sampling\"\nraise = '{\"interval_s\": 5, \"why\": \"{band} {total} {subject}\"}'\n\
+             relax = '{\"interval_s\": 300}'\n",
+        )
+        .unwrap();
+        o.check().unwrap();
+        let a = o.adaptive.clone().unwrap();
+        let mut t = o.build().unwrap();
+        let mut at = |t: &mut News2Tracker, m: Metric, v: f64, s: i64| {
+            t.observe("bed \"7\"", "mon-1", &obs(m, v, s, s as u64));
+            t.take_commands()
+        };
+        // Well: RR 16, SpO2 97, HR 70 — nothing to say.
+        assert!(at(&mut t, Metric::RespRate, 16.0, 0).is_empty());
+        assert!(at(&mut t, Metric::Spo2, 97.0, 1).is_empty());
+        // RR 26 (3) + SpO2 93 (2): medium. One raise, not one per reading.
+        assert!(
+            at(&mut t, Metric::RespRate, 26.0, 60).is_empty(),
+            "3 alone: low-medium"
+        );
+        let c = at(&mut t, Metric::Spo2, 93.0, 61);
+        assert_eq!(c.len(), 1);
+        assert!(c[0].raise);
+        assert_eq!(c[0].sources, ["mon-1"]);
+        assert_eq!(
+            a.render_topic("w", &c[0].subject, "mon-1"),
+            "devices/mon-1/sampling"
+        );
+        let payload: serde_json::Value =
+            serde_json::from_str(&a.render_payload(&c[0], "w", "mon-1")).unwrap();
+        assert_eq!(
+            payload["why"], "medium 5 bed \"7\"",
+            "subject escaped into JSON"
+        );
+        assert!(
+            at(&mut t, Metric::Spo2, 92.0, 62).is_empty(),
+            "already raised"
+        );
+        // Better at 100 s; relaxed only once it has stayed below medium for 10 minutes.
+        assert!(at(&mut t, Metric::RespRate, 16.0, 100).is_empty());
+        assert!(at(&mut t, Metric::Spo2, 97.0, 101).is_empty());
+        assert!(at(&mut t, Metric::Spo2, 97.0, 100 + 599).is_empty());
+        let c = at(&mut t, Metric::Spo2, 97.0, 100 + 600);
+        assert_eq!(c.len(), 1);
+        assert!(!c[0].raise);
+    }
+
+    #[test]
     fn options_are_checked_and_configure_subjects() {
         let bad: News2Options =
             toml::from_str("[[subject]]\nname = \"a\"\nspo2_scale = 3\n").unwrap();

@@ -39,6 +39,14 @@ use crate::store::{Store, StoreError};
 /// carries their acknowledgement, in order with the others.
 pub const OWN_TOPIC_PREFIXES: &[&str] = &["alarms/", "edge/", "news2/"];
 
+/// Whether a topic is an alarm's acknowledgement topic, `alarms/<site>/<subject>/<rule>/ack`:
+/// the one place under `alarms/` clients may publish.
+pub fn is_alarm_ack(topic: &[u8]) -> bool {
+    topic.starts_with(b"alarms/")
+        && topic.ends_with(b"/ack")
+        && topic.iter().filter(|&&b| b == b'/').count() == 4
+}
+
 /// Seqs are reserved durably in blocks of this many. A seq leaves ingest (in a batch, or named
 /// by an alarm) only once it lies below the durable reservation, so no crash can hand it out
 /// twice.
@@ -341,7 +349,7 @@ impl Ingest {
             TopicUnrouted { topic: "" }.emit(&self.metrics);
             return Ok(());
         };
-        if topic.starts_with("alarms/") && topic.ends_with("/ack") {
+        if is_alarm_ack(topic.as_bytes()) {
             self.to_alarms(AlarmInput::Ack {
                 topic: topic.to_owned(),
                 payload: payload.clone(),

@@ -39,7 +39,7 @@ use super::sessions::{Acks, Backlog};
 use super::subscriptions::Refused;
 use super::Shared;
 use crate::model::events::{InternalEvent, TopicRefused};
-use crate::pipeline::ingest::OWN_TOPIC_PREFIXES;
+use crate::pipeline::ingest::{is_alarm_ack, OWN_TOPIC_PREFIXES};
 use crate::pipeline::input::{InputSender, Received};
 use crate::pipeline::AckToken;
 use crate::topic::check_topic_name;
@@ -85,11 +85,12 @@ fn router_safe(topic: &[u8]) -> bool {
 }
 
 /// Topics this service publishes itself: a client may neither publish there nor leave a will
-/// there, or it could plant or clear an alarm.
+/// there, or it could plant or clear an alarm. Acknowledgements of alarms are the exception.
 fn reserved(topic: &[u8]) -> bool {
     OWN_TOPIC_PREFIXES
         .iter()
         .any(|p| topic.starts_with(p.as_bytes()))
+        && !is_alarm_ack(topic)
 }
 
 /// Serves one accepted connection until it ends.

@@ -1,0 +1,245 @@
+//! The alarm lifecycle, black-box: a real service on loopback, real MQTT clients. Acks over
+//! MQTT, a restart that keeps alarms and acknowledgements, forged device clocks, flagged
+//! readings, and every alarm's evidence read back from the store.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use serde_json::Value;
+
+const T0: i64 = 1_700_000_000;
+
+fn json(p: &[u8]) -> Value {
+    serde_json::from_slice(p).unwrap()
+}
+
+fn history(v: &Value) -> Vec<String> {
+    v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["what"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// SpO2 readings of bed 3, one message each, every 10 s from `from` (s after T0).
+fn low_spo2(from: i64, n: i64, spo2: f64) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| vitals(3, T0 + from + i * 10, 80.0, spo2))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_is_acknowledged_over_mqtt_and_survives_a_restart_without_a_second_raise() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let text = pipeline("latching = true\n");
+    let topic = format!("alarms/{SITE}/w7-b3/spo2-low");
+
+    let edge = Edge::start(&text, &data);
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, &topic).await;
+    publish_all(port, &low_spo2(0, 4, 88.0)).await;
+    let (_, p, retained) = next_matching(&mut alarms, |_, _| true).await;
+    let raised = json(&p);
+    assert!(!retained);
+    assert_eq!(raised["state"], "active");
+    assert_eq!(raised["kind"], "clinical");
+    assert_eq!(raised["evidence"]["value"], 88.0);
+    assert_eq!(raised["evidence"]["source"], "w7-b3-mon");
+    assert_eq!(raised["evidence"]["seq"], raised["seq"]);
+
+    // A bad acknowledgement changes nothing and is counted; a good one acknowledges.
+    publish_all(
+        port,
+        &[
+            (format!("{topic}/ack"), b"{\"who\": 1}".to_vec()),
+            (
+                format!("alarms/{SITE}/w7-b9/spo2-low/ack"),
+                b"{\"by\": \"nurse-jo\"}".to_vec(),
+            ),
+            (format!("{topic}/ack"), b"{\"by\": \"nurse-jo\"}".to_vec()),
+        ],
+    )
+    .await;
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    let acked = json(&p);
+    assert_eq!(acked["state"], "acknowledged");
+    assert_eq!(acked["acknowledged"]["by"], "nurse-jo");
+    assert_eq!(history(&acked), ["raised", "acknowledged"]);
+    edge.wait_metric("iomt_alarm_acks_refused_total", 2.0);
+    assert!(edge.stop().success());
+
+    // After a restart: still acknowledged, not raised again by readings that are still low.
+    wait_sled_released(&data.join("store"));
+    let edge = Edge::start(&text, &data);
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, &topic).await;
+    let (_, p, retained) = next_matching(&mut alarms, |_, _| true).await;
+    assert!(retained, "published again, retained, by the new process");
+    let kept = json(&p);
+    assert_eq!(kept["state"], "acknowledged");
+    assert_eq!(kept["acknowledged"]["by"], "nurse-jo");
+    assert_eq!(history(&kept), ["raised", "acknowledged", "restored"]);
+    publish_all(port, &low_spo2(40, 4, 87.0)).await;
+    // Back in range: the acknowledged alarm clears (the rule knew it was raised).
+    publish_all(port, &low_spo2(80, 1, 97.0)).await;
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    let cleared = json(&p);
+    assert_eq!(cleared["state"], "cleared");
+    assert_eq!(
+        history(&cleared),
+        [
+            "raised",
+            "acknowledged",
+            "restored",
+            "condition-cleared",
+            "cleared"
+        ],
+        "never raised a second time"
+    );
+    assert_eq!(
+        edge.metric("iomt_alarms_raised_total{priority=\"high\"}"),
+        0.0
+    );
+    assert!(edge.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_device_clocks_neither_hold_off_nor_fire_a_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, "alarms/#").await;
+    // Bed 3: a reading stamped 9999 in the middle of a real low breach. It is flagged
+    // clock_suspect and ignored: the breach still fires after 30 s of real readings.
+    let year_9999 = 253_402_300_000i64;
+    let mut bed3 = low_spo2(0, 2, 88.0);
+    bed3.push(vitals(3, year_9999, 80.0, 88.0));
+    bed3.extend(low_spo2(20, 2, 88.0));
+    publish_all(port, &bed3).await;
+    let (t, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    assert_eq!(t, format!("alarms/{SITE}/w7-b3/spo2-low"));
+    assert_eq!(json(&p)["since"], "2023-11-14T22:13:20Z");
+    assert_eq!(json(&p)["ts"], "2023-11-14T22:13:50Z");
+
+    // Bed 4: one reading stamped 1970 (inside this pipeline's 100-year window), then one
+    // message carrying 40 s of readings: decades apart, and one message, so no delay was held
+    // by readings received over it.
+    publish_all(
+        port,
+        &[
+            vitals(4, 1, 80.0, 85.0),
+            (
+                "ward/7/bed/4/vitals".to_owned(),
+                format!(
+                    r#"[{{"ts":{T0},"spo2":85}},{{"ts":{},"spo2":85}}]"#,
+                    T0 + 40
+                )
+                .into_bytes(),
+            ),
+        ],
+    )
+    .await;
+    // The next real reading, in a message of its own, completes the breach begun at T0.
+    publish_all(port, &[vitals(4, T0 + 60, 80.0, 85.0)]).await;
+    let (t, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    assert_eq!(t, format!("alarms/{SITE}/w7-b4/spo2-low"));
+    let v = json(&p);
+    assert_eq!(v["since"], "2023-11-14T22:13:20Z", "not 1970");
+    assert_eq!(
+        v["ts"], "2023-11-14T22:14:20Z",
+        "raised by the fifth reading's message"
+    );
+    assert!(edge.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagged_readings_raise_a_technical_alarm_never_a_clinical_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+[[rule]]
+name = "probe-off"
+kind = "flagged"
+metric = "spo2"
+count = 3
+priority = "low"
+"#;
+    let text = pipeline(extra).replace("for = \"30s\"", "for = \"0s\"");
+    let edge = Edge::start(&text, &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, "alarms/#").await;
+    // SpO2 of -5 %: far below the spo2-low threshold, and flagged out of range (a probe that
+    // lost its signal), so it must never raise spo2-low.
+    let flagged: Vec<(String, Vec<u8>)> = (0..4).map(|i| vitals(5, T0 + i, 80.0, -5.0)).collect();
+    publish_all(port, &flagged).await;
+    let (t, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    assert_eq!(t, format!("alarms/{SITE}/w7-b5/probe-off"));
+    let v = json(&p);
+    assert_eq!(
+        (v["kind"].as_str(), v["state"].as_str()),
+        (Some("technical"), Some("active"))
+    );
+    edge.wait_metric("iomt_readings_decoded_total", 4.0);
+    assert_eq!(
+        edge.metric("iomt_alarms_raised_total{priority=\"high\"}"),
+        0.0,
+        "no clinical alarm from flagged readings"
+    );
+    assert!(edge.stop().success());
+}
+
+/// After a clean run of the ward fixture, every alarm names evidence that the store holds:
+/// the same seq, metric and value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_alarms_evidence_is_in_the_store_after_a_clean_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = on_free_ports(
+        &std::fs::read_to_string(root.join("pipelines/ward-demo.toml")).unwrap(),
+        SITE,
+    );
+    let edge = Edge::start(&text, &data);
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, "alarms/#").await;
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .args(["replay", "--speed", "max", "--broker"])
+        .arg(format!("mqtt://127.0.0.1:{port}"))
+        .arg(root.join("fixtures/ward-demo.jsonl"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    edge.wait_metric("iomt_alarms_raised_total{priority=\"high\"}", 2.0);
+    let mut evidence = BTreeMap::new();
+    while let Ok(Some((_, p, _))) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), alarms.recv()).await
+    {
+        let v = json(&p);
+        if let Some(seq) = v["evidence"]["seq"].as_u64() {
+            evidence.insert(
+                seq,
+                (
+                    v["evidence"]["metric"].as_str().unwrap().to_owned(),
+                    v["evidence"]["value"].as_f64().unwrap(),
+                ),
+            );
+        }
+    }
+    assert!(evidence.len() >= 5, "the fixture raises five alarms");
+    assert!(edge.stop().success());
+    let stored: BTreeMap<u64, (String, f64)> = stored_readings(&data)
+        .into_iter()
+        .map(|r| {
+            (
+                r.seq,
+                (r.metric.name().to_owned(), r.value.unwrap_or(f64::NAN)),
+            )
+        })
+        .collect();
+    for (seq, want) in evidence {
+        assert_eq!(stored.get(&seq), Some(&want), "evidence seq {seq}");
+    }
+}
