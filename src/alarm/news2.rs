@@ -1069,7 +1069,7 @@ mod tests {
         o.check().unwrap();
         let a = o.adaptive.clone().unwrap();
         let mut t = o.build().unwrap();
-        let mut at = |t: &mut News2Tracker, m: Metric, v: f64, s: i64| {
+        let at = |t: &mut News2Tracker, m: Metric, v: f64, s: i64| {
             t.observe("bed \"7\"", "mon-1", &obs(m, v, s, s as u64));
             t.take_commands()
         };
