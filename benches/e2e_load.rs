@@ -11,6 +11,11 @@
 //!    mosquitto acknowledged must be stored (at least once), and the run fails otherwise;
 //! 5. **mosquitto pass-through**: the same publisher through mosquitto to one QoS 1 subscriber.
 //!
+//! `IOMT_BENCH_ONLY=alarm`: alarm latency, from the publish of a reading that crosses a
+//! threshold to the alarm message at a subscriber, while publishers offer a background load
+//! (50,000 messages/s by default, `IOMT_BENCH_ALARM_RATE`) that the service decodes, seals and
+//! stores; p50, p99 and the worst of 20 probes a second for `IOMT_BENCH_ALARM_SECONDS` (20).
+//!
 //! ```sh
 //! cargo bench --bench e2e_load
 //! IOMT_BENCH_MESSAGES=200000 IOMT_BENCH_CONNECTIONS=2 IOMT_BENCH_EXTERNAL_RATE=60000 \
@@ -377,6 +382,105 @@ async fn bench_service_with(
     (rate, readings_rate, ok)
 }
 
+/// Alarm latency under a background load: see the module doc.
+async fn bench_alarm_latency(rate: usize, seconds: usize, connections: usize) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+[[route]]
+topic = "probe/+/spo2"
+codec = "json"
+source = "probe-{2}"
+subject = "probe-{2}"
+[route.json]
+ts = "/ts"
+ts_format = "unix_ms"
+[[route.json.reading]]
+value = "/spo2"
+metric = "spo2"
+[[rule]]
+name = "spo2-low"
+metric = "spo2"
+below = 92
+priority = "high"
+"#;
+    let config = PipelineConfig::parse(&format!("{PIPELINE}{extra}"), "bench pipeline").unwrap();
+    let service = Service::start(config, dir.path())
+        .await
+        .expect("service starts");
+    let addr = service.endpoints.mqtt.unwrap();
+    let metrics = service.metrics.clone();
+    let t0 = Instant::now();
+    let background = tokio::spawn(publish_all(
+        addr,
+        rate * seconds,
+        connections,
+        Payload::Json,
+        Pace::Rate(rate as f64 / connections as f64),
+        t0,
+    ));
+    let mut alarms = common::subscribe(addr.port(), "alarms/bench/probe-1/spo2-low").await;
+    let (probe, mut probe_loop) = common::client(addr.port(), "bench-probe");
+    tokio::spawn(async move { while probe_loop.poll().await.is_ok() {} });
+    // Let the background load settle before measuring.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut latencies = Vec::new();
+    let mut missed = 0;
+    let probes = (seconds.saturating_sub(2)) * 20;
+    for i in 0..probes {
+        let low = i % 2 == 0;
+        let payload = format!(
+            r#"{{"ts":{},"spo2":{}}}"#,
+            1_700_000_000_000u64 + i as u64 * 1000,
+            if low { 85 } else { 97 }
+        );
+        let sent = Instant::now();
+        probe
+            .publish("probe/1/spo2", rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+        let want = if low { "active" } else { "cleared" };
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some((_, p, _)) = alarms.recv().await {
+                let v: serde_json::Value = serde_json::from_slice(&p).unwrap_or_default();
+                if v["state"] == want {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        match got {
+            Ok(true) => latencies.push(sent.elapsed()),
+            _ => missed += 1,
+        }
+        tokio::time::sleep_until((sent + Duration::from_millis(50)).into()).await;
+    }
+    let background_acked = background.await.unwrap().1;
+    let offered_secs = t0.elapsed().as_secs_f64();
+    latencies.sort();
+    let q = |f: f64| latencies[((latencies.len() - 1) as f64 * f).round() as usize];
+    println!("alarm latency (publish of the crossing reading -> alarm message at a subscriber):");
+    println!(
+        "   background: {background_acked} messages acknowledged (= stored) in {offered_secs:.1} s, {:.0} msg/s offered over {connections} connections",
+        rate
+    );
+    println!(
+        "   {} probes: p50 {:.2} ms, p99 {:.2} ms, worst {:.2} ms, missed {missed}",
+        latencies.len(),
+        q(0.5).as_secs_f64() * 1e3,
+        q(0.99).as_secs_f64() * 1e3,
+        latencies.last().unwrap().as_secs_f64() * 1e3,
+    );
+    println!(
+        "   readings stored {}, batches sealed {}",
+        metrics.readings_stored.get(),
+        metrics.batches_sealed.get()
+    );
+    service.shutdown();
+    service.wait().await.expect("clean stop");
+    missed == 0 && background_acked == (rate * seconds / connections * connections) as u64
+}
+
 /// External mode through a mosquitto in its default configuration, at an offered rate.
 async fn bench_external(rate: usize, seconds: usize, connections: usize) -> Option<(f64, bool)> {
     if !mosquitto::installed() {
@@ -647,6 +751,14 @@ fn main() {
             "ledger: median {on:.0} msg/s with a checkpoint every second, {off:.0} without; ratio {:.3}",
             on / off
         );
+        return;
+    }
+    if std::env::var("IOMT_BENCH_ONLY").is_ok_and(|o| o == "alarm") {
+        let rate = env_or("IOMT_BENCH_ALARM_RATE", 50_000);
+        let seconds = env_or("IOMT_BENCH_ALARM_SECONDS", 20);
+        if !runtime.block_on(bench_alarm_latency(rate, seconds, connections)) {
+            std::process::exit(1);
+        }
         return;
     }
     if std::env::var("IOMT_BENCH_ONLY").is_ok_and(|o| o == "external") {
