@@ -151,6 +151,7 @@ struct RuleMeta {
     kind: RuleKind,
     priority: Priority,
     band: Option<Band>,
+    hysteresis: f64,
 }
 
 /// Every alarm that is not cleared, by (subject, rule).
@@ -174,6 +175,7 @@ impl Board {
                             kind: r.kind,
                             priority: r.priority,
                             band: r.band,
+                            hysteresis: r.hysteresis,
                         },
                     )
                 })
@@ -396,7 +398,15 @@ impl Board {
             let level = meta.band.expect("checked: a news2 rule has a band");
             let reached = u.band >= level;
             let holds = self.get(&u.subject, &name).is_some_and(|r| r.condition);
-            if reached == holds {
+            // Clearing waits for the total to fall `hysteresis` points below the band's lowest
+            // total: a score wavering between 4 and 5 is one alarm, not one a minute.
+            let lowest = match level {
+                Band::High => 7.0,
+                Band::Medium => 5.0,
+                _ => 0.0,
+            };
+            let recovered = !reached && f64::from(u.total) < lowest - meta.hysteresis;
+            if reached == holds || (holds && !recovered) {
                 continue;
             }
             let ev = AlarmEvent {

@@ -153,7 +153,8 @@ pub struct RuleConfig {
     /// only held over time the rule heard the subject.
     #[serde(default, with = "humantime_serde")]
     pub max_gap: Option<Duration>,
-    /// The value must come back this far before the condition clears.
+    /// The value must come back this far before the condition clears (for a news2 rule: the
+    /// total must fall this many points below the band's lowest total).
     #[serde(default)]
     pub hysteresis: f64,
     /// A latched alarm stays active until acknowledged, even once its condition clears.
@@ -202,7 +203,7 @@ impl RuleConfig {
                 "for",
                 "hysteresis",
             ],
-            RuleKind::News2 => &["band"],
+            RuleKind::News2 => &["band", "hysteresis"],
             RuleKind::Silence => &["metric", "after", "per"],
             RuleKind::Flagged => &["metric", "count"],
         };
@@ -432,6 +433,8 @@ pub struct AlarmEngine {
     last_subject: Option<(Box<str>, usize)>,
     untracked: u64,
     events: Vec<AlarmEvent>,
+    /// Per subject of the current message: the latest reading NEWS2 took.
+    news2_triggers: Vec<(String, EvidenceReading)>,
 }
 
 impl AlarmEngine {
@@ -453,6 +456,7 @@ impl AlarmEngine {
             last_subject: None,
             untracked: 0,
             events: Vec::new(),
+            news2_triggers: Vec::new(),
         }
     }
 
@@ -470,16 +474,15 @@ impl AlarmEngine {
         self.news2.as_mut()
     }
 
-    /// Feeds one reading (and its text, for consciousness) to the NEWS2 tracker: its subject's
-    /// new score, when it changed.
-    pub fn observe_news2(
-        &mut self,
-        r: &RowRef<'_>,
-        text: Option<&str>,
-    ) -> Option<news2::News2Update> {
-        let tracker = self.news2.as_mut()?;
-        let mut update = tracker.observe(
-            r.subject.unwrap_or(r.source),
+    /// Feeds one reading (and its text, for consciousness) to the NEWS2 tracker. Scores are
+    /// judged once the message's readings are all in: [`Self::score_news2`].
+    pub fn observe_news2(&mut self, r: &RowRef<'_>, text: Option<&str>) {
+        let Some(tracker) = self.news2.as_mut() else {
+            return;
+        };
+        let subject = r.subject.unwrap_or(r.source);
+        let counted = tracker.record(
+            subject,
             r.source,
             &news2::Observation {
                 metric: r.metric,
@@ -489,9 +492,53 @@ impl AlarmEngine {
                 seq: r.seq,
                 flags: r.flags,
             },
-        )?;
-        update.trigger = Some(EvidenceReading::of(r));
-        Some(update)
+        );
+        if !counted {
+            return;
+        }
+        // The latest reading of each subject scored: what a changed score names as its trigger.
+        let slot = match self.news2_triggers.iter().position(|(s, _)| s == subject) {
+            Some(i) => i,
+            None => {
+                self.news2_triggers
+                    .push((subject.to_owned(), EvidenceReading::of(r)));
+                return;
+            }
+        };
+        let t = &mut self.news2_triggers[slot].1;
+        t.seq = r.seq;
+        t.ts = r.ts;
+        t.received = r.received;
+        t.value = r.value;
+        if t.source != r.source {
+            r.source.clone_into(&mut t.source);
+        }
+        if t.metric != r.metric.name() {
+            r.metric.name().clone_into(&mut t.metric);
+        }
+        t.flags.clear();
+        if r.flags != 0 {
+            t.flags
+                .extend(flags::names(r.flags).into_iter().map(str::to_owned));
+        }
+    }
+
+    /// The NEWS2 scores that changed with the readings observed since the last call (one
+    /// message's), each naming the reading that changed it.
+    pub fn score_news2(&mut self) -> Vec<news2::News2Update> {
+        let Some(tracker) = self.news2.as_mut() else {
+            return Vec::new();
+        };
+        let mut updates = tracker.score_pending();
+        for u in &mut updates {
+            u.trigger = self
+                .news2_triggers
+                .iter()
+                .find(|(s, _)| *s == u.subject)
+                .map(|(_, t)| t.clone());
+        }
+        self.news2_triggers.clear();
+        updates
     }
 
     /// Readings whose subject some rule could not track (bounded state), in total.

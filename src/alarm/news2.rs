@@ -552,6 +552,14 @@ const INPUTS: [Metric; 8] = [
     Metric::BodyTemp,
 ];
 
+/// A score and the readings behind each parameter (in [`Param::ALL`] order; for air or
+/// oxygen, the flow reading if any).
+struct Assessed {
+    score: Score,
+    behind: [Option<Latest>; 7],
+    on_oxygen: Option<bool>,
+}
+
 /// A subject's whole NEWS2 state: what is kept across a restart.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct SubjectState {
@@ -569,6 +577,9 @@ pub struct SubjectState {
     /// Device time the band went below `raise_at` while raised.
     #[serde(default)]
     calm_since: Option<i64>,
+    /// Device time of the newest reading taken: the time a score is judged at.
+    #[serde(default)]
+    newest: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -587,6 +598,8 @@ pub struct News2Tracker {
     untracked: u64,
     adaptive: Option<Adaptive>,
     commands: Vec<Command>,
+    /// Subjects recorded since the last [`Self::score_pending`].
+    pending: Vec<String>,
 }
 
 use crate::model::reading::flags::NOT_CLINICAL;
@@ -600,6 +613,7 @@ impl News2Tracker {
             untracked: 0,
             adaptive: None,
             commands: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -669,36 +683,55 @@ impl News2Tracker {
         self.subjects.get_mut(subject)
     }
 
-    /// Takes one reading; returns the subject's new score when it changed. A reading older than
-    /// the one a parameter holds (out of order) changes nothing; flagged readings are ignored.
+    /// Takes one reading and scores its subject at once: its new score when it changed. For
+    /// readings that arrive together, [`Self::record`] each, then [`Self::score_pending`].
     pub fn observe(
         &mut self,
         subject: &str,
         source: &str,
         o: &Observation<'_>,
     ) -> Option<News2Update> {
-        let slot = INPUTS.iter().position(|m| *m == o.metric)?;
-        if o.flags & NOT_CLINICAL != 0 {
+        if !self.record(subject, source, o) {
             return None;
         }
+        self.score_pending().pop()
+    }
+
+    /// Takes one reading into its subject's state without scoring it; true when it counted.
+    /// A reading older than the one a parameter holds (out of order) changes nothing; flagged
+    /// readings are ignored.
+    pub fn record(&mut self, subject: &str, source: &str, o: &Observation<'_>) -> bool {
+        let Some(slot) = INPUTS.iter().position(|m| *m == o.metric) else {
+            return false;
+        };
+        if o.flags & NOT_CLINICAL != 0 {
+            return false;
+        }
         let latest = match o.metric {
-            Metric::Consciousness => Latest {
-                value: 0.0,
-                consciousness: Some(Consciousness::parse(o.text?)?),
-                seq: o.seq,
-                ts: o.ts,
+            Metric::Consciousness => match o.text.and_then(Consciousness::parse) {
+                Some(c) => Latest {
+                    value: 0.0,
+                    consciousness: Some(c),
+                    seq: o.seq,
+                    ts: o.ts,
+                },
+                None => return false,
             },
-            _ => Latest {
-                value: o.value.filter(|v| v.is_finite())?,
-                consciousness: None,
-                seq: o.seq,
-                ts: o.ts,
+            _ => match o.value.filter(|v| v.is_finite()) {
+                Some(value) => Latest {
+                    value,
+                    consciousness: None,
+                    seq: o.seq,
+                    ts: o.ts,
+                },
+                None => return false,
             },
         };
-        let (staleness, adaptive) = (self.staleness_us, self.adaptive);
-        let state = self.state(subject)?;
+        let Some(state) = self.state(subject) else {
+            return false;
+        };
         if state.latest[slot].is_some_and(|l| l.ts > o.ts) {
-            return None;
+            return false;
         }
         if !state.sources.iter().any(|s| s == source) {
             if state.sources.len() >= MAX_SOURCES {
@@ -707,24 +740,45 @@ impl News2Tracker {
             state.sources.push(source.to_owned());
         }
         state.latest[slot] = Some(latest);
-        let update = Self::evaluate(subject, state, o.ts, staleness);
-        if let Some(a) = adaptive {
-            if let Some(c) = Self::adapt(a, subject, state, &update) {
-                self.commands.push(c);
+        state.newest = state.newest.max(o.ts);
+        match self.pending.last() {
+            Some(last) if last == subject => {}
+            _ if self.pending.iter().any(|p| p == subject) => {}
+            _ => self.pending.push(subject.to_owned()),
+        }
+        true
+    }
+
+    /// Scores every subject [`Self::record`] took readings of since the last call, once each
+    /// (readings of one message are one observation: scoring them one by one would mix a new
+    /// heart rate with the previous respiration rate); returns the scores that changed.
+    pub fn score_pending(&mut self) -> Vec<News2Update> {
+        let mut out = Vec::new();
+        let (staleness, adaptive) = (self.staleness_us, self.adaptive);
+        for subject in std::mem::take(&mut self.pending) {
+            let Some(state) = self.subjects.get_mut(&subject) else {
+                continue;
+            };
+            let now = state.newest;
+            let assessed = Self::assess(state, now, staleness);
+            if let Some(a) = adaptive {
+                if let Some(c) = Self::adapt(a, &subject, state, &assessed.score, now) {
+                    self.commands.push(c);
+                }
             }
+            let key = (
+                assessed.score.total,
+                assessed.score.band,
+                assessed.score.partial,
+                assessed.score.parameters,
+            );
+            if state.last == Some(key) {
+                continue;
+            }
+            state.last = Some(key);
+            out.push(Self::evaluate(&subject, state, &assessed, now));
         }
-        let state = self.subjects.get_mut(subject)?;
-        let key = (
-            update.total,
-            update.band,
-            update.partial,
-            Self::subscores(&update),
-        );
-        if state.last == Some(key) {
-            return None;
-        }
-        state.last = Some(key);
-        Some(update)
+        out
     }
 
     /// Adaptive monitoring: whether this score asks the subject's devices to change pace.
@@ -732,17 +786,18 @@ impl News2Tracker {
         a: Adaptive,
         subject: &str,
         state: &mut SubjectState,
-        u: &News2Update,
+        score: &Score,
+        now: i64,
     ) -> Option<Command> {
         let command = |raise| Command {
             subject: subject.to_owned(),
             sources: state.sources.clone(),
             raise,
-            band: u.band,
-            total: u.total,
-            ts: u.ts,
+            band: score.band,
+            total: score.total,
+            ts: now,
         };
-        if u.band >= a.raise_at {
+        if score.band >= a.raise_at {
             state.calm_since = None;
             if state.raised {
                 return None;
@@ -753,8 +808,8 @@ impl News2Tracker {
         if !state.raised {
             return None;
         }
-        let calm = *state.calm_since.get_or_insert(u.ts);
-        if u.ts.saturating_sub(calm) < a.relax_after_us {
+        let calm = *state.calm_since.get_or_insert(now);
+        if now.saturating_sub(calm) < a.relax_after_us {
             return None;
         }
         state.raised = false;
@@ -762,12 +817,50 @@ impl News2Tracker {
         Some(command(false))
     }
 
-    fn subscores(u: &News2Update) -> [Option<u8>; 7] {
-        Param::ALL.map(|p| u.parameters.get(p.as_str()).map(|e| e.score))
+    /// A subject's score now, and the readings behind it: no allocation, since it runs for
+    /// every message that carries a NEWS2 input.
+    fn assess(s: &SubjectState, now: i64, staleness: i64) -> Assessed {
+        let fresh = |slot: usize| s.latest[slot].filter(|l| now.saturating_sub(l.ts) <= staleness);
+        // Oxygen: a setting, or the latest flow reading.
+        let flow = fresh(2);
+        let on_oxygen = match (s.on_oxygen, flow) {
+            (Some(true), _) => Some(true),
+            (_, Some(f)) => Some(f.value > 0.0),
+            (setting, None) => setting,
+        };
+        // Pulse: heart rate or pulse rate, whichever is newer.
+        let pulse = match (fresh(4), fresh(5)) {
+            (Some(a), Some(b)) => Some(if b.ts > a.ts { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        let behind = [
+            fresh(0),
+            fresh(1),
+            flow,
+            fresh(3),
+            pulse,
+            fresh(6),
+            fresh(7),
+        ];
+        let obs = Observations {
+            scale: s.scale,
+            on_oxygen,
+            resp_rate: behind[0].map(|l| l.value),
+            spo2: behind[1].map(|l| l.value),
+            bp_systolic: behind[3].map(|l| l.value),
+            pulse: behind[4].map(|l| l.value),
+            consciousness: behind[5].and_then(|l| l.consciousness),
+            temperature: behind[6].map(|l| l.value),
+        };
+        Assessed {
+            score: score(&obs),
+            behind,
+            on_oxygen,
+        }
     }
 
-    fn evaluate(subject: &str, s: &SubjectState, now: i64, staleness: i64) -> News2Update {
-        let fresh = |slot: usize| s.latest[slot].filter(|l| now.saturating_sub(l.ts) <= staleness);
+    /// The whole update for a score [`Self::assess`] found changed.
+    fn evaluate(subject: &str, s: &SubjectState, a: &Assessed, now: i64) -> News2Update {
         let seen = |slot: usize| s.latest[slot].is_some();
         let mut parameters = std::collections::BTreeMap::new();
         let mut missing = Vec::new();
@@ -779,36 +872,18 @@ impl News2Tracker {
                 missing.push(p.as_str());
             }
         };
-        // Oxygen: a setting, or the latest flow reading.
-        let flow = fresh(2);
-        let on_oxygen = match (s.on_oxygen, flow) {
-            (Some(true), _) => Some(true),
-            (_, Some(f)) => Some(f.value > 0.0),
-            (setting, None) => setting,
-        };
-        let mut obs = Observations {
-            scale: s.scale,
-            on_oxygen,
-            ..Observations::default()
-        };
-        let numeric = |slot: usize| fresh(slot).map(|l| (l.value, l));
-        let rr = numeric(0);
-        let spo2 = numeric(1);
-        let sbp = numeric(3);
-        // Pulse: heart rate or pulse rate, whichever is newer.
-        let pulse = match (numeric(4), numeric(5)) {
-            (Some(a), Some(b)) => Some(if b.1.ts > a.1.ts { b } else { a }),
-            (a, b) => a.or(b),
-        };
-        let avpu = fresh(6);
-        let temp = numeric(7);
-        obs.resp_rate = rr.map(|x| x.0);
-        obs.spo2 = spo2.map(|x| x.0);
-        obs.bp_systolic = sbp.map(|x| x.0);
-        obs.pulse = pulse.map(|x| x.0);
-        obs.consciousness = avpu.and_then(|l| l.consciousness);
-        obs.temperature = temp.map(|x| x.0);
-        let score = score(&obs);
+        let on_oxygen = a.on_oxygen;
+        let flow = a.behind[2];
+        let numeric = |i: usize| a.behind[i].map(|l| (l.value, l));
+        let (rr, spo2, sbp, pulse, avpu, temp) = (
+            numeric(0),
+            numeric(1),
+            numeric(3),
+            numeric(4),
+            a.behind[5],
+            numeric(6),
+        );
+        let score = a.score.clone();
         let number = |v: f64| serde_json::json!(v);
         let evidence = [
             rr.map(|(v, l)| (number(v), l)),

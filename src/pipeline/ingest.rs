@@ -459,26 +459,28 @@ impl Ingest {
                     received: row.received,
                 });
             }
-            if let Some(update) = self.alarms.observe_news2(&row, text) {
-                let state = self.news2_state(&update.subject.clone());
-                self.to_alarms(AlarmInput::News2 {
-                    update: Box::new(update),
-                    state: Box::new(state),
-                });
-            }
-            let commands = self
-                .alarms
-                .news2_mut()
-                .map(|t| t.take_commands())
-                .unwrap_or_default();
-            for c in commands {
-                let state = self.news2_state(&c.subject);
-                self.to_alarms(AlarmInput::Subject {
-                    subject: c.subject.clone(),
-                    state: Box::new(state),
-                });
-                self.to_alarms(AlarmInput::Command(c));
-            }
+            self.alarms.observe_news2(&row, text);
+        }
+        // The message's readings are in: its subjects' NEWS2 scores, once each.
+        for update in self.alarms.score_news2() {
+            let state = self.news2_state(&update.subject.clone());
+            self.to_alarms(AlarmInput::News2 {
+                update: Box::new(update),
+                state: Box::new(state),
+            });
+        }
+        let commands = self
+            .alarms
+            .news2_mut()
+            .map(|t| t.take_commands())
+            .unwrap_or_default();
+        for c in commands {
+            let state = self.news2_state(&c.subject);
+            self.to_alarms(AlarmInput::Subject {
+                subject: c.subject.clone(),
+                state: Box::new(state),
+            });
+            self.to_alarms(AlarmInput::Command(c));
         }
         let untracked = self.alarms.subjects_untracked();
         if untracked > self.alarm_subjects_untracked {
