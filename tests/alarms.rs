@@ -243,3 +243,144 @@ async fn every_alarms_evidence_is_in_the_store_after_a_clean_run() {
         assert_eq!(stored.get(&seq), Some(&want), "evidence seq {seq}");
     }
 }
+
+/// An alarm raised from a reading whose batch a crash lost says so after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_whose_evidence_a_crash_lost_says_so_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let text = pipeline("").replace("for = \"30s\"", "for = \"0s\"");
+    let topic = format!("alarms/{SITE}/w7-b3/spo2-low");
+    // The store refuses every batch: the alarm is raised (ingest judges readings before they
+    // are stored) and kept, but its reading never reaches the store.
+    let edge = Edge::start_with_env(&text, &data, &[("FAILPOINTS", "store-put=return")]);
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, &topic).await;
+    publish_all_qos0(port, &low_spo2(0, 1, 85.0)).await;
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    let seq = json(&p)["seq"].as_u64().unwrap();
+    // The alarm stage makes its change durable right after publishing it.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    edge.crash();
+
+    wait_sled_released(&data.join("store"));
+    let edge = Edge::start(&text, &data);
+    let mut alarms = subscribe(edge.mqtt_port(), &topic).await;
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    let v = json(&p);
+    assert_eq!(v["state"], "active");
+    assert_eq!(history(&v), ["raised", "restored", "evidence-lost"]);
+    let note = v["history"][2]["note"].as_str().unwrap();
+    assert!(note.contains(&format!("seq {seq}")), "{note}");
+    assert!(edge.stop().success());
+    assert!(stored_readings(&data).iter().all(|r| r.seq != seq));
+}
+
+/// A subject's NEWS2 settings arrive on `config/<site>/<subject>`, change its score, and are
+/// kept, with its readings, across a restart; a bad settings message is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_settings_and_news2_state_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let text = pipeline("");
+    let edge = Edge::start(&text, &data);
+    let port = edge.mqtt_port();
+    let news2 = format!("news2/{SITE}/w7-b3");
+    let mut scores = subscribe(port, &news2).await;
+    let mut dead = subscribe(port, "edge/deadletter/#").await;
+    publish_all(
+        port,
+        &[
+            (
+                format!("config/{SITE}/w7-b3"),
+                br#"{"spo2_scale": 3}"#.to_vec(),
+            ),
+            (
+                format!("config/{SITE}/w7-b3"),
+                br#"{"spo2_scale": 2, "on_oxygen": true}"#.to_vec(),
+            ),
+            vitals(3, T0, 70.0, 95.0),
+        ],
+    )
+    .await;
+    let (_, p, _) = next_matching(&mut scores, |_, _| true).await;
+    let v = json(&p);
+    // Scale 2 on oxygen: 95 % scores 2, and oxygen 2.
+    assert_eq!(v["scale"], 2);
+    assert_eq!(v["parameters"]["spo2"]["score"], 2);
+    assert_eq!(v["parameters"]["air_or_oxygen"]["value"], "oxygen");
+    let (t, p, _) = next_matching(&mut dead, |_, _| true).await;
+    assert_eq!(t, format!("edge/deadletter/config/{SITE}/w7-b3"));
+    assert_eq!(json(&p)["codec"], "subject-settings");
+    assert!(edge.stop().success());
+
+    wait_sled_released(&data.join("store"));
+    let edge = Edge::start(&text, &data);
+    let port = edge.mqtt_port();
+    let mut scores = subscribe(port, &news2).await;
+    // Only a heart rate now: the score still has the SpO2 from before the restart, on the
+    // subject's scale 2.
+    publish_all(
+        port,
+        &[(
+            "ward/7/bed/3/vitals".to_owned(),
+            format!(r#"{{"ts":{},"hr":120}}"#, T0 + 10).into_bytes(),
+        )],
+    )
+    .await;
+    let (_, p, _) = next_matching(&mut scores, |_, p| {
+        json(p)["parameters"]["pulse"]["value"] == 120.0
+    })
+    .await;
+    let v = json(&p);
+    assert_eq!(v["scale"], 2);
+    assert_eq!(v["parameters"]["spo2"]["value"], 95.0);
+    assert_eq!(v["parameters"]["air_or_oxygen"]["value"], "oxygen");
+    assert!(edge.stop().success());
+}
+
+/// A silence rule raises a technical alarm when a device stops, on the service clock, and
+/// clears it when the device is heard again; an escalation raises an unacknowledged alarm's
+/// priority and says so on the escalation topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_and_escalation_run_on_the_service_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = r#"
+[[rule]]
+name = "spo2-silent"
+kind = "silence"
+metric = "spo2"
+after = "1s"
+priority = "low"
+escalate_after = "1s"
+"#;
+    let edge = Edge::start(&pipeline(extra), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let topic = format!("alarms/{SITE}/w7-b3/spo2-silent");
+    let mut alarms = subscribe(port, &topic).await;
+    let mut escalated = subscribe(port, &format!("alarms/{SITE}/escalated")).await;
+    publish_all(port, &low_spo2(0, 1, 97.0)).await;
+    let started = std::time::Instant::now();
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    let v = json(&p);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    assert_eq!(
+        (v["kind"].as_str(), v["state"].as_str()),
+        (Some("technical"), Some("active"))
+    );
+    assert_eq!(v["priority"], "low");
+    // Nobody acknowledges: a second later it escalates, on its topic and the escalation topic.
+    let (_, p, _) = next_matching(&mut escalated, |_, _| true).await;
+    let v = json(&p);
+    assert_eq!(
+        (v["priority"].as_str(), v["escalations"].as_u64()),
+        (Some("medium"), Some(1))
+    );
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    assert_eq!(json(&p)["priority"], "medium");
+    // Heard again: cleared.
+    publish_all(port, &low_spo2(10, 1, 97.0)).await;
+    let (_, p, _) = next_matching(&mut alarms, |_, p| json(p)["state"] == "cleared").await;
+    assert_eq!(history(&json(&p)).last().unwrap(), "cleared");
+    assert!(edge.stop().success());
+}
