@@ -291,13 +291,13 @@ impl AlarmStage {
             match got {
                 Got::Input(None) => break,
                 Got::Input(Some(m)) => {
-                    self.handle(m);
+                    self.handle(m, now_micros());
                     // Take what else is waiting before making it durable once.
                     for m in input.try_iter().take(1024) {
-                        self.handle(m);
+                        self.handle(m, now_micros());
                     }
                 }
-                Got::Command(Some(c)) => self.command(c),
+                Got::Command(Some(c)) => self.command(c, now_micros()),
                 // HTTP has gone: nothing more comes from there.
                 Got::Command(None) => commands_open = false,
                 Got::Nothing => {}
@@ -305,6 +305,11 @@ impl AlarmStage {
             self.tick(now_micros());
             self.persist()?;
         }
+        self.finish()
+    }
+
+    /// Keeps what the silence rules watch, and makes everything durable.
+    fn finish(mut self) -> Result<(), AlarmDbError> {
         let watches: Vec<WatchRecord> = self
             .silence
             .watched()
@@ -341,8 +346,7 @@ impl AlarmStage {
         }
     }
 
-    fn handle(&mut self, m: AlarmInput) {
-        let now = now_micros();
+    fn handle(&mut self, m: AlarmInput, now: i64) {
         match m {
             AlarmInput::Condition(ev) => self.condition(*ev, now),
             AlarmInput::News2 { update, state } => {
@@ -457,10 +461,10 @@ impl AlarmStage {
         Ok(body)
     }
 
-    fn command(&mut self, c: AlarmCommand) {
+    fn command(&mut self, c: AlarmCommand, now: i64) {
         match c {
             AlarmCommand::Ack { request, reply } => {
-                let result = self.ack(&request, now_micros());
+                let result = self.ack(&request, now);
                 if result.is_err() {
                     self.metrics.alarm_acks_refused.inc();
                 }
@@ -597,4 +601,200 @@ fn evidence_stored(store: &dyn Store, seqs: &[u64]) -> Vec<u64> {
                 .is_some_and(|(_, &max)| s <= max)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The stage driven in-process with an explicit service clock: every delay, silence and
+    //! escalation at exactly its time, no sleeping.
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::alarm::{Priority, RuleKind};
+    use crate::pipeline::output::Output;
+    use crate::pipeline::Publisher;
+    use crate::store::SledStore;
+
+    const S: i64 = 1_000_000;
+    const T0: i64 = 1_700_000_000 * S;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<(String, Value)>>>);
+
+    impl Publisher for Capture {
+        fn publish(&mut self, topic: String, payload: Bytes, _: bool) -> Result<(), String> {
+            let v = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+            self.0.lock().unwrap().push((topic, v));
+            Ok(())
+        }
+    }
+
+    fn rules() -> Vec<RuleConfig> {
+        #[derive(Deserialize)]
+        struct Rules {
+            rule: Vec<RuleConfig>,
+        }
+        toml::from_str::<Rules>(
+            r#"
+[[rule]]
+name = "spo2-low"
+metric = "spo2"
+below = 92
+latching = true
+escalate_after = "2m"
+priority = "medium"
+[[rule]]
+name = "monitor-silent"
+kind = "silence"
+per = "source"
+after = "1m"
+priority = "low"
+"#,
+        )
+        .unwrap()
+        .rule
+    }
+
+    fn raise(seq: u64, active: bool) -> AlarmInput {
+        AlarmInput::Condition(Box::new(AlarmEvent {
+            rule: "spo2-low".into(),
+            subject: "bed-1".into(),
+            active,
+            priority: Priority::Medium,
+            kind: RuleKind::Threshold,
+            metric: Some("spo2".into()),
+            value: Some(85.0),
+            condition: "below".into(),
+            threshold: 92.0,
+            seq: Some(seq),
+            ts: T0,
+            since: T0,
+            evidence: None,
+        }))
+    }
+
+    /// Runs `f` on a stage over the data directory `dir`, then ends it; what it published.
+    fn with_stage(dir: &std::path::Path, f: impl FnOnce(&mut AlarmStage)) -> Vec<(String, Value)> {
+        let capture = Capture::default();
+        let (output, handle, _) = Output::new(Box::new(capture.clone()), 1 << 20);
+        let out = std::thread::spawn(move || output.run());
+        let store = SledStore::open(&dir.join("store")).unwrap();
+        let db = AlarmDb::open(&dir.join("alarms")).unwrap();
+        let kept = Kept::load(&db).unwrap();
+        let metrics = Metrics::new();
+        let mut stage = AlarmStage::new(
+            "w",
+            &rules(),
+            None,
+            db,
+            kept,
+            &store,
+            handle,
+            Arc::new(WardHub::new("w")),
+            metrics,
+        );
+        f(&mut stage);
+        stage.finish().unwrap();
+        out.join().unwrap();
+        let published = capture.0.lock().unwrap().clone();
+        published
+    }
+
+    fn states(published: &[(String, Value)], topic: &str) -> Vec<String> {
+        published
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, v)| {
+                format!(
+                    "{} {}",
+                    v["state"].as_str().unwrap(),
+                    v["priority"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn latching_silence_escalation_and_a_restart_at_their_exact_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let alarm = "alarms/w/bed-1/spo2-low";
+        let published = with_stage(dir.path(), |stage| {
+            stage.handle(raise(7, true), T0);
+            // Silenced for 60 s over MQTT at T0 + 10 s, while the condition holds.
+            stage.handle(
+                AlarmInput::Ack {
+                    topic: format!("{alarm}/ack"),
+                    payload: Bytes::from_static(br#"{"by": "nurse-jo", "silence_s": 60}"#),
+                },
+                T0 + 10 * S,
+            );
+            stage.tick(T0 + 69 * S);
+            stage.tick(T0 + 70 * S); // silence over, condition holds: active, announced again
+                                     // Latching: the condition clearing leaves it active.
+            stage.handle(raise(8, false), T0 + 80 * S);
+            stage.tick(T0 + 189 * S);
+            stage.tick(T0 + 190 * S); // 2 minutes unacknowledged since T0 + 70: escalated
+                                      // A monitor heard at T0, then not for a minute: a technical alarm.
+            stage.handle(
+                AlarmInput::Heard {
+                    heard: vec![vec!["mon-1".into()]],
+                    at: T0,
+                },
+                T0,
+            );
+            stage.tick(T0 + 59 * S);
+            stage.tick(T0 + 60 * S);
+        });
+        assert_eq!(
+            states(&published, alarm),
+            [
+                "active medium",
+                "silenced medium",
+                "active medium",
+                "active medium",
+                "active high"
+            ]
+        );
+        let escalations: Vec<_> = published
+            .iter()
+            .filter(|(t, _)| t == "alarms/w/escalated")
+            .collect();
+        assert_eq!(escalations.len(), 1);
+        assert_eq!(
+            states(&published, "alarms/w/mon-1/monitor-silent"),
+            ["active low"]
+        );
+
+        // A restart: the same alarm, its history, published again; nothing raised anew; the
+        // silence watch kept (counted from the restart).
+        let published = with_stage(dir.path(), |stage| {
+            assert_eq!(stage.board.len(), 2);
+            assert_eq!(stage.silence.watched().len(), 1);
+        });
+        let (_, v) = published.iter().find(|(t, _)| t == alarm).unwrap();
+        let history: Vec<&str> = v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["what"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            history,
+            [
+                "raised",
+                "silenced",
+                "silence-ended",
+                "condition-cleared",
+                "escalated",
+                "restored",
+                "evidence-lost"
+            ],
+            "seq 7 was never stored: this store is empty"
+        );
+        assert_eq!(
+            states(&published, alarm),
+            ["active high"],
+            "not raised again"
+        );
+    }
 }
