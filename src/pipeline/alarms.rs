@@ -175,6 +175,11 @@ pub struct AlarmStage {
     metrics: Arc<Metrics>,
     /// Set when the database has changes not yet made durable.
     dirty: bool,
+    /// Subjects' NEWS2 states to keep at the end of this round: a subject whose score changes
+    /// with every message is written once a round, not once a message.
+    subjects_to_keep: std::collections::HashMap<String, SubjectState>,
+    /// Alarms changed this round, to keep (the latest state of each).
+    alarms_to_keep: std::collections::HashMap<(String, String), AlarmRecord>,
 }
 
 impl std::fmt::Debug for AlarmStage {
@@ -242,6 +247,8 @@ impl AlarmStage {
             ward,
             metrics,
             dirty: false,
+            subjects_to_keep: std::collections::HashMap::new(),
+            alarms_to_keep: std::collections::HashMap::new(),
         };
         for r in records {
             stage.publish(Transition {
@@ -303,7 +310,12 @@ impl AlarmStage {
                 Got::Nothing => {}
             }
             self.tick(now_micros());
-            self.persist()?;
+            if let Err(e) = self.persist() {
+                // Kept for the next round: a full disk or a failing device must not take the
+                // alarms down with it; the stop reports what could not be made durable.
+                self.metrics.store_errors.inc();
+                warn!(error = %e, "could not make the alarm state durable; retrying");
+            }
         }
         self.finish()
     }
@@ -322,6 +334,20 @@ impl AlarmStage {
     }
 
     fn persist(&mut self) -> Result<(), AlarmDbError> {
+        for (key, record) in std::mem::take(&mut self.alarms_to_keep) {
+            if let Err(e) = self.db.put_alarm(&record) {
+                self.alarms_to_keep.insert(key, record);
+                return Err(e);
+            }
+            self.dirty = true;
+        }
+        for (subject, state) in std::mem::take(&mut self.subjects_to_keep) {
+            if let Err(e) = self.db.put_subject(&subject, &state) {
+                self.subjects_to_keep.insert(subject, state);
+                return Err(e);
+            }
+            self.dirty = true;
+        }
         if self.dirty {
             self.db.flush()?;
             self.dirty = false;
@@ -350,7 +376,7 @@ impl AlarmStage {
         match m {
             AlarmInput::Condition(ev) => self.condition(*ev, now),
             AlarmInput::News2 { update, state } => {
-                self.keep_subject(&update.subject, &state);
+                self.keep_subject(&update.subject, *state);
                 let mut body = serde_json::to_value(update.as_ref()).expect("a score serialises");
                 body["site"] = self.site.clone().into();
                 body["time"] = format_ts(update.ts).into();
@@ -364,7 +390,7 @@ impl AlarmStage {
                     self.publish(t);
                 }
             }
-            AlarmInput::Subject { subject, state } => self.keep_subject(&subject, &state),
+            AlarmInput::Subject { subject, state } => self.keep_subject(&subject, *state),
             AlarmInput::Heard { heard, at } => {
                 let mut events = Vec::new();
                 self.silence.heard(heard, at, &mut events);
@@ -377,14 +403,8 @@ impl AlarmStage {
         }
     }
 
-    fn keep_subject(&mut self, subject: &str, state: &SubjectState) {
-        match self.db.put_subject(subject, state) {
-            Ok(()) => self.dirty = true,
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                warn!(error = %e, "could not keep a subject's NEWS2 state");
-            }
-        }
+    fn keep_subject(&mut self, subject: &str, state: SubjectState) {
+        self.subjects_to_keep.insert(subject.to_owned(), state);
     }
 
     fn adapt(&mut self, c: &Command) {
@@ -502,13 +522,8 @@ impl AlarmStage {
             payload,
             retain: true,
         });
-        match self.db.put_alarm(r) {
-            Ok(()) => self.dirty = true,
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                warn!(error = %e, "could not keep an alarm's state");
-            }
-        }
+        self.alarms_to_keep
+            .insert((r.subject().to_owned(), r.rule().to_owned()), r.clone());
     }
 
     /// An alarm's message: the alarm, where it stands, its evidence and its history.
