@@ -285,7 +285,11 @@ impl Service {
             .map(Route::build)
             .collect::<Result<Vec<_>, _>>()
             .map_err(ServiceError::Pipeline)?;
-        let filters: Vec<String> = routes.iter().map(|r| r.filter_text.clone()).collect();
+        let mut filters: Vec<String> = routes.iter().map(|r| r.filter_text.clone()).collect();
+        // Besides the devices' topics: alarm acknowledgements and subject settings, which the
+        // embedded broker hands ingest as it hands it everything.
+        filters.push(format!("alarms/{}/+/+/ack", config.site));
+        filters.push(format!("config/{}/+", config.site));
 
         let (input_tx, input_rx) = input::queue(config.ingest.queue_bytes);
         metrics.probe_queue_bytes("ingest", input_rx.probe());

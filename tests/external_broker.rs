@@ -114,6 +114,22 @@ async fn alarms_and_dead_letters_go_out_through_the_external_broker() {
         }
     }
     assert_eq!(alarm.unwrap()["state"], "active");
+    // Acknowledged through the hospital's broker, as a nurses' station would.
+    publish_all(
+        broker.port,
+        &[(
+            format!("{alarm_topic}/ack"),
+            br#"{"by": "nurse-jo"}"#.to_vec(),
+        )],
+    )
+    .await;
+    let (_, acked, _) = next_matching(&mut out, |t, p| {
+        t == alarm_topic
+            && serde_json::from_slice::<serde_json::Value>(p).unwrap()["state"] == "acknowledged"
+    })
+    .await;
+    let acked: serde_json::Value = serde_json::from_slice(&acked).unwrap();
+    assert_eq!(acked["acknowledged"]["by"], "nurse-jo");
     let dl = dl.unwrap();
     assert_eq!(dl["reason"], "syntax");
     assert!(edge.stop().success());

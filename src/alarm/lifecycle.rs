@@ -184,12 +184,25 @@ impl Board {
         }
     }
 
-    /// Takes back the alarms a previous run left (persisted); drops those of rules the
-    /// pipeline file no longer has.
-    pub fn restore(&mut self, records: Vec<AlarmRecord>, now: i64) -> Vec<AlarmRecord> {
+    /// Takes back the alarms a previous run left (persisted): those kept, and those of rules
+    /// the pipeline file no longer has, cleared (to publish, so that no retained message says
+    /// they are still active).
+    pub fn restore(
+        &mut self,
+        records: Vec<AlarmRecord>,
+        now: i64,
+    ) -> (Vec<AlarmRecord>, Vec<AlarmRecord>) {
         let mut kept = Vec::new();
+        let mut dropped = Vec::new();
         for mut r in records {
             let Some(meta) = self.rules.get(r.rule()) else {
+                r.state = AlarmState::Cleared;
+                r.remark(
+                    now,
+                    "cleared",
+                    "the rule is no longer in the pipeline file".into(),
+                );
+                dropped.push(r);
                 continue;
             };
             r.latching = meta.latching;
@@ -198,7 +211,22 @@ impl Board {
             self.alarms
                 .insert((r.subject().to_owned(), r.rule().to_owned()), r);
         }
-        kept
+        (kept, dropped)
+    }
+
+    /// Ends an alarm from outside its condition (a silence watch given up), saying why.
+    pub fn dismiss(
+        &mut self,
+        subject: &str,
+        rule: &str,
+        now: i64,
+        why: &str,
+    ) -> Option<Transition> {
+        let key = (subject.to_owned(), rule.to_owned());
+        self.alarms
+            .get_mut(&key)?
+            .remark(now, "dismissed", why.to_owned());
+        Some(self.clear(&key, now))
     }
 
     pub fn get(&self, subject: &str, rule: &str) -> Option<&AlarmRecord> {

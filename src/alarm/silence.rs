@@ -166,6 +166,14 @@ impl SilenceWatch {
             .min()
     }
 
+    /// Stops watching `who` for `rule` until it is heard again (a device taken away on
+    /// purpose: its silence acknowledged).
+    pub fn forget(&mut self, rule: &str, who: &str) {
+        if let Some(r) = self.rules.iter_mut().find(|r| r.name == rule) {
+            r.heard.remove(who);
+        }
+    }
+
     /// Everyone watched, as `(rule, who, last heard)`: kept across a restart.
     pub fn watched(&self) -> Vec<(String, String, i64, bool)> {
         self.rules

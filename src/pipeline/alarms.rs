@@ -210,7 +210,7 @@ impl AlarmStage {
         for w in &kept.watches {
             silence.restore(&w.rule, &w.who, w.raised, now);
         }
-        let mut records = board.restore(kept.alarms, now);
+        let (mut records, dropped) = board.restore(kept.alarms, now);
         let unchecked: Vec<u64> = records
             .iter()
             .filter(|r| !r.evidence_checked)
@@ -250,7 +250,7 @@ impl AlarmStage {
             subjects_to_keep: std::collections::HashMap::new(),
             alarms_to_keep: std::collections::HashMap::new(),
         };
-        for r in records {
+        for r in records.into_iter().chain(dropped) {
             stage.publish(Transition {
                 record: r,
                 escalated: false,
@@ -476,8 +476,24 @@ impl AlarmStage {
             silence,
             now,
         )?;
-        let body = self.message(&t.record);
+        let mut body = self.message(&t.record);
+        let silence_acknowledged = t.record.event.kind == crate::alarm::RuleKind::Silence
+            && t.record.state == crate::alarm::lifecycle::AlarmState::Acknowledged;
         self.publish(t);
+        if silence_acknowledged {
+            // A device acknowledged as silent was taken away on purpose (a patient discharged,
+            // a sensor removed): stop watching it until it is heard again, rather than keep an
+            // alarm about it for ever.
+            self.silence.forget(&request.rule, &request.subject);
+            let why = "no longer watched until it is heard again";
+            if let Some(t) = self
+                .board
+                .dismiss(&request.subject, &request.rule, now, why)
+            {
+                body = self.message(&t.record);
+                self.publish(t);
+            }
+        }
         Ok(body)
     }
 
@@ -759,6 +775,16 @@ priority = "low"
             );
             stage.tick(T0 + 59 * S);
             stage.tick(T0 + 60 * S);
+            // The monitor was taken away on purpose: acknowledging its silence ends the watch.
+            let request = AckRequest {
+                subject: "mon-1".into(),
+                rule: "monitor-silent".into(),
+                by: "nurse-jo".into(),
+                silence: None,
+            };
+            let body = stage.ack(&request, T0 + 61 * S).unwrap();
+            assert_eq!(body["state"], "cleared");
+            stage.tick(T0 + 3600 * S);
         });
         assert_eq!(
             states(&published, alarm),
@@ -767,6 +793,8 @@ priority = "low"
                 "silenced medium",
                 "active medium",
                 "active medium",
+                "active high",
+                // Still nobody acknowledges: announced again at high on the next tick.
                 "active high"
             ]
         );
@@ -774,17 +802,18 @@ priority = "low"
             .iter()
             .filter(|(t, _)| t == "alarms/w/escalated")
             .collect();
-        assert_eq!(escalations.len(), 1);
+        assert_eq!(escalations.len(), 2);
         assert_eq!(
             states(&published, "alarms/w/mon-1/monitor-silent"),
-            ["active low"]
+            ["active low", "acknowledged low", "cleared low"],
+            "and not raised again an hour later"
         );
 
         // A restart: the same alarm, its history, published again; nothing raised anew; the
         // silence watch kept (counted from the restart).
         let published = with_stage(dir.path(), |stage| {
-            assert_eq!(stage.board.len(), 2);
-            assert_eq!(stage.silence.watched().len(), 1);
+            assert_eq!(stage.board.len(), 1);
+            assert!(stage.silence.watched().is_empty());
         });
         let (_, v) = published.iter().find(|(t, _)| t == alarm).unwrap();
         let history: Vec<&str> = v["history"]
@@ -800,6 +829,7 @@ priority = "low"
                 "silenced",
                 "silence-ended",
                 "condition-cleared",
+                "escalated",
                 "escalated",
                 "restored",
                 "evidence-lost"
