@@ -83,9 +83,10 @@ async fn an_alarm_is_acknowledged_over_mqtt_and_survives_a_restart_without_a_sec
     assert_eq!(kept["state"], "acknowledged");
     assert_eq!(kept["acknowledged"]["by"], "nurse-jo");
     assert_eq!(history(&kept), ["raised", "acknowledged", "restored"]);
-    publish_all(port, &low_spo2(40, 4, 87.0)).await;
-    // Back in range: the acknowledged alarm clears (the rule knew it was raised).
-    publish_all(port, &low_spo2(80, 1, 97.0)).await;
+    // Back in range, the very first reading after the restart: the acknowledged alarm clears,
+    // because the rule was told it had raised it (a rule that forgot would see nothing to
+    // clear, and the alarm would stay).
+    publish_all(port, &low_spo2(40, 1, 97.0)).await;
     let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
     let cleared = json(&p);
     assert_eq!(cleared["state"], "cleared");
@@ -98,12 +99,51 @@ async fn an_alarm_is_acknowledged_over_mqtt_and_survives_a_restart_without_a_sec
             "condition-cleared",
             "cleared"
         ],
-        "never raised a second time"
     );
+    // Still low for long enough: a new episode, raised once; the old one was never raised
+    // again.
+    publish_all(port, &low_spo2(50, 4, 87.0)).await;
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    assert_eq!(history(&json(&p)), ["raised"]);
     assert_eq!(
         edge.metric("iomt_alarms_raised_total{priority=\"high\"}"),
-        0.0
+        1.0
     );
+    assert!(edge.stop().success());
+}
+
+/// Two devices of one subject: a patch whose readings carry the receive time (no clock of its
+/// own) runs years ahead of a monitor replaying its own clock; each device's readings are in
+/// order on their own, so the patch does not hide the monitor's breach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_of_a_subject_does_not_make_anothers_readings_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let mut alarms = subscribe(port, "alarms/#").await;
+    let patch = (
+        "ward/7/bed/3/senml".to_owned(),
+        br#"[{"n":"spo2","u":"%","v":97}]"#.to_vec(),
+    );
+    let mut messages = vec![patch.clone()];
+    for (i, m) in low_spo2(0, 4, 88.0).into_iter().enumerate() {
+        messages.push(m);
+        if i == 1 {
+            messages.push(patch.clone());
+        }
+    }
+    publish_all(port, &messages).await;
+    let (t, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    assert_eq!(t, format!("alarms/{SITE}/w7-b3/spo2-low"));
+    let v = json(&p);
+    assert_eq!(v["evidence"]["source"], "w7-b3-mon");
+    // The patch's normal readings do not clear the monitor's breach either: only the monitor's.
+    publish_all(port, &[patch]).await;
+    publish_all(port, &low_spo2(40, 1, 97.0)).await;
+    let (_, p, _) = next_matching(&mut alarms, |_, _| true).await;
+    let v = json(&p);
+    assert_eq!(v["state"], "cleared");
+    assert_eq!(history(&v), ["raised", "condition-cleared", "cleared"]);
     assert!(edge.stop().success());
 }
 

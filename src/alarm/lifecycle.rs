@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use super::news2::{Band, News2Update};
 use super::{micros, AlarmEvent, Priority, RuleConfig, RuleKind};
 
+/// Devices an alarm remembers as holding its condition: a subject has a few.
+const MAX_HOLDING: usize = 16;
+
 /// Entries an alarm's history keeps (the oldest go first).
 pub const MAX_HISTORY: usize = 32;
 
@@ -74,8 +77,12 @@ pub struct AlarmRecord {
     pub state: AlarmState,
     /// Now, after escalations.
     pub priority: Priority,
-    /// Whether the rule's condition holds now.
+    /// Whether the rule's condition holds now: for some device, in `holding`.
     pub condition: bool,
+    /// The devices whose readings hold the condition (`""` for rules that judge the subject as
+    /// a whole): it stops holding once none does.
+    #[serde(default)]
+    pub holding: Vec<String>,
     pub latching: bool,
     /// Service time the alarm was raised (or last re-announced after a silence), µs.
     pub raised_at: i64,
@@ -254,12 +261,14 @@ impl Board {
         let meta = self.rules.get(&ev.rule)?.clone();
         let key = (ev.subject.clone(), ev.rule.clone());
         let seq = ev.seq;
+        let source = ev.source.clone().unwrap_or_default();
         match (self.alarms.get_mut(&key), ev.active) {
             (None, true) => {
                 let mut r = AlarmRecord {
                     state: AlarmState::Active,
                     priority: ev.priority,
                     condition: true,
+                    holding: vec![source],
                     latching: meta.latching,
                     raised_at: now,
                     escalated_at: None,
@@ -279,6 +288,9 @@ impl Board {
             }
             (None, false) => None,
             (Some(r), true) => {
+                if !r.holding.contains(&source) && r.holding.len() < MAX_HOLDING {
+                    r.holding.push(source);
+                }
                 if r.condition {
                     return None;
                 }
@@ -290,7 +302,9 @@ impl Board {
                 })
             }
             (Some(r), false) => {
-                if !r.condition {
+                r.holding.retain(|s| *s != source);
+                if !r.condition || !r.holding.is_empty() {
+                    // Another device still holds it.
                     return None;
                 }
                 r.condition = false;
@@ -426,20 +440,28 @@ impl Board {
             let level = meta.band.expect("checked: a news2 rule has a band");
             let reached = u.band >= level;
             let holds = self.get(&u.subject, &name).is_some_and(|r| r.condition);
-            // Clearing waits for the total to fall `hysteresis` points below the band's lowest
-            // total: a score wavering between 4 and 5 is one alarm, not one a minute.
+            // Clearing waits for the total to be `hysteresis` points below the band's lowest
+            // total (a score wavering between 4 and 5 is one alarm, not one a minute), and for
+            // a score with no stale parameter: a total that fell only because a reading aged
+            // out (a consciousness assessed by hand) is not a patient getting better.
             let lowest = match level {
-                Band::High => 7.0,
-                Band::Medium => 5.0,
-                _ => 0.0,
+                Band::High => Some(7.0),
+                Band::Medium => Some(5.0),
+                // Low-medium is a single parameter scoring 3, not a total.
+                _ => None,
             };
-            let recovered = !reached && f64::from(u.total) < lowest - meta.hysteresis;
+            let below = match lowest {
+                Some(l) if meta.hysteresis > 0.0 => f64::from(u.total) <= l - meta.hysteresis,
+                _ => true,
+            };
+            let recovered = !reached && below && u.stale.is_empty();
             if reached == holds || (holds && !recovered) {
                 continue;
             }
             let ev = AlarmEvent {
                 rule: name,
                 subject: u.subject.clone(),
+                source: None,
                 active: reached,
                 priority: meta.priority,
                 kind: RuleKind::News2,
@@ -479,6 +501,7 @@ mod tests {
         AlarmEvent {
             rule: "spo2-low".into(),
             subject: "bed-1".into(),
+            source: None,
             active,
             priority: Priority::Medium,
             kind: RuleKind::Threshold,
@@ -569,10 +592,76 @@ mod tests {
         assert_eq!(b.next_due(), Some(130 * S));
         // The condition still holds when the silence ends: active again, announced again.
         assert_eq!(states(&b.tick(130 * S)), ["active"]);
-        // Silenced again, and the condition goes meanwhile: cleared when the silence ends.
+        // Silenced again, and the condition goes meanwhile: a silence is an acknowledgement, so the
+        // alarm clears at once.
         b.ack("bed-1", "spo2-low", "jo", Some(60 * S), 140 * S)
             .unwrap();
         let t = b.condition(event(false, 2), 150 * S).unwrap();
         assert_eq!(t.record.state, AlarmState::Cleared);
+    }
+
+    fn score(total: u8, band: Band, stale: &[&'static str]) -> News2Update {
+        News2Update {
+            subject: "bed-1".into(),
+            total,
+            band,
+            partial: !stale.is_empty(),
+            scale: 1,
+            parameters: Default::default(),
+            missing: Vec::new(),
+            stale: stale.to_vec(),
+            ts: 0,
+            trigger: None,
+        }
+    }
+
+    fn news2_board(band: &str, hysteresis: u8) -> Board {
+        #[derive(Deserialize)]
+        struct Rules {
+            rule: Vec<RuleConfig>,
+        }
+        let text = format!(
+            "[[rule]]\nname = \"news2\"\nkind = \"news2\"\nband = \"{band}\"\nhysteresis = {hysteresis}\npriority = \"medium\"\n"
+        );
+        Board::new(&toml::from_str::<Rules>(&text).unwrap().rule)
+    }
+
+    fn run_scores(b: &mut Board, scores: &[News2Update]) -> Vec<&'static str> {
+        scores
+            .iter()
+            .flat_map(|u| b.news2(u, 0))
+            .map(|t| t.record.state.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_news2_alarm_clears_past_its_hysteresis_on_a_fresh_score() {
+        let mut b = news2_board("medium", 2);
+        let got = run_scores(
+            &mut b,
+            &[
+                score(4, Band::Low, &[]),
+                score(5, Band::Medium, &[]),
+                score(4, Band::Low, &[]), // 4: not 2 points below 5
+                score(6, Band::Medium, &[]),
+                score(2, Band::Low, &["consciousness"]), // fell because a reading aged out
+                score(3, Band::Low, &[]),                // 3 = 5 - 2, every parameter fresh
+            ],
+        );
+        assert_eq!(got, ["active", "cleared"]);
+        // Without hysteresis: below the band clears.
+        let mut b = news2_board("high", 0);
+        let got = run_scores(
+            &mut b,
+            &[score(7, Band::High, &[]), score(6, Band::Medium, &[])],
+        );
+        assert_eq!(got, ["active", "cleared"]);
+        // Low-medium is one parameter at 3, not a total: it clears when the band falls below.
+        let mut b = news2_board("low-medium", 2);
+        let got = run_scores(
+            &mut b,
+            &[score(3, Band::LowMedium, &[]), score(2, Band::Low, &[])],
+        );
+        assert_eq!(got, ["active", "cleared"]);
     }
 }

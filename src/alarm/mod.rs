@@ -153,8 +153,9 @@ pub struct RuleConfig {
     /// only held over time the rule heard the subject.
     #[serde(default, with = "humantime_serde")]
     pub max_gap: Option<Duration>,
-    /// The value must come back this far before the condition clears (for a news2 rule: the
-    /// total must fall this many points below the band's lowest total).
+    /// The value must come back this far before the condition clears (for a news2 rule of band
+    /// medium or high: the total must be this many points below the band's lowest total, 5 or
+    /// 7).
     #[serde(default)]
     pub hysteresis: f64,
     /// A latched alarm stays active until acknowledged, even once its condition clears.
@@ -355,6 +356,10 @@ impl EvidenceReading {
 pub struct AlarmEvent {
     pub rule: String,
     pub subject: String,
+    /// The device whose readings changed the condition (none for NEWS2 and silence rules,
+    /// which judge the subject, or a device, as a whole).
+    #[serde(default)]
+    pub source: Option<String>,
     pub active: bool,
     pub priority: Priority,
     pub kind: RuleKind,
@@ -374,8 +379,9 @@ pub struct AlarmEvent {
     pub evidence: Option<EvidenceReading>,
 }
 
-/// A subject as the engine hands it to rules: its name, and a small dense id rules index their
-/// per-subject state by (one hash lookup per reading in the engine, none in the rules).
+/// A subject as the engine hands it to rules: its name, and a small dense id, one per subject
+/// and device, that rules index their state by (one hash lookup per reading in the engine,
+/// none in the rules).
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
     pub id: usize,
@@ -428,9 +434,11 @@ pub struct AlarmEngine {
     news2: Option<news2::News2Tracker>,
     /// Rule indices by metric index (rules for every metric included).
     by_metric: Vec<Vec<usize>>,
+    /// `subject NUL source` → dense id.
     subjects: HashMap<Box<str>, usize>,
-    /// The last subject looked up: readings come in runs of one subject.
+    /// The last key looked up: readings come in runs of one subject and device.
     last_subject: Option<(Box<str>, usize)>,
+    key: String,
     untracked: u64,
     events: Vec<AlarmEvent>,
     /// Per subject of the current message: the latest reading NEWS2 took.
@@ -454,6 +462,7 @@ impl AlarmEngine {
             by_metric,
             subjects: HashMap::new(),
             last_subject: None,
+            key: String::new(),
             untracked: 0,
             events: Vec::new(),
             news2_triggers: Vec::new(),
@@ -546,13 +555,25 @@ impl AlarmEngine {
         self.untracked + self.news2.as_ref().map_or(0, |t| t.untracked())
     }
 
-    fn subject_id(&mut self, name: &str) -> Option<usize> {
+    /// The dense id of a subject as one device reports it. Rules keep their state per subject
+    /// *and device*: each device's readings are in order on their own (a patch stamped with the
+    /// receive time runs ahead of a monitor's own clock), and one device's readings must not
+    /// make another's look out of order, nor mix into its window or baseline.
+    fn subject_id(&mut self, name: &str, source: &str) -> Option<usize> {
         if let Some((last, id)) = &self.last_subject {
-            if **last == *name {
+            if last.len() == name.len() + 1 + source.len()
+                && last.starts_with(name)
+                && last.ends_with(source)
+                && last.as_bytes()[name.len()] == 0
+            {
                 return Some(*id);
             }
         }
-        let id = match self.subjects.get(name) {
+        self.key.clear();
+        self.key.push_str(name);
+        self.key.push('\0');
+        self.key.push_str(source);
+        let id = match self.subjects.get(self.key.as_str()) {
             Some(&id) => id,
             None if self.subjects.len() >= MAX_SUBJECTS => {
                 self.untracked += 1;
@@ -560,17 +581,18 @@ impl AlarmEngine {
             }
             None => {
                 let id = self.subjects.len();
-                self.subjects.insert(name.into(), id);
+                self.subjects.insert(self.key.as_str().into(), id);
                 id
             }
         };
-        self.last_subject = Some((name.into(), id));
+        self.last_subject = Some((self.key.as_str().into(), id));
         Some(id)
     }
 
-    /// Tells rule `rule` that its condition held for `subject` when the service stopped.
-    pub fn restore(&mut self, rule: &str, subject: &str, since: i64, last_ts: i64) {
-        let Some(id) = self.subject_id(subject) else {
+    /// Tells rule `rule` that its condition held for `subject`, as `source` reported it, when
+    /// the service stopped.
+    pub fn restore(&mut self, rule: &str, subject: &str, source: &str, since: i64, last_ts: i64) {
+        let Some(id) = self.subject_id(subject, source) else {
             return;
         };
         if let Some(r) = self.rules.iter_mut().find(|r| r.name() == rule) {
@@ -591,7 +613,7 @@ impl AlarmEngine {
     fn feed(&mut self, r: &RowRef<'_>, message: u64) {
         let trusted = r.flags & flags::NOT_CLINICAL == 0 && r.value.is_some();
         let name = r.subject.unwrap_or(r.source);
-        let Some(id) = self.subject_id(name) else {
+        let Some(id) = self.subject_id(name, r.source) else {
             return;
         };
         let subject = Subject { id, name };

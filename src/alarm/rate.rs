@@ -106,6 +106,7 @@ impl Rule for RateRule {
         out.push(AlarmEvent {
             rule: self.name.clone(),
             subject: subject.name.to_owned(),
+            source: Some(r.source.to_owned()),
             active,
             priority: self.priority,
             kind: RuleKind::Rate,

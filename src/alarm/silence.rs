@@ -73,6 +73,8 @@ struct SilenceRule {
 #[derive(Debug, Default)]
 pub struct SilenceWatch {
     rules: Vec<SilenceRule>,
+    /// Counts changes of whom is watched and what is raised: what to keep across a restart.
+    generation: u64,
 }
 
 impl SilenceWatch {
@@ -89,7 +91,13 @@ impl SilenceWatch {
                     heard: HashMap::new(),
                 })
                 .collect(),
+            generation: 0,
         }
+    }
+
+    /// Changes whenever whom is watched, or whose silence is raised, changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The ears ingest gathers with, one per rule in this watch's order.
@@ -119,10 +127,12 @@ impl SilenceWatch {
                         h.last = h.last.max(at);
                         if h.raised {
                             h.raised = false;
+                            self.generation += 1;
                             out.push(rule.event(&who, false, at, at));
                         }
                     }
                     None if len < MAX_SUBJECTS => {
+                        self.generation += 1;
                         rule.heard.insert(
                             who,
                             Heard {
@@ -148,6 +158,7 @@ impl SilenceWatch {
                 }
             }
             for (who, last) in due {
+                self.generation += 1;
                 out.push(rule.event(&who, true, now, last));
             }
         }
@@ -170,7 +181,9 @@ impl SilenceWatch {
     /// purpose: its silence acknowledged).
     pub fn forget(&mut self, rule: &str, who: &str) {
         if let Some(r) = self.rules.iter_mut().find(|r| r.name == rule) {
-            r.heard.remove(who);
+            if r.heard.remove(who).is_some() {
+                self.generation += 1;
+            }
         }
     }
 
@@ -202,6 +215,7 @@ impl SilenceRule {
         AlarmEvent {
             rule: self.name.clone(),
             subject: who.to_owned(),
+            source: None,
             active,
             priority: self.priority,
             kind: RuleKind::Silence,

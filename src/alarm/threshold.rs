@@ -90,6 +90,7 @@ impl Rule for ThresholdRule {
         out.push(AlarmEvent {
             rule: self.name.clone(),
             subject: subject.name.to_owned(),
+            source: Some(r.source.to_owned()),
             active,
             priority: self.priority,
             kind: RuleKind::Threshold,

@@ -218,9 +218,10 @@ impl<'b> ReadingSink<'b> {
                 self.received
             }
         };
-        // A time taken from the receipt (here, or a SenML time relative to it) is the edge's
-        // clock, not the device's.
-        if flags & flags::TIME_FROM_RECEIPT == 0 && self.clock.suspect(ts, self.received) {
+        // The window applies to every time a reading ends up with: the receive time itself
+        // always passes, but a SenML time relative to it can carry the receipt years away
+        // (`"t": 268000000`), and rules must not take that for the device's present.
+        if self.clock.suspect(ts, self.received) {
             flags |= flags::CLOCK_SUSPECT;
         }
         // An empty name from the payload is no name: the route's applies.
@@ -587,17 +588,24 @@ mod tests {
     }
 
     #[test]
-    fn a_time_taken_from_the_receipt_is_never_suspect() {
+    fn the_receive_time_is_never_suspect_and_an_offset_from_it_is_judged() {
         let r = push(None, 0, ClockWindow::default());
         assert_eq!(r.ts, RECEIVED);
         assert_eq!(r.flags, flags::TIME_FROM_RECEIPT);
-        // A SenML relative time is the receive time plus an offset: the edge's clock.
-        let r = push(
+        // A SenML relative time is the receive time plus an offset: a few seconds of a
+        // device's buffer pass; an offset that carries it out of the window does not.
+        let near = push(
+            Some(RECEIVED - 5_000_000),
+            flags::TIME_FROM_RECEIPT,
+            ClockWindow::default(),
+        );
+        assert!(!suspect(&near));
+        let far = push(
             Some(RECEIVED - 48 * HOUR),
             flags::TIME_FROM_RECEIPT,
             ClockWindow::default(),
         );
-        assert!(!suspect(&r));
+        assert!(suspect(&far));
     }
 
     #[test]

@@ -679,6 +679,20 @@ mod tests {
     }
 
     #[test]
+    fn a_relative_time_that_carries_the_receipt_out_of_the_clock_window_is_suspect() {
+        let c = SenmlOptions::default().build_json().unwrap();
+        // 268,000,000 s is a relative time (below 2^28): 8.5 years after the receipt.
+        let far = br#"[{"n":"spo2","u":"%","v":97,"t":268000000}]"#;
+        let r = decode_to_readings(&c, &msg(far)).unwrap();
+        assert_ne!(r[0].flags & flags::CLOCK_SUSPECT, 0);
+        // A few seconds before the receipt is a device's buffer, not a suspect clock.
+        let near = br#"[{"n":"spo2","u":"%","v":97,"t":-5}]"#;
+        let r = decode_to_readings(&c, &msg(near)).unwrap();
+        assert_eq!(r[0].flags & flags::CLOCK_SUSPECT, 0);
+        assert_ne!(r[0].flags & flags::TIME_FROM_RECEIPT, 0);
+    }
+
+    #[test]
     fn decodes_into_catalogue_readings() {
         let c = SenmlOptions::default().build_json().unwrap();
         let p = br#"[{"bn":"urn:dev:mac:0024:","bt":1.7e9,"n":"heart_rate","u":"/min","v":72},

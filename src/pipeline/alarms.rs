@@ -39,6 +39,12 @@ pub struct AckRequest {
     /// Who acknowledged: a name or badge id, recorded in the alarm's history.
     pub by: String,
     pub silence: Option<Duration>,
+    /// For a silence alarm: the device was taken away on purpose (a patient discharged, a
+    /// sensor removed); the alarm ends and the device is not watched until heard again.
+    pub device_removed: bool,
+    /// When given, the seq of the reading the acknowledger saw on the alarm: an alarm raised
+    /// again since (another episode, another seq) is not acknowledged by mistake.
+    pub seq: Option<u64>,
 }
 
 /// Longest `by` accepted: a name or a badge id, not a document.
@@ -126,6 +132,10 @@ struct AckMessage {
     by: String,
     #[serde(default)]
     silence_s: Option<u64>,
+    #[serde(default)]
+    device_removed: bool,
+    #[serde(default)]
+    seq: Option<u64>,
 }
 
 /// What a previous run left in `<data>/alarms/`, read before the stages start.
@@ -149,7 +159,9 @@ impl Kept {
     pub fn restore_engine(&self, engine: &mut AlarmEngine) {
         for r in &self.alarms {
             if r.condition {
-                engine.restore(r.rule(), r.subject(), r.event.since, r.event.ts);
+                for source in &r.holding {
+                    engine.restore(r.rule(), r.subject(), source, r.event.since, r.event.ts);
+                }
             }
         }
         if let Some(t) = engine.news2_mut() {
@@ -180,6 +192,8 @@ pub struct AlarmStage {
     subjects_to_keep: std::collections::HashMap<String, SubjectState>,
     /// Alarms changed this round, to keep (the latest state of each).
     alarms_to_keep: std::collections::HashMap<(String, String), AlarmRecord>,
+    /// The silence watch's generation last written.
+    watches_kept: u64,
 }
 
 impl std::fmt::Debug for AlarmStage {
@@ -211,6 +225,13 @@ impl AlarmStage {
             silence.restore(&w.rule, &w.who, w.raised, now);
         }
         let (mut records, dropped) = board.restore(kept.alarms, now);
+        // A raised silence whose watch a crash lost: watched again, raised, so that hearing
+        // the device clears it.
+        for r in &records {
+            if r.event.kind == crate::alarm::RuleKind::Silence && r.condition {
+                silence.restore(r.rule(), r.subject(), true, now);
+            }
+        }
         let unchecked: Vec<u64> = records
             .iter()
             .filter(|r| !r.evidence_checked)
@@ -249,7 +270,9 @@ impl AlarmStage {
             dirty: false,
             subjects_to_keep: std::collections::HashMap::new(),
             alarms_to_keep: std::collections::HashMap::new(),
+            watches_kept: 0,
         };
+        stage.watches_kept = stage.silence.generation();
         for r in records.into_iter().chain(dropped) {
             stage.publish(Transition {
                 record: r,
@@ -322,30 +345,36 @@ impl AlarmStage {
 
     /// Keeps what the silence rules watch, and makes everything durable.
     fn finish(mut self) -> Result<(), AlarmDbError> {
-        let watches: Vec<WatchRecord> = self
-            .silence
-            .watched()
-            .into_iter()
-            .map(|(rule, who, _, raised)| WatchRecord { rule, who, raised })
-            .collect();
-        self.db.put_watches(&watches)?;
-        self.dirty = true;
         self.persist()
     }
 
+    /// Writes what changed this round and makes it durable. An entry leaves the to-keep maps
+    /// only once written: after a failure, the rest are still there for the next round.
     fn persist(&mut self) -> Result<(), AlarmDbError> {
-        for (key, record) in std::mem::take(&mut self.alarms_to_keep) {
-            if let Err(e) = self.db.put_alarm(&record) {
-                self.alarms_to_keep.insert(key, record);
-                return Err(e);
-            }
+        let keys: Vec<(String, String)> = self.alarms_to_keep.keys().cloned().collect();
+        for key in keys {
+            self.db.put_alarm(&self.alarms_to_keep[&key])?;
+            self.alarms_to_keep.remove(&key);
             self.dirty = true;
         }
-        for (subject, state) in std::mem::take(&mut self.subjects_to_keep) {
-            if let Err(e) = self.db.put_subject(&subject, &state) {
-                self.subjects_to_keep.insert(subject, state);
-                return Err(e);
-            }
+        let subjects: Vec<String> = self.subjects_to_keep.keys().cloned().collect();
+        for subject in subjects {
+            self.db
+                .put_subject(&subject, &self.subjects_to_keep[&subject])?;
+            self.subjects_to_keep.remove(&subject);
+            self.dirty = true;
+        }
+        // Whom the silence rules watch, when that changed: a crash must not forget a device
+        // whose silence is raised, nor bring back one acknowledged as taken away.
+        if self.silence.generation() != self.watches_kept {
+            let watches: Vec<WatchRecord> = self
+                .silence
+                .watched()
+                .into_iter()
+                .map(|(rule, who, _, raised)| WatchRecord { rule, who, raised })
+                .collect();
+            self.db.put_watches(&watches)?;
+            self.watches_kept = self.silence.generation();
             self.dirty = true;
         }
         if self.dirty {
@@ -454,6 +483,8 @@ impl AlarmStage {
                     rule,
                     by: m.by,
                     silence: m.silence_s.map(Duration::from_secs),
+                    device_removed: m.device_removed,
+                    seq: m.seq,
                 };
                 self.ack(&request, now)
             }
@@ -466,6 +497,30 @@ impl AlarmStage {
 
     fn ack(&mut self, request: &AckRequest, now: i64) -> Result<Value, AckError> {
         request.check()?;
+        if let (Some(want), Some(r)) =
+            (request.seq, self.board.get(&request.subject, &request.rule))
+        {
+            if r.event.seq != Some(want) {
+                return Err(AckError::Invalid(format!(
+                    "the alarm was raised again since (seq {want} is not its evidence): look again"
+                )));
+            }
+        }
+        if request.device_removed
+            && self
+                .board
+                .get(&request.subject, &request.rule)
+                .is_some_and(|r| r.event.kind != crate::alarm::RuleKind::Silence)
+        {
+            return Err(AckError::Invalid(
+                "device_removed answers a silence alarm only".into(),
+            ));
+        }
+        if request.device_removed && request.silence.is_some() {
+            return Err(AckError::Invalid(
+                "a removed device is not silenced: give one of silence_s and device_removed".into(),
+            ));
+        }
         let silence = request
             .silence
             .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
@@ -477,7 +532,8 @@ impl AlarmStage {
             now,
         )?;
         let mut body = self.message(&t.record);
-        let silence_acknowledged = t.record.event.kind == crate::alarm::RuleKind::Silence
+        let silence_acknowledged = request.device_removed
+            && t.record.event.kind == crate::alarm::RuleKind::Silence
             && t.record.state == crate::alarm::lifecycle::AlarmState::Acknowledged;
         self.publish(t);
         if silence_acknowledged {
@@ -690,6 +746,7 @@ priority = "low"
         AlarmInput::Condition(Box::new(AlarmEvent {
             rule: "spo2-low".into(),
             subject: "bed-1".into(),
+            source: None,
             active,
             priority: Priority::Medium,
             kind: RuleKind::Threshold,
@@ -781,9 +838,28 @@ priority = "low"
                 rule: "monitor-silent".into(),
                 by: "nurse-jo".into(),
                 silence: None,
+                device_removed: false,
+                seq: None,
             };
             let body = stage.ack(&request, T0 + 61 * S).unwrap();
+            assert_eq!(
+                body["state"], "acknowledged",
+                "a plain acknowledgement keeps watching"
+            );
+            let removed = AckRequest {
+                device_removed: true,
+                ..request
+            };
+            let body = stage.ack(&removed, T0 + 62 * S).unwrap();
             assert_eq!(body["state"], "cleared");
+            // Another monitor, heard and still watched when the stage ends.
+            stage.handle(
+                AlarmInput::Heard {
+                    heard: vec![vec!["mon-2".into()]],
+                    at: T0 + 3000 * S,
+                },
+                T0 + 3000 * S,
+            );
             stage.tick(T0 + 3600 * S);
         });
         assert_eq!(
@@ -805,15 +881,25 @@ priority = "low"
         assert_eq!(escalations.len(), 2);
         assert_eq!(
             states(&published, "alarms/w/mon-1/monitor-silent"),
-            ["active low", "acknowledged low", "cleared low"],
+            [
+                "active low",
+                "acknowledged low",
+                "acknowledged low",
+                "cleared low"
+            ],
             "and not raised again an hour later"
         );
 
         // A restart: the same alarm, its history, published again; nothing raised anew; the
         // silence watch kept (counted from the restart).
         let published = with_stage(dir.path(), |stage| {
-            assert_eq!(stage.board.len(), 1);
-            assert!(stage.silence.watched().is_empty());
+            assert_eq!(stage.board.len(), 2, "spo2-low, and mon-2's silence");
+            let watched: Vec<String> = stage.silence.watched().into_iter().map(|w| w.1).collect();
+            assert_eq!(
+                watched,
+                ["mon-2"],
+                "mon-1 was taken away; mon-2 is still watched"
+            );
         });
         let (_, v) = published.iter().find(|(t, _)| t == alarm).unwrap();
         let history: Vec<&str> = v["history"]

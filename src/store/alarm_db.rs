@@ -91,21 +91,24 @@ impl AlarmDb {
         Ok(())
     }
 
-    /// Every alarm kept. A record that does not parse is an error naming it: silently
-    /// dropping an active alarm is the one thing this database must not do.
+    /// Every alarm kept. A record that does not parse (a damaged file) is logged and skipped,
+    /// not a reason to refuse to start: a ward without alarm monitoring is worse than one alarm
+    /// lost. Its key names a patient, so the log says only where the record failed.
     pub fn alarms(&self) -> Result<Vec<AlarmRecord>, AlarmDbError> {
-        self.alarms
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(|e| self.err(e))?;
-                serde_json::from_slice(&v).map_err(|e| {
-                    self.err(format!(
-                        "alarm {}: {e}",
-                        String::from_utf8_lossy(&k).replace('\0', "/")
-                    ))
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        for kv in self.alarms.iter() {
+            let (_, v) = kv.map_err(|e| self.err(e))?;
+            match serde_json::from_slice(&v) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::error!(
+                    path = %self.path,
+                    line = e.line(),
+                    column = e.column(),
+                    "an alarm record could not be read and is skipped"
+                ),
+            }
+        }
+        Ok(out)
     }
 
     pub fn put_subject(&self, subject: &str, s: &SubjectState) -> Result<(), AlarmDbError> {
@@ -122,8 +125,13 @@ impl AlarmDb {
             .map(|kv| {
                 let (k, v) = kv.map_err(|e| self.err(e))?;
                 let subject = String::from_utf8_lossy(&k).into_owned();
-                let s = serde_json::from_slice(&v)
-                    .map_err(|e| self.err(format!("NEWS2 state of a subject: {e}")))?;
+                let s = serde_json::from_slice(&v).map_err(|e| {
+                    self.err(format!(
+                        "a subject's NEWS2 state does not parse (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    ))
+                })?;
                 Ok((subject, s))
             })
             .collect()
@@ -146,7 +154,13 @@ impl AlarmDb {
             .iter()
             .map(|kv| {
                 let (_, v) = kv.map_err(|e| self.err(e))?;
-                serde_json::from_slice(&v).map_err(|e| self.err(format!("a silence watch: {e}")))
+                serde_json::from_slice(&v).map_err(|e| {
+                    self.err(format!(
+                        "a silence watch does not parse (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    ))
+                })
             })
             .collect()
     }
