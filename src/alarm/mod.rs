@@ -441,8 +441,10 @@ pub struct AlarmEngine {
     key: String,
     untracked: u64,
     events: Vec<AlarmEvent>,
-    /// Per subject of the current message: the latest reading NEWS2 took.
-    news2_triggers: Vec<(String, EvidenceReading)>,
+    /// Per subject (tracker index) of the current message: the latest reading NEWS2 took.
+    /// The first `news2_triggers_len` are this message's; the rest keep their allocations.
+    news2_triggers: Vec<(usize, EvidenceReading)>,
+    news2_triggers_len: usize,
 }
 
 impl AlarmEngine {
@@ -466,6 +468,7 @@ impl AlarmEngine {
             untracked: 0,
             events: Vec::new(),
             news2_triggers: Vec::new(),
+            news2_triggers_len: 0,
         }
     }
 
@@ -490,7 +493,7 @@ impl AlarmEngine {
             return;
         };
         let subject = r.subject.unwrap_or(r.source);
-        let counted = tracker.record(
+        let Some(index) = tracker.record_at(
             subject,
             r.source,
             &news2::Observation {
@@ -501,17 +504,23 @@ impl AlarmEngine {
                 seq: r.seq,
                 flags: r.flags,
             },
-        );
-        if !counted {
+        ) else {
             return;
-        }
+        };
         // The latest reading of each subject scored: what a changed score names as its trigger.
-        let slot = match self.news2_triggers.iter().position(|(s, _)| s == subject) {
-            Some(i) => i,
+        // Kept in place, allocations and all, from one message to the next.
+        let active = &self.news2_triggers[..self.news2_triggers_len];
+        let slot = match active.iter().position(|(i, _)| *i == index) {
+            Some(slot) => slot,
             None => {
-                self.news2_triggers
-                    .push((subject.to_owned(), EvidenceReading::of(r)));
-                return;
+                let slot = self.news2_triggers_len;
+                self.news2_triggers_len += 1;
+                if slot == self.news2_triggers.len() {
+                    self.news2_triggers.push((index, EvidenceReading::of(r)));
+                    return;
+                }
+                self.news2_triggers[slot].0 = index;
+                slot
             }
         };
         let t = &mut self.news2_triggers[slot].1;
@@ -540,13 +549,12 @@ impl AlarmEngine {
         };
         let mut updates = tracker.score_pending();
         for u in &mut updates {
-            u.trigger = self
-                .news2_triggers
+            u.trigger = self.news2_triggers[..self.news2_triggers_len]
                 .iter()
-                .find(|(s, _)| *s == u.subject)
+                .find(|(i, _)| tracker.subject_at(*i) == u.subject)
                 .map(|(_, t)| t.clone());
         }
-        self.news2_triggers.clear();
+        self.news2_triggers_len = 0;
         updates
     }
 

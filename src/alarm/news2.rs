@@ -594,12 +594,16 @@ struct Adaptive {
 pub struct News2Tracker {
     staleness_us: i64,
     max_subjects: usize,
-    subjects: std::collections::HashMap<String, SubjectState>,
+    /// Subject → index into `states`; a slab, so that readings of the subject just seen (runs
+    /// of one message) need no hashing at all.
+    index: std::collections::HashMap<String, usize>,
+    states: Vec<(String, SubjectState)>,
+    last: Option<usize>,
     untracked: u64,
     adaptive: Option<Adaptive>,
     commands: Vec<Command>,
-    /// Subjects recorded since the last [`Self::score_pending`].
-    pending: Vec<String>,
+    /// Subjects (indices) recorded since the last [`Self::score_pending`].
+    pending: Vec<usize>,
 }
 
 use crate::model::reading::flags::NOT_CLINICAL;
@@ -609,7 +613,9 @@ impl News2Tracker {
         News2Tracker {
             staleness_us: i64::try_from(staleness.as_micros()).unwrap_or(i64::MAX),
             max_subjects,
-            subjects: std::collections::HashMap::new(),
+            index: std::collections::HashMap::new(),
+            states: Vec::new(),
+            last: None,
             untracked: 0,
             adaptive: None,
             commands: Vec::new(),
@@ -624,12 +630,12 @@ impl News2Tracker {
 
     /// A subject's state, to keep across a restart.
     pub fn snapshot(&self, subject: &str) -> Option<&SubjectState> {
-        self.subjects.get(subject)
+        self.index.get(subject).map(|&i| &self.states[i].1)
     }
 
     /// Every subject's state.
     pub fn snapshots(&self) -> impl Iterator<Item = (&String, &SubjectState)> {
-        self.subjects.iter()
+        self.states.iter().map(|(s, st)| (s, st))
     }
 
     /// After a restart: a subject's state as it was. Settings the pipeline file gives win over
@@ -672,15 +678,32 @@ impl News2Tracker {
     }
 
     fn state(&mut self, subject: &str) -> Option<&mut SubjectState> {
-        if !self.subjects.contains_key(subject) {
-            if self.subjects.len() >= self.max_subjects {
+        let i = self.slot_of(subject)?;
+        Some(&mut self.states[i].1)
+    }
+
+    fn slot_of(&mut self, subject: &str) -> Option<usize> {
+        if let Some(i) = self.last {
+            if self.states[i].0 == subject {
+                return Some(i);
+            }
+        }
+        let i = match self.index.get(subject) {
+            Some(&i) => i,
+            None if self.states.len() >= self.max_subjects => {
                 self.untracked += 1;
                 return None;
             }
-            self.subjects
-                .insert(subject.to_owned(), SubjectState::default());
-        }
-        self.subjects.get_mut(subject)
+            None => {
+                let i = self.states.len();
+                self.index.insert(subject.to_owned(), i);
+                self.states
+                    .push((subject.to_owned(), SubjectState::default()));
+                i
+            }
+        };
+        self.last = Some(i);
+        Some(i)
     }
 
     /// Takes one reading and scores its subject at once: its new score when it changed. For
@@ -701,37 +724,33 @@ impl News2Tracker {
     /// A reading older than the one a parameter holds (out of order) changes nothing; flagged
     /// readings are ignored.
     pub fn record(&mut self, subject: &str, source: &str, o: &Observation<'_>) -> bool {
-        let Some(slot) = INPUTS.iter().position(|m| *m == o.metric) else {
-            return false;
-        };
+        self.record_at(subject, source, o).is_some()
+    }
+
+    /// [`Self::record`], answering with the subject's index when the reading counted.
+    pub fn record_at(&mut self, subject: &str, source: &str, o: &Observation<'_>) -> Option<usize> {
+        let slot = INPUTS.iter().position(|m| *m == o.metric)?;
         if o.flags & NOT_CLINICAL != 0 {
-            return false;
+            return None;
         }
         let latest = match o.metric {
-            Metric::Consciousness => match o.text.and_then(Consciousness::parse) {
-                Some(c) => Latest {
-                    value: 0.0,
-                    consciousness: Some(c),
-                    seq: o.seq,
-                    ts: o.ts,
-                },
-                None => return false,
+            Metric::Consciousness => Latest {
+                value: 0.0,
+                consciousness: Some(o.text.and_then(Consciousness::parse)?),
+                seq: o.seq,
+                ts: o.ts,
             },
-            _ => match o.value.filter(|v| v.is_finite()) {
-                Some(value) => Latest {
-                    value,
-                    consciousness: None,
-                    seq: o.seq,
-                    ts: o.ts,
-                },
-                None => return false,
+            _ => Latest {
+                value: o.value.filter(|v| v.is_finite())?,
+                consciousness: None,
+                seq: o.seq,
+                ts: o.ts,
             },
         };
-        let Some(state) = self.state(subject) else {
-            return false;
-        };
+        let index = self.slot_of(subject)?;
+        let state = &mut self.states[index].1;
         if state.latest[slot].is_some_and(|l| l.ts > o.ts) {
-            return false;
+            return None;
         }
         if !state.sources.iter().any(|s| s == source) {
             if state.sources.len() >= MAX_SOURCES {
@@ -741,12 +760,15 @@ impl News2Tracker {
         }
         state.latest[slot] = Some(latest);
         state.newest = state.newest.max(o.ts);
-        match self.pending.last() {
-            Some(last) if last == subject => {}
-            _ if self.pending.iter().any(|p| p == subject) => {}
-            _ => self.pending.push(subject.to_owned()),
+        if !self.pending.contains(&index) {
+            self.pending.push(index);
         }
-        true
+        Some(index)
+    }
+
+    /// The name of the subject at `index` (from [`Self::record_at`]).
+    pub fn subject_at(&self, index: usize) -> &str {
+        &self.states[index].0
     }
 
     /// Scores every subject [`Self::record`] took readings of since the last call, once each
@@ -755,14 +777,14 @@ impl News2Tracker {
     pub fn score_pending(&mut self) -> Vec<News2Update> {
         let mut out = Vec::new();
         let (staleness, adaptive) = (self.staleness_us, self.adaptive);
-        for subject in std::mem::take(&mut self.pending) {
-            let Some(state) = self.subjects.get_mut(&subject) else {
-                continue;
-            };
+        let mut pending = std::mem::take(&mut self.pending);
+        for &index in &pending {
+            let (subject, state) = &mut self.states[index];
+            let subject = subject.as_str();
             let now = state.newest;
             let assessed = Self::assess(state, now, staleness);
             if let Some(a) = adaptive {
-                if let Some(c) = Self::adapt(a, &subject, state, &assessed.score, now) {
+                if let Some(c) = Self::adapt(a, subject, state, &assessed.score, now) {
                     self.commands.push(c);
                 }
             }
@@ -776,8 +798,11 @@ impl News2Tracker {
                 continue;
             }
             state.last = Some(key);
-            out.push(Self::evaluate(&subject, state, &assessed, now));
+            out.push(Self::evaluate(subject, state, &assessed, now));
         }
+        // Kept for its allocation: the next message reuses it.
+        pending.clear();
+        self.pending = pending;
         out
     }
 
