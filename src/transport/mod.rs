@@ -5,6 +5,7 @@ pub mod broker;
 pub mod external;
 pub mod http;
 pub mod wire;
+pub mod write_access;
 
 /// Waits until the flag turns true (forever if its sender is gone). Never holds the watch's
 /// lock across an await, unlike a `wait_for` result kept in a `select!` (which would also make
