@@ -26,6 +26,7 @@ use crate::ledger::local::LocalChain;
 use crate::ledger::outbox::Outbox;
 use crate::ledger::{Backend, Ledger, LedgerError};
 use crate::model::metrics::Metrics;
+use crate::pipeline::alarms::{AlarmCommand, AlarmControl};
 use crate::pipeline::anchor::{AnchorSummary, Anchoring};
 use crate::pipeline::commit::{Commit, CommitError, CommitSummary, WriteWatch};
 use crate::pipeline::health::Health;
@@ -41,6 +42,7 @@ use crate::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store, Store
 use crate::transport::broker::{BrokerError, EmbeddedBroker};
 use crate::transport::external::ExternalBroker;
 use crate::transport::http;
+use crate::transport::write_access::WriteAccess;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -198,6 +200,9 @@ impl Service {
     /// Starts every stage; returns once the service is ready (the external broker may still
     /// be connecting: `/healthz` says so).
     pub async fn start(config: PipelineConfig, data_dir: &Path) -> Result<Service, ServiceError> {
+        // First: a token file others can read stops the start before anything is opened.
+        let write_access = WriteAccess::from_config(&config.http)
+            .map_err(|e| ServiceError::Pipeline(e.to_string()))?;
         std::fs::create_dir_all(data_dir).map_err(|source| ServiceError::DataDir {
             path: data_dir.to_owned(),
             source,
@@ -455,6 +460,9 @@ impl Service {
         ));
 
         let (http_stop, http_stop_rx) = watch::channel(false);
+        let (alarm_control, alarm_commands) = flume::bounded::<AlarmCommand>(64);
+        // consumed by the alarm stage
+        let _ = &alarm_commands;
         let http = tokio::spawn(http::serve(
             http_listener,
             http::router(
@@ -465,6 +473,12 @@ impl Service {
                     verifier_key: signer.verifier_key(),
                     sealer,
                     outbox: Outbox::new(ledger_db),
+                },
+                http::Dashboard {
+                    ward: ward.clone(),
+                    alarms: AlarmControl::new(alarm_control),
+                    write: write_access,
+                    stop: http_stop_rx.clone(),
                 },
             ),
             http_stop_rx,

@@ -1,9 +1,12 @@
-//! Transports: the embedded MQTT broker, the external broker's client and the HTTP endpoint.
+//! Transports: the embedded MQTT broker, the external broker's client and the HTTP endpoint
+//! (with the ward dashboard).
 //! Each implements the pipeline's seams ([`crate::pipeline`]) over a real protocol.
 
 pub mod broker;
+pub mod dashboard;
 pub mod external;
 pub mod http;
+pub mod ward_events;
 pub mod wire;
 pub mod write_access;
 
