@@ -4,7 +4,7 @@
 # with apt-get (through sudo when not root): mosquitto and mosquitto-clients (the external
 # broker and interop tests), g++ (the fuzz targets' libFuzzer), nodejs and npm (for the npm
 # packages of the Ethereum ledger's tests: solc and anvil, which scripts/tools.sh installs
-# outside the clone, once).
+# outside the clone, once), chromium (the dashboard's browser tests run it headless).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +23,8 @@ need() {
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++ node nodejs npm npm
+need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++ node nodejs npm npm \
+  chromium chromium
 export PATH="$PATH:/usr/sbin"
 # Exports IOMT_ANVIL and IOMT_SOLCJS, which tests/ethereum.rs reads.
 source scripts/tools.sh

@@ -170,7 +170,7 @@ impl Default for BrokerConfig {
     }
 }
 
-/// `[http]`: metrics and health.
+/// `[http]`: metrics, health, the log of batches, the ward dashboard.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
@@ -179,6 +179,12 @@ pub struct HttpConfig {
         deserialize_with = "listen_addr::<_, 9100>"
     )]
     pub listen: SocketAddr,
+    /// A file holding the bearer token that write actions (acknowledging an alarm from the
+    /// dashboard) need: mode 0600 or stricter, at least 16 visible ASCII characters, read at
+    /// start (a relative path from the working directory). Without it, write actions are
+    /// taken only on a loopback listener, and refused on any other.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl HttpConfig {
@@ -729,6 +735,22 @@ priority = "high"
         assert_eq!(c.broker.listen_v5, Some("[::1]:0".parse().unwrap()));
         assert_eq!(c.broker.listen_ws, BrokerConfig::default_listen_ws());
         assert_eq!(c.http.listen, "10.0.0.5:9100".parse().unwrap());
+    }
+
+    #[test]
+    fn the_http_token_file_is_optional() {
+        let c = PipelineConfig::parse("", "p.toml").unwrap();
+        assert_eq!(c.http.token_file, None);
+        let c =
+            PipelineConfig::parse("[http]\ntoken_file = \"/etc/iomt/token\"\n", "p.toml").unwrap();
+        assert_eq!(c.http.token_file, Some(PathBuf::from("/etc/iomt/token")));
+        let msg = PipelineConfig::parse("[http]\ntoken = \"x\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("p.toml:2:") && msg.contains("token"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ use crate::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store, Store
 use crate::transport::broker::{BrokerError, EmbeddedBroker};
 use crate::transport::external::ExternalBroker;
 use crate::transport::http;
+use crate::transport::write_access::WriteAccess;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -207,6 +208,9 @@ impl Service {
     /// Starts every stage; returns once the service is ready (the external broker may still
     /// be connecting: `/healthz` says so).
     pub async fn start(config: PipelineConfig, data_dir: &Path) -> Result<Service, ServiceError> {
+        // First: a token file others can read stops the start before anything is opened.
+        let write_access = WriteAccess::from_config(&config.http)
+            .map_err(|e| ServiceError::Pipeline(e.to_string()))?;
         std::fs::create_dir_all(data_dir).map_err(|source| ServiceError::DataDir {
             path: data_dir.to_owned(),
             source,
@@ -508,11 +512,15 @@ impl Service {
                     sealer,
                     outbox: Outbox::new(ledger_db),
                 },
+                http::Dashboard {
+                    ward: ward.clone(),
+                    alarms: alarm_control,
+                    write: write_access,
+                    stop: http_stop_rx.clone(),
+                },
             ),
             http_stop_rx,
         ));
-        // The dashboard's acknowledgements go through this (wired with the dashboard).
-        let _ = &alarm_control;
 
         let text = serde_json::to_string_pretty(&endpoints).expect("endpoints serialise");
         let path = data_dir.join(ENDPOINTS_FILE);

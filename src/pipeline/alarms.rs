@@ -54,9 +54,12 @@ pub const MAX_SILENCE: Duration = Duration::from_secs(60 * 60);
 
 impl AckRequest {
     fn check(&self) -> Result<(), AckError> {
-        if self.by.trim().is_empty() || self.by.len() > MAX_BY_BYTES {
+        if self.by.trim().is_empty()
+            || self.by.len() > MAX_BY_BYTES
+            || self.by.chars().any(char::is_control)
+        {
             return Err(AckError::Invalid(format!(
-                "`by` names who acknowledges: 1 to {MAX_BY_BYTES} bytes"
+                "`by` names who acknowledges: 1 to {MAX_BY_BYTES} bytes, no control characters"
             )));
         }
         if self.silence.is_some_and(|s| s.is_zero() || s > MAX_SILENCE) {

@@ -2,8 +2,10 @@
 //! service runs with no problem; 503 with the phase and the problems otherwise), and the log of
 //! batches served read-only the way transparency logs are (c2sp.org/tlog-tiles under `/log/`):
 //! `/log/checkpoint`, the latest signed checkpoint; `/log/tile/<L>/<N>[.p/<W>]`, hashes;
-//! `/log/tile/entries/<N>[.p/<W>]`, the batch headers' canonical bytes; and `/proof/<seq>`, the
-//! proof of one reading (docs/proof-format.md), since the store is locked while the node runs.
+//! `/log/tile/entries/<N>[.p/<W>]`, the batch headers' canonical bytes; `/proof/<seq>`, the
+//! proof of one reading (docs/proof-format.md), since the store is locked while the node runs;
+//! and the ward dashboard (`/dashboard`, `/api/ward`, `/events`, `/api/alarms/ack`: see
+//! [`dashboard`]).
 
 use std::sync::Arc;
 
@@ -21,6 +23,8 @@ use crate::model::metrics::Metrics;
 use crate::pipeline::health::Health;
 use crate::seal::Sealer;
 use crate::store::Store;
+use crate::transport::dashboard;
+pub use crate::transport::dashboard::Dashboard;
 
 #[derive(Clone)]
 struct AppState {
@@ -213,6 +217,7 @@ pub fn router(
     health: Arc<Health>,
     store: Arc<dyn Store>,
     proofs: Proofs,
+    ward: Dashboard,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -226,9 +231,11 @@ pub fn router(
             store,
             proofs: Arc::new(proofs),
         })
+        .merge(dashboard::router(ward))
 }
 
-/// Serves until `shutdown` turns true.
+/// Serves until `shutdown` turns true. Open responses must end by then for this to return:
+/// the dashboard's event streams end on the same signal (`Dashboard::stop`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,

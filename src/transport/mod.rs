@@ -1,10 +1,14 @@
-//! Transports: the embedded MQTT broker, the external broker's client and the HTTP endpoint.
+//! Transports: the embedded MQTT broker, the external broker's client and the HTTP endpoint
+//! (with the ward dashboard).
 //! Each implements the pipeline's seams ([`crate::pipeline`]) over a real protocol.
 
 pub mod broker;
+pub mod dashboard;
 pub mod external;
 pub mod http;
+pub mod ward_events;
 pub mod wire;
+pub mod write_access;
 
 /// Waits until the flag turns true (forever if its sender is gone). Never holds the watch's
 /// lock across an await, unlike a `wait_for` result kept in a `select!` (which would also make

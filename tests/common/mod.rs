@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod anvil;
+pub mod browser;
 pub mod formats;
 pub mod load;
 pub mod mosquitto;
