@@ -468,7 +468,8 @@ impl Board {
                 metric: None,
                 value: Some(f64::from(u.total)),
                 condition: format!("band {}", u.band.as_str()),
-                threshold: f64::from(level as u8),
+                // The band's lowest total (low-medium: a single parameter's 3).
+                threshold: lowest.unwrap_or(3.0),
                 seq: u.trigger.as_ref().map(|t| t.seq),
                 ts: u.ts,
                 since: u.ts,
