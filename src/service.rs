@@ -442,7 +442,17 @@ impl Service {
                 Ok(()) => "stopped".into(),
                 Err(e) => e.to_string(),
             },
-            move || alarm_stage.run(alarm_rx, alarm_commands),
+            move || {
+                // Its own runtime, for its timers: its writes then block this thread only.
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(|e| crate::store::alarm_db::AlarmDbError {
+                        path: "alarm stage".into(),
+                        reason: format!("starting its runtime: {e}"),
+                    })?
+                    .block_on(alarm_stage.run(alarm_rx, alarm_commands))
+            },
         )?;
         let ingest_stage = Ingest::new(
             RouteTable::new(routes),

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -120,8 +120,9 @@ pub enum AlarmInput {
         subject: String,
         state: Box<SubjectState>,
     },
-    /// Whom each silence rule heard, at service time `at` (µs).
-    Heard { heard: Vec<Vec<String>>, at: i64 },
+    /// Whom each silence rule heard since the last report (ingest reports a few times a
+    /// second; the stage stamps it with its own clock).
+    Heard { heard: Vec<Vec<String>> },
     /// An adaptive-monitoring command to publish.
     Command(Command),
     /// A message on `alarms/<site>/<subject>/<rule>/ack`.
@@ -175,6 +176,30 @@ impl Kept {
     }
 }
 
+/// The service clock, µs since the epoch, read through tokio's clock: monotonic from the
+/// wall-clock time the stage started, and paused with tokio's time in tests.
+struct Clock {
+    wall: i64,
+    at: tokio::time::Instant,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Clock {
+            wall: now_micros(),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> i64 {
+        let elapsed = i64::try_from(self.at.elapsed().as_micros()).unwrap_or(i64::MAX);
+        self.wall.saturating_add(elapsed)
+    }
+}
+
+/// How often NEWS2 states alone are made durable.
+const SUBJECTS_EVERY: Duration = Duration::from_secs(1);
+
 /// Longest the stage sleeps without looking at its timers.
 const MAX_WAIT: Duration = Duration::from_secs(1);
 
@@ -197,6 +222,8 @@ pub struct AlarmStage {
     alarms_to_keep: std::collections::HashMap<(String, String), AlarmRecord>,
     /// The silence watch's generation last written.
     watches_kept: u64,
+    /// When NEWS2 states were last written.
+    subjects_kept_at: std::time::Instant,
 }
 
 impl std::fmt::Debug for AlarmStage {
@@ -274,6 +301,7 @@ impl AlarmStage {
             subjects_to_keep: std::collections::HashMap::new(),
             alarms_to_keep: std::collections::HashMap::new(),
             watches_kept: 0,
+            subjects_kept_at: std::time::Instant::now(),
         };
         stage.watches_kept = stage.silence.generation();
         for r in records.into_iter().chain(dropped) {
@@ -286,20 +314,18 @@ impl AlarmStage {
         stage
     }
 
-    /// Runs until ingest has gone and everything it sent is handled.
-    pub fn run(
+    /// Runs until ingest has gone and everything it sent is handled. Async only for its
+    /// timers: the service runs it on a thread of its own, on a current-thread runtime (its
+    /// writes block that thread only), and tests run it with tokio's time paused.
+    pub async fn run(
         mut self,
         input: flume::Receiver<AlarmInput>,
         commands: flume::Receiver<AlarmCommand>,
     ) -> Result<(), AlarmDbError> {
-        enum Got {
-            Input(Option<AlarmInput>),
-            Command(Option<AlarmCommand>),
-            Nothing,
-        }
+        let clock = Clock::start();
         let mut commands_open = true;
         loop {
-            let now = now_micros();
+            let now = clock.now();
             let due = [self.board.next_due(), self.silence.next_due()]
                 .into_iter()
                 .flatten()
@@ -307,35 +333,27 @@ impl AlarmStage {
             let wait = due.map_or(MAX_WAIT, |d| {
                 Duration::from_micros(d.saturating_sub(now).max(0) as u64).min(MAX_WAIT)
             });
-            let deadline = Instant::now() + wait;
-            let got = if commands_open {
-                flume::Selector::new()
-                    .recv(&input, |m| Got::Input(m.ok()))
-                    .recv(&commands, |c| Got::Command(c.ok()))
-                    .wait_deadline(deadline)
-                    .unwrap_or(Got::Nothing)
-            } else {
-                match input.recv_deadline(deadline) {
-                    Ok(m) => Got::Input(Some(m)),
-                    Err(flume::RecvTimeoutError::Timeout) => Got::Nothing,
-                    Err(flume::RecvTimeoutError::Disconnected) => Got::Input(None),
-                }
-            };
-            match got {
-                Got::Input(None) => break,
-                Got::Input(Some(m)) => {
-                    self.handle(m, now_micros());
-                    // Take what else is waiting before making it durable once.
-                    for m in input.try_iter().take(1024) {
-                        self.handle(m, now_micros());
+            let deadline = tokio::time::Instant::now() + wait;
+            tokio::select! {
+                biased;
+                m = input.recv_async() => match m {
+                    Ok(m) => {
+                        self.handle(m, clock.now());
+                        // Take what else is waiting before making it durable once.
+                        for m in input.try_iter().take(1024) {
+                            self.handle(m, clock.now());
+                        }
                     }
-                }
-                Got::Command(Some(c)) => self.command(c, now_micros()),
-                // HTTP has gone: nothing more comes from there.
-                Got::Command(None) => commands_open = false,
-                Got::Nothing => {}
+                    Err(_) => break,
+                },
+                c = commands.recv_async(), if commands_open => match c {
+                    Ok(c) => self.command(c, clock.now()),
+                    // HTTP has gone: nothing more comes from there.
+                    Err(_) => commands_open = false,
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
             }
-            self.tick(now_micros());
+            self.tick(clock.now());
             if let Err(e) = self.persist() {
                 // Kept for the next round: a full disk or a failing device must not take the
                 // alarms down with it; the stop reports what could not be made durable.
@@ -348,12 +366,25 @@ impl AlarmStage {
 
     /// Keeps what the silence rules watch, and makes everything durable.
     fn finish(mut self) -> Result<(), AlarmDbError> {
-        self.persist()
+        self.persist_now()
     }
 
-    /// Writes what changed this round and makes it durable. An entry leaves the to-keep maps
-    /// only once written: after a failure, the rest are still there for the next round.
+    /// Writes what changed this round and makes it durable: at once when an alarm or a silence
+    /// watch changed, at most once a second when only NEWS2 states did (a subject's score can
+    /// change with every message, and a write that waits for the disk each time would delay
+    /// the next alarm behind it). An entry leaves the to-keep maps only once written: after a
+    /// failure, the rest are still there for the next round.
     fn persist(&mut self) -> Result<(), AlarmDbError> {
+        let urgent = !self.alarms_to_keep.is_empty()
+            || self.silence.generation() != self.watches_kept
+            || self.dirty;
+        if !urgent && self.subjects_kept_at.elapsed() < SUBJECTS_EVERY {
+            return Ok(());
+        }
+        self.persist_now()
+    }
+
+    fn persist_now(&mut self) -> Result<(), AlarmDbError> {
         let keys: Vec<(String, String)> = self.alarms_to_keep.keys().cloned().collect();
         for key in keys {
             self.db.put_alarm(&self.alarms_to_keep[&key])?;
@@ -367,6 +398,7 @@ impl AlarmStage {
             self.subjects_to_keep.remove(&subject);
             self.dirty = true;
         }
+        self.subjects_kept_at = std::time::Instant::now();
         // Whom the silence rules watch, when that changed: a crash must not forget a device
         // whose silence is raised, nor bring back one acknowledged as taken away.
         if self.silence.generation() != self.watches_kept {
@@ -423,9 +455,9 @@ impl AlarmStage {
                 }
             }
             AlarmInput::Subject { subject, state } => self.keep_subject(&subject, *state),
-            AlarmInput::Heard { heard, at } => {
+            AlarmInput::Heard { heard } => {
                 let mut events = Vec::new();
-                self.silence.heard(heard, at, &mut events);
+                self.silence.heard(heard, now, &mut events);
                 for ev in events {
                     self.condition(ev, now);
                 }
@@ -829,7 +861,6 @@ priority = "low"
             stage.handle(
                 AlarmInput::Heard {
                     heard: vec![vec!["mon-1".into()]],
-                    at: T0,
                 },
                 T0,
             );
@@ -859,7 +890,6 @@ priority = "low"
             stage.handle(
                 AlarmInput::Heard {
                     heard: vec![vec!["mon-2".into()]],
-                    at: T0 + 3000 * S,
                 },
                 T0 + 3000 * S,
             );
@@ -929,6 +959,94 @@ priority = "low"
             states(&published, alarm),
             ["active high"],
             "not raised again"
+        );
+    }
+
+    /// Polls (in real time, briefly) until the output thread has published what `done` wants.
+    fn wait_published(capture: &Capture, done: impl Fn(&[(String, Value)]) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done(&capture.0.lock().unwrap()) {
+            assert!(std::time::Instant::now() < deadline, "not published");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// The stage's own loop, with tokio's time paused: an escalation after two minutes and a
+    /// silence after one come at their virtual times, an acknowledgement through the HTTP
+    /// handle is answered, and the stage ends when ingest goes.
+    #[tokio::test(start_paused = true)]
+    async fn the_stage_loop_runs_its_timers_on_paused_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let capture = Capture::default();
+        let (output, handle, _) = Output::new(Box::new(capture.clone()), 1 << 20);
+        let out = std::thread::spawn(move || output.run());
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        let db = AlarmDb::open(&dir.path().join("alarms")).unwrap();
+        let stage = AlarmStage::new(
+            "w",
+            &rules(),
+            None,
+            db,
+            Kept::default(),
+            &store,
+            handle,
+            Arc::new(WardHub::new("w")),
+            Metrics::new(),
+        );
+        let (tx, rx) = flume::bounded(16);
+        let (control_tx, control_rx) = flume::bounded(4);
+        let control = AlarmControl::new(control_tx);
+        let running = tokio::spawn(stage.run(rx, control_rx));
+        let alarm = "alarms/w/bed-1/spo2-low";
+        let silent = "alarms/w/mon-1/monitor-silent";
+        let count =
+            |p: &[(String, Value)], topic: &str| p.iter().filter(|(t, _)| t == topic).count();
+
+        tx.send_async(raise(7, true)).await.unwrap();
+        tx.send_async(AlarmInput::Heard {
+            heard: vec![vec!["mon-1".into()]],
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        wait_published(&capture, |p| count(p, alarm) == 1);
+        // A minute of silence from mon-1 (virtual time): its technical alarm.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        wait_published(&capture, |p| count(p, silent) == 1);
+        // Two minutes unacknowledged: spo2-low escalates to high.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        wait_published(&capture, |p| {
+            p.iter()
+                .any(|(t, v)| t == "alarms/w/escalated" && v["priority"] == "high")
+        });
+        // Acknowledged through the handle HTTP uses; a wrong seq is refused first.
+        let mut request = AckRequest {
+            subject: "bed-1".into(),
+            rule: "spo2-low".into(),
+            by: "nurse-jo".into(),
+            silence: None,
+            device_removed: false,
+            seq: Some(6),
+        };
+        assert!(matches!(
+            control.ack(request.clone()).await,
+            Err(AckError::Invalid(_))
+        ));
+        request.seq = Some(7);
+        let body = control.ack(request).await.unwrap();
+        assert_eq!(body["state"], "acknowledged");
+        // No more escalation once acknowledged, however long.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(tx);
+        running.await.unwrap().unwrap();
+        out.join().unwrap();
+        let published = capture.0.lock().unwrap();
+        assert_eq!(
+            published
+                .iter()
+                .filter(|(t, _)| t == "alarms/w/escalated")
+                .count(),
+            1
         );
     }
 }

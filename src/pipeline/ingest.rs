@@ -209,10 +209,7 @@ impl Ingest {
         }
         if force || self.ward_fed.elapsed() >= WARD_FEED_EVERY {
             let heard = self.ears.take();
-            self.to_alarms(AlarmInput::Heard {
-                heard,
-                at: now_micros(),
-            });
+            self.to_alarms(AlarmInput::Heard { heard });
         }
     }
 
