@@ -379,6 +379,34 @@ pub struct AlarmEvent {
     pub evidence: Option<EvidenceReading>,
 }
 
+/// The latest reading NEWS2 took for one subject of the current message.
+#[derive(Debug, Clone)]
+struct Trigger {
+    index: usize,
+    seq: u64,
+    ts: i64,
+    received: i64,
+    source: String,
+    metric: Metric,
+    value: Option<f64>,
+    flags: u16,
+}
+
+impl Default for Trigger {
+    fn default() -> Self {
+        Trigger {
+            index: 0,
+            seq: 0,
+            ts: 0,
+            received: 0,
+            source: String::new(),
+            metric: Metric::HeartRate,
+            value: None,
+            flags: 0,
+        }
+    }
+}
+
 /// A subject as the engine hands it to rules: its name, and a small dense id, one per subject
 /// and device, that rules index their state by (one hash lookup per reading in the engine,
 /// none in the rules).
@@ -443,7 +471,7 @@ pub struct AlarmEngine {
     events: Vec<AlarmEvent>,
     /// Per subject (tracker index) of the current message: the latest reading NEWS2 took.
     /// The first `news2_triggers_len` are this message's; the rest keep their allocations.
-    news2_triggers: Vec<(usize, EvidenceReading)>,
+    news2_triggers: Vec<Trigger>,
     news2_triggers_len: usize,
 }
 
@@ -507,37 +535,31 @@ impl AlarmEngine {
         ) else {
             return;
         };
-        // The latest reading of each subject scored: what a changed score names as its trigger.
-        // Kept in place, allocations and all, from one message to the next.
+        // The latest reading of each subject scored: what a changed score names as its trigger,
+        // made into an evidence reading only for a score that changed. Kept in place, the
+        // source's allocation too, from one message to the next.
         let active = &self.news2_triggers[..self.news2_triggers_len];
-        let slot = match active.iter().position(|(i, _)| *i == index) {
+        let slot = match active.iter().position(|t| t.index == index) {
             Some(slot) => slot,
             None => {
                 let slot = self.news2_triggers_len;
                 self.news2_triggers_len += 1;
                 if slot == self.news2_triggers.len() {
-                    self.news2_triggers.push((index, EvidenceReading::of(r)));
-                    return;
+                    self.news2_triggers.push(Trigger::default());
                 }
-                self.news2_triggers[slot].0 = index;
+                self.news2_triggers[slot].index = index;
                 slot
             }
         };
-        let t = &mut self.news2_triggers[slot].1;
+        let t = &mut self.news2_triggers[slot];
         t.seq = r.seq;
         t.ts = r.ts;
         t.received = r.received;
         t.value = r.value;
+        t.metric = r.metric;
+        t.flags = r.flags;
         if t.source != r.source {
             r.source.clone_into(&mut t.source);
-        }
-        if t.metric != r.metric.name() {
-            r.metric.name().clone_into(&mut t.metric);
-        }
-        t.flags.clear();
-        if r.flags != 0 {
-            t.flags
-                .extend(flags::names(r.flags).into_iter().map(str::to_owned));
         }
     }
 
@@ -551,8 +573,19 @@ impl AlarmEngine {
         for u in &mut updates {
             u.trigger = self.news2_triggers[..self.news2_triggers_len]
                 .iter()
-                .find(|(i, _)| tracker.subject_at(*i) == u.subject)
-                .map(|(_, t)| t.clone());
+                .find(|t| tracker.subject_at(t.index) == u.subject)
+                .map(|t| EvidenceReading {
+                    seq: t.seq,
+                    ts: t.ts,
+                    received: t.received,
+                    source: t.source.clone(),
+                    metric: t.metric.name().to_owned(),
+                    value: t.value,
+                    flags: flags::names(t.flags)
+                        .into_iter()
+                        .map(str::to_owned)
+                        .collect(),
+                });
         }
         self.news2_triggers_len = 0;
         updates
