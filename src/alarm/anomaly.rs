@@ -8,9 +8,9 @@
 //! anomaly). The baseline does not learn from readings in breach or while the alarm is raised:
 //! a patient drifting into trouble must not become the new normal.
 
-use super::breach::{Breach, Delay, Step};
+use super::breach::{Breach, Delay};
 use super::{
-    AlarmEvent, EvidenceReading, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
+    reading_event, AlarmEvent, Change, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
 };
 use crate::model::batch::RowRef;
 use crate::model::reading::Metric;
@@ -119,28 +119,24 @@ impl Rule for AnomalyRule {
         if !breached && !state.breach.active && state.breach.since.is_none() {
             learn(state, v, warmup, alpha);
         }
-        let (active, since) = match step {
-            Step::Quiet => return,
-            Step::Raise { since } => (true, since),
-            Step::Clear { since } => (false, since),
+        let Some((active, since)) = step.change() else {
+            return;
         };
-        out.push(AlarmEvent {
-            rule: self.name.clone(),
-            subject: subject.name.to_owned(),
-            source: Some(r.source.to_owned()),
-            active,
-            priority: self.priority,
-            kind: RuleKind::Anomaly,
-            metric: Some(self.metric[0].name().to_owned()),
-            value: Some(v),
-            condition: "anomaly".into(),
-            // The baseline the reading was judged against.
-            threshold: mean,
-            seq: Some(r.seq),
-            ts: r.ts,
-            since,
-            evidence: Some(EvidenceReading::of(r)),
-        });
+        out.push(reading_event(
+            &self.name,
+            self.priority,
+            RuleKind::Anomaly,
+            subject,
+            r,
+            Change {
+                active,
+                since,
+                value: Some(v),
+                condition: "anomaly",
+                // The baseline the reading was judged against.
+                threshold: mean,
+            },
+        ));
     }
 
     fn restore(&mut self, subject: Subject<'_>, since: i64, last_ts: i64) {

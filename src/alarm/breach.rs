@@ -51,6 +51,17 @@ pub enum Step {
     Clear { since: i64 },
 }
 
+impl Step {
+    /// `Some((active, since))` when the condition changed.
+    pub fn change(self) -> Option<(bool, i64)> {
+        match self {
+            Step::Quiet => None,
+            Step::Raise { since } => Some((true, since)),
+            Step::Clear { since } => Some((false, since)),
+        }
+    }
+}
+
 /// A rule's delay settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Delay {

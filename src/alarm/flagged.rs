@@ -5,7 +5,7 @@
 //! flagged readings' own times may be the problem.
 
 use super::{
-    AlarmEvent, EvidenceReading, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
+    reading_event, AlarmEvent, Change, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
 };
 use crate::model::batch::RowRef;
 use crate::model::reading::{flags, Metric};
@@ -81,22 +81,20 @@ impl Rule for FlaggedRule {
             state.active = false;
             false
         };
-        out.push(AlarmEvent {
-            rule: self.name.clone(),
-            subject: subject.name.to_owned(),
-            source: Some(r.source.to_owned()),
-            active,
-            priority: self.priority,
-            kind: RuleKind::Flagged,
-            metric: Some(r.metric.name().to_owned()),
-            value: r.value,
-            condition: "flagged".into(),
-            threshold: f64::from(count),
-            seq: Some(r.seq),
-            ts: r.ts,
-            since: state.since,
-            evidence: Some(EvidenceReading::of(r)),
-        });
+        out.push(reading_event(
+            &self.name,
+            self.priority,
+            RuleKind::Flagged,
+            subject,
+            r,
+            Change {
+                active,
+                since: state.since,
+                value: r.value,
+                condition: "flagged",
+                threshold: f64::from(count),
+            },
+        ));
     }
 
     fn restore(&mut self, subject: Subject<'_>, since: i64, _last_ts: i64) {

@@ -379,6 +379,43 @@ pub struct AlarmEvent {
     pub evidence: Option<EvidenceReading>,
 }
 
+/// What a reading rule says changed: everything of an [`AlarmEvent`] that differs by rule.
+pub struct Change {
+    pub active: bool,
+    pub since: i64,
+    pub value: Option<f64>,
+    pub condition: &'static str,
+    pub threshold: f64,
+}
+
+/// The event of a reading rule's condition change for `subject`, with reading `r`, of
+/// `metric`, as its evidence.
+pub fn reading_event(
+    rule: &str,
+    priority: Priority,
+    kind: RuleKind,
+    subject: Subject<'_>,
+    r: &RowRef<'_>,
+    c: Change,
+) -> AlarmEvent {
+    AlarmEvent {
+        rule: rule.to_owned(),
+        subject: subject.name.to_owned(),
+        source: Some(r.source.to_owned()),
+        active: c.active,
+        priority,
+        kind,
+        metric: Some(r.metric.name().to_owned()),
+        value: c.value,
+        condition: c.condition.to_owned(),
+        threshold: c.threshold,
+        seq: Some(r.seq),
+        ts: r.ts,
+        since: c.since,
+        evidence: Some(EvidenceReading::of(r)),
+    }
+}
+
 /// The latest reading NEWS2 took for one subject of the current message.
 #[derive(Debug, Clone)]
 struct Trigger {

@@ -5,9 +5,10 @@
 
 use std::collections::VecDeque;
 
-use super::breach::{Breach, Delay, Step};
+use super::breach::{Breach, Delay};
 use super::{
-    micros, AlarmEvent, EvidenceReading, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
+    micros, reading_event, AlarmEvent, Change, PerSubject, Priority, Rule, RuleConfig, RuleKind,
+    Subject,
 };
 use crate::model::batch::RowRef;
 use crate::model::reading::Metric;
@@ -98,27 +99,24 @@ impl Rule for RateRule {
         let moved = if falling { extreme - v } else { v - extreme };
         let breached = moved >= self.change;
         let recovered = moved <= self.change - self.hysteresis;
-        let (active, since) = match state.breach.step(delay, r.ts, message, breached, recovered) {
-            Step::Quiet => return,
-            Step::Raise { since } => (true, since),
-            Step::Clear { since } => (false, since),
+        let step = state.breach.step(delay, r.ts, message, breached, recovered);
+        let Some((active, since)) = step.change() else {
+            return;
         };
-        out.push(AlarmEvent {
-            rule: self.name.clone(),
-            subject: subject.name.to_owned(),
-            source: Some(r.source.to_owned()),
-            active,
-            priority: self.priority,
-            kind: RuleKind::Rate,
-            metric: Some(self.metric[0].name().to_owned()),
-            value: Some(if falling { -moved } else { moved }),
-            condition: if falling { "fall" } else { "rise" }.into(),
-            threshold: self.change,
-            seq: Some(r.seq),
-            ts: r.ts,
-            since,
-            evidence: Some(EvidenceReading::of(r)),
-        });
+        out.push(reading_event(
+            &self.name,
+            self.priority,
+            RuleKind::Rate,
+            subject,
+            r,
+            Change {
+                active,
+                since,
+                value: Some(if falling { -moved } else { moved }),
+                condition: if falling { "fall" } else { "rise" },
+                threshold: self.change,
+            },
+        ));
     }
 
     fn restore(&mut self, subject: Subject<'_>, since: i64, last_ts: i64) {

@@ -1,9 +1,9 @@
 //! Threshold rules: a metric above or below a value for a while raises an alarm; coming back past
 //! the threshold by the hysteresis clears it.
 
-use super::breach::{Breach, Delay, Step};
+use super::breach::{Breach, Delay};
 use super::{
-    AlarmEvent, EvidenceReading, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
+    reading_event, AlarmEvent, Change, PerSubject, Priority, Rule, RuleConfig, RuleKind, Subject,
 };
 use crate::model::batch::RowRef;
 use crate::model::reading::Metric;
@@ -78,31 +78,27 @@ impl Rule for ThresholdRule {
         let Some(v) = r.value else { return };
         let (breached, recovered) = (self.breached(v), self.recovered(v));
         let delay = self.delay;
-        let (active, since) = match self
+        let step = self
             .subjects
             .get(subject.id)
-            .step(delay, r.ts, message, breached, recovered)
-        {
-            Step::Quiet => return,
-            Step::Raise { since } => (true, since),
-            Step::Clear { since } => (false, since),
+            .step(delay, r.ts, message, breached, recovered);
+        let Some((active, since)) = step.change() else {
+            return;
         };
-        out.push(AlarmEvent {
-            rule: self.name.clone(),
-            subject: subject.name.to_owned(),
-            source: Some(r.source.to_owned()),
-            active,
-            priority: self.priority,
-            kind: RuleKind::Threshold,
-            metric: Some(self.metric[0].name().to_owned()),
-            value: Some(v),
-            condition: if self.above { "above" } else { "below" }.into(),
-            threshold: self.threshold,
-            seq: Some(r.seq),
-            ts: r.ts,
-            since,
-            evidence: Some(EvidenceReading::of(r)),
-        });
+        out.push(reading_event(
+            &self.name,
+            self.priority,
+            RuleKind::Threshold,
+            subject,
+            r,
+            Change {
+                active,
+                since,
+                value: Some(v),
+                condition: if self.above { "above" } else { "below" },
+                threshold: self.threshold,
+            },
+        ));
     }
 
     fn restore(&mut self, subject: Subject<'_>, since: i64, last_ts: i64) {
