@@ -53,6 +53,12 @@ site = "bench"
 listen = "127.0.0.1:0"
 listen_v5 = "127.0.0.1:0"
 listen_ws = "127.0.0.1:0"
+# A load generator is many devices in one connection: the per-device limits would measure
+# themselves.
+max_messages_per_second = 10000000
+max_burst = 10000000
+max_inflight = 65535
+auth.allow_anonymous = true
 [http]
 listen = "127.0.0.1:0"
 [ingest]

@@ -138,6 +138,48 @@ pub struct BrokerConfig {
     /// messages of a commit cycle.
     #[serde(default = "BrokerConfig::default_inflight")]
     pub inflight: u16,
+    /// Embedded broker: lets a listener that is not on loopback run without TLS (behind a
+    /// network that encrypts, or for a bench). Anonymous clients are refused there even so.
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Embedded broker, per connection: QoS 1/2 publishes taken in and not yet acknowledged
+    /// (announced to MQTT 5 clients as Receive Maximum). At the limit the broker stops reading
+    /// the connection until acknowledgements go out.
+    #[serde(default = "BrokerConfig::default_max_inflight")]
+    pub max_inflight: u16,
+    /// Embedded broker, per connection: publishes per second on average, and in a burst. A
+    /// faster client is slowed (its socket is not read), never answered with a lost message.
+    #[serde(default = "BrokerConfig::default_max_messages_per_second")]
+    pub max_messages_per_second: u32,
+    #[serde(default = "BrokerConfig::default_max_burst")]
+    pub max_burst: u32,
+    /// Who may connect to the embedded broker, and as whom.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// `[broker.auth]`: how devices and staff authenticate to the embedded broker, and what an
+/// authenticated account may do.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Per-account passwords (`iomt-edge credentials add`): a CONNECT's user name and password
+    /// are checked against it; the user name is then the client's identity.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// Lets clients connect without a user name (or client certificate). Refused at start for
+    /// a listener off loopback without TLS.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// Accounts that may acknowledge alarms (`alarms/<site>/…/ack`), set subjects' settings
+    /// (`config/<site>/…`) and subscribe to any topic. Every other account is a device: it
+    /// may publish only as itself, and subscribe only to `device_subscribe`.
+    #[serde(default)]
+    pub operators: Vec<String>,
+    /// Topic filters a device account may subscribe to (or within), `{identity}` standing for
+    /// its own name, e.g. `ward/cmd/{identity}/#` for the adaptive monitoring commands.
+    #[serde(default)]
+    pub device_subscribe: Vec<String>,
 }
 
 impl BrokerConfig {
@@ -161,6 +203,103 @@ impl BrokerConfig {
     }
     const fn default_inflight() -> u16 {
         u16::MAX
+    }
+    const fn default_max_inflight() -> u16 {
+        1000
+    }
+    const fn default_max_messages_per_second() -> u32 {
+        1000
+    }
+    const fn default_max_burst() -> u32 {
+        2000
+    }
+
+    /// The embedded broker's listeners.
+    pub fn listeners(&self) -> impl Iterator<Item = (&'static str, SocketAddr)> + '_ {
+        [
+            ("broker.listen", Some(self.listen)),
+            ("broker.listen_v5", self.listen_v5),
+            ("broker.listen_ws", self.listen_ws),
+        ]
+        .into_iter()
+        .filter_map(|(k, a)| a.map(|a| (k, a)))
+    }
+
+    /// The rules that keep the embedded broker safe to open to a ward network: a listener off
+    /// loopback is encrypted (or its plaintext is a stated choice), never anonymous without
+    /// TLS, and someone must be able to connect at all. `Err((key, why))`.
+    fn check_security(&self) -> Result<(), (String, String)> {
+        if self.external.is_some() {
+            return Ok(());
+        }
+        let tls = self.tls_configured();
+        for (key, addr) in self.listeners() {
+            if addr.ip().is_loopback() || tls {
+                continue;
+            }
+            if self.auth.allow_anonymous {
+                return Err((
+                    key.into(),
+                    format!(
+                        "{addr} is not on loopback and has no TLS: anonymous clients would be \
+                         let in from the network in plain text. Set [broker.tls], or leave \
+                         broker.auth.allow_anonymous off"
+                    ),
+                ));
+            }
+            if !self.allow_plaintext {
+                return Err((
+                    key.into(),
+                    format!(
+                        "{addr} is not on loopback: devices' passwords and readings would cross \
+                         the network in plain text. Set [broker.tls] (cert, key), or \
+                         broker.allow_plaintext = true if the network itself is encrypted"
+                    ),
+                ));
+            }
+        }
+        for (i, name) in self.auth.operators.iter().enumerate() {
+            if name.is_empty() || name.contains([':', '/', '+', '#']) {
+                return Err((
+                    format!("broker.auth.operators[{i}]"),
+                    format!("`{name}` is not an account name"),
+                ));
+            }
+        }
+        for (i, f) in self.auth.device_subscribe.iter().enumerate() {
+            let rendered = f.replace("{identity}", "x");
+            crate::topic::TopicFilter::parse(&rendered).map_err(|m| {
+                (format!("broker.auth.device_subscribe[{i}]"), m)
+            })?;
+        }
+        if self.max_inflight == 0 || self.max_messages_per_second == 0 || self.max_burst == 0 {
+            return Err((
+                "broker".into(),
+                "max_inflight, max_messages_per_second and max_burst must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The embedded broker needs a way in: credentials, client certificates, or anonymous
+    /// clients allowed. Checked when it starts (a pipeline file read only to decode or verify
+    /// needs none).
+    pub fn check_can_connect(&self) -> Result<(), String> {
+        if self.auth.allow_anonymous || self.auth.credentials.is_some() || self.client_certs() {
+            return Ok(());
+        }
+        Err("no client could connect: set broker.auth.credentials (a file made with \
+             `iomt-edge credentials add`), broker.tls.client_ca (client certificates), or \
+             broker.auth.allow_anonymous = true (loopback or TLS only)"
+            .into())
+    }
+
+    fn tls_configured(&self) -> bool {
+        false
+    }
+
+    fn client_certs(&self) -> bool {
+        false
     }
 }
 
@@ -349,6 +488,17 @@ pub struct RouteConfig {
     /// Template of the patient/bed/asset the device is attached to.
     #[serde(default)]
     pub subject: Option<String>,
+    /// Template of the account that may publish here (embedded broker with authentication):
+    /// a message from any other account is refused as an impostor. Defaults to `source`, so
+    /// that a device can only publish as itself; a gateway's route names the gateway's level.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Whether device and subject names read from the payload (SenML `bn`, a FHIR subject, a
+    /// gateway's device address) are taken from an authenticated account when they differ from
+    /// the topic's. Off: such a message is refused as an impostor. On: the account (a gateway,
+    /// an HL7 interface) is trusted to name the devices and patients behind it.
+    #[serde(default)]
+    pub trust_payload_ids: bool,
     /// Mapping of the `json` codec.
     #[serde(default)]
     pub json: Option<JsonMapping>,
@@ -453,6 +603,9 @@ impl PipelineConfig {
         if let Err((key, message)) = self.news2.check() {
             return Err(invalid(0..0, key, message));
         }
+        if let Err((key, message)) = self.broker.check_security() {
+            return Err(invalid(0..0, key, message));
+        }
         if let Some(ext) = &self.broker.external {
             if let Err(m) = parse_mqtt_url(ext) {
                 return Err(invalid(0..0, "broker.external".into(), m));
@@ -468,6 +621,7 @@ impl PipelineConfig {
             for (k, t) in [
                 ("source", Some(&r.source)),
                 ("subject", r.subject.as_ref()),
+                ("identity", r.identity.as_ref()),
                 ("ble.characteristic", characteristic),
             ] {
                 if let Some(t) = t {
@@ -524,6 +678,8 @@ struct RouteKeySpan {
     source: Option<Spanned<String>>,
     #[serde(default)]
     subject: Option<Spanned<String>>,
+    #[serde(default)]
+    identity: Option<Spanned<String>>,
 }
 
 impl RouteKeySpans {
@@ -536,6 +692,7 @@ impl RouteKeySpans {
         let value = match key {
             "source" => r.source.as_ref(),
             "subject" => r.subject.as_ref(),
+            "identity" => r.identity.as_ref(),
             _ => None,
         };
         value.map(Spanned::span)
@@ -727,7 +884,8 @@ priority = "high"
             );
         }
         let c = PipelineConfig::parse(
-            "[broker]\nlisten = \"0.0.0.0:1883\"\nlisten_v5 = \"[::1]:0\"\n[http]\nlisten = \"10.0.0.5:9100\"\n",
+            "[broker]\nlisten = \"0.0.0.0:1883\"\nlisten_v5 = \"[::1]:0\"\nallow_plaintext = true\n\
+             [http]\nlisten = \"10.0.0.5:9100\"\n",
             "p.toml",
         )
         .unwrap();
@@ -735,6 +893,48 @@ priority = "high"
         assert_eq!(c.broker.listen_v5, Some("[::1]:0".parse().unwrap()));
         assert_eq!(c.broker.listen_ws, BrokerConfig::default_listen_ws());
         assert_eq!(c.http.listen, "10.0.0.5:9100".parse().unwrap());
+    }
+
+    #[test]
+    fn a_listener_off_loopback_needs_tls_or_a_stated_choice_and_never_lets_anonymous_in() {
+        let err = |text: &str| PipelineConfig::parse(text, "p.toml").unwrap_err().to_string();
+        let msg = err("[broker]\nlisten = \"0.0.0.0:1883\"\n");
+        assert!(
+            msg.contains("broker.listen: 0.0.0.0:1883 is not on loopback")
+                && msg.contains("[broker.tls]")
+                && msg.contains("allow_plaintext"),
+            "{msg}"
+        );
+        let msg = err("[broker]\nlisten_ws = \"192.168.1.5:8083\"\n");
+        assert!(msg.contains("broker.listen_ws: 192.168.1.5:8083"), "{msg}");
+        // The opt-out covers plaintext, not anonymous clients.
+        let msg = err(
+            "[broker]\nlisten = \"0.0.0.0:1883\"\nallow_plaintext = true\n\
+             [broker.auth]\nallow_anonymous = true\n",
+        );
+        assert!(msg.contains("anonymous clients would be let in"), "{msg}");
+        PipelineConfig::parse(
+            "[broker]\nlisten = \"0.0.0.0:1883\"\nallow_plaintext = true\n\
+             [broker.auth]\ncredentials = \"creds\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        // Loopback and anonymous: the developer's default.
+        let c = PipelineConfig::parse("[broker.auth]\nallow_anonymous = true\n", "p.toml").unwrap();
+        c.broker.check_can_connect().unwrap();
+        // Nobody could connect: refused when the broker starts.
+        let c = PipelineConfig::parse("", "p.toml").unwrap();
+        assert!(c.broker.check_can_connect().unwrap_err().contains("no client could connect"));
+        // External mode: the hospital broker's own rules apply.
+        PipelineConfig::parse(
+            "[broker]\nlisten = \"0.0.0.0:1883\"\nexternal = \"mqtt://10.0.0.2:1883\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let msg = err("[broker.auth]\noperators = [\"a:b\"]\n");
+        assert!(msg.contains("broker.auth.operators[0]"), "{msg}");
+        let msg = err("[broker.auth]\ndevice_subscribe = [\"a/#/b\"]\n");
+        assert!(msg.contains("broker.auth.device_subscribe[0]"), "{msg}");
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn decode(req: &DecodeRequest<'_>, input: &[u8]) -> Result<Vec<Reading>, Dec
                 codec,
                 source: Template::parse("{topic}").map_err(setup)?,
                 subject: None,
+                trust_payload_ids: false,
             };
             (route, IngestConfig::default(), "the filter".to_owned())
         }

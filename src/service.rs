@@ -346,6 +346,7 @@ impl Service {
                 let tx = ended_tx.clone();
                 let (b, publisher, acker) = EmbeddedBroker::start(
                     &config.broker,
+                    &config.routes,
                     config.ingest.max_payload_bytes,
                     input_tx,
                     health.intake(),

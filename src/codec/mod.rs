@@ -144,6 +144,9 @@ pub struct ReadingSink<'b> {
     source: &'b str,
     subject: Option<&'b str>,
     clock: ClockWindow,
+    /// The publisher is authenticated and may not name other devices or subjects in its
+    /// payload than the topic's.
+    bound_ids: bool,
 }
 
 impl<'b> ReadingSink<'b> {
@@ -156,7 +159,15 @@ impl<'b> ReadingSink<'b> {
             source: msg.source,
             subject: msg.subject,
             clock: ClockWindow::default(),
+            bound_ids: false,
         }
+    }
+
+    /// Refuses readings whose payload names another device or subject than the topic's: the
+    /// publisher was authenticated as the topic's account, and speaks for nobody else.
+    pub fn with_bound_ids(mut self, bound: bool) -> Self {
+        self.bound_ids = bound;
+        self
     }
 
     /// Judges device clocks by `clock` (`ingest.clock_max_past` / `clock_max_future`).
@@ -225,6 +236,22 @@ impl<'b> ReadingSink<'b> {
             flags |= flags::CLOCK_SUSPECT;
         }
         // An empty name from the payload is no name: the route's applies.
+        if self.bound_ids {
+            let other_source = d.source.is_some_and(|s| !s.is_empty() && s != self.source);
+            let other_subject = d
+                .subject
+                .is_some_and(|s| !s.is_empty() && Some(s) != self.subject);
+            if other_source || other_subject {
+                return Err(DecodeError::new(
+                    Reason::Identity,
+                    format!(
+                        "the payload names another {} than the topic's, and the route does not \
+                         trust its publisher to (trust_payload_ids)",
+                        if other_source { "device" } else { "subject" }
+                    ),
+                ));
+            }
+        }
         let source = match d.source.filter(|s| !s.is_empty()) {
             Some(s) => {
                 check_id("source", "payload", s)?;

@@ -21,6 +21,9 @@ pub enum Reason {
     Status,
     Empty,
     Oversized,
+    /// The payload names a device or subject other than the one its authenticated publisher
+    /// may speak for.
+    Identity,
 }
 
 impl Reason {
@@ -39,6 +42,7 @@ impl Reason {
             Reason::Status => "status",
             Reason::Empty => "empty",
             Reason::Oversized => "oversized",
+            Reason::Identity => "identity",
         }
     }
 }

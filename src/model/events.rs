@@ -225,3 +225,63 @@ impl InternalEvent for AlarmChanged<'_> {
         );
     }
 }
+
+/// The broker refused a connection: too many, a failed TLS handshake, bad credentials, an
+/// anonymous client where none are allowed. Logged without the user name a client offered
+/// (it may be a mistyped password).
+pub struct ConnectionRefused {
+    pub reason: &'static str,
+}
+
+impl InternalEvent for ConnectionRefused {
+    fn emit(self, m: &Metrics) {
+        m.connections_refused
+            .with_label_values(&[self.reason])
+            .inc();
+        if log_due(&format!("connection-refused-{}", self.reason)) {
+            warn!(
+                reason = self.reason,
+                "a client's connection was refused (logged once a minute per reason)"
+            );
+        }
+    }
+}
+
+/// An authenticated client published what its account may not: readings as another device or
+/// subject (an impostor), or an alarm acknowledgement or setting from a device account. The
+/// account is named (it is a device's name, not a patient's); the topic is not.
+pub struct PublishRefused<'a> {
+    pub reason: &'static str,
+    pub account: &'a str,
+}
+
+impl InternalEvent for PublishRefused<'_> {
+    fn emit(self, m: &Metrics) {
+        m.publishes_refused.with_label_values(&[self.reason]).inc();
+        if log_due(&format!("publish-refused-{}", self.reason)) {
+            warn!(
+                reason = self.reason,
+                account = self.account,
+                "a publish was refused (logged once a minute per reason)"
+            );
+        }
+    }
+}
+
+/// A connection went past its rate or in-flight limit and is not read until it is back
+/// within it.
+pub struct PublishesDelayed {
+    pub limit: &'static str,
+}
+
+impl InternalEvent for PublishesDelayed {
+    fn emit(self, m: &Metrics) {
+        m.publishes_delayed.with_label_values(&[self.limit]).inc();
+        if log_due(&format!("publishes-delayed-{}", self.limit)) {
+            info!(
+                limit = self.limit,
+                "a client publishes faster than its limit allows: slowed (logged once a minute)"
+            );
+        }
+    }
+}

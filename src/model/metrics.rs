@@ -35,6 +35,9 @@ pub struct Metrics {
     pub queue_bytes: IntGaugeVec,
     pub topics_refused: IntCounterVec,
     pub connections: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub publishes_refused: IntCounterVec,
+    pub publishes_delayed: IntCounterVec,
     pub acks_sent: IntCounter,
     pub next_seq: IntGauge,
     pub healthy: IntGauge,
@@ -125,6 +128,21 @@ impl Metrics {
                     ]),
                 )
                 .unwrap(),
+            ),
+            connections_refused: counter_vec(
+                "iomt_connections_refused_total",
+                "broker connections refused, by reason (limit, tls, credentials, anonymous, client_id)",
+                &["reason"],
+            ),
+            publishes_refused: counter_vec(
+                "iomt_publishes_refused_total",
+                "publishes refused, by reason (impostor: as another device or subject; not_operator: an ack or setting from a device; inflight)",
+                &["reason"],
+            ),
+            publishes_delayed: counter_vec(
+                "iomt_publishes_delayed_total",
+                "times a connection was not read for a while because it went past a limit, by limit (rate, inflight)",
+                &["limit"],
             ),
             queue_depth: reg(
                 &registry,

@@ -19,18 +19,20 @@ use tracing::debug;
 
 use super::alarms::AlarmInput;
 use super::health::{Health, Phase, Problem};
-use super::input::{InputClosed, InputQueue};
+use super::input::{Identity, InputClosed, InputQueue};
 use super::output::{Outgoing, OutputHandle};
 use super::routes::{Route, RouteTable};
 use super::ward::{VitalReading, WardHub};
-use super::AckToken;
+use super::{AckToken, NOT_AUTHORIZED};
 use crate::alarm::news2::{Spo2Scale, SubjectState};
 use crate::alarm::silence::Ears;
 use crate::alarm::AlarmEngine;
 use crate::codec::{decode_payload, ClockWindow, DecodeError, Message, ReadingSink, Reason};
 use crate::config::{BatchConfig, IngestConfig};
 use crate::model::batch::{BatchBuilder, Columns};
-use crate::model::events::{DecodeFailed, InternalEvent, PayloadOversized, TopicUnrouted};
+use crate::model::events::{
+    DecodeFailed, InternalEvent, PayloadOversized, PublishRefused, TopicUnrouted,
+};
 use crate::model::metrics::Metrics;
 use crate::model::reading::{flags, now_micros};
 use crate::store::{Store, StoreError};
@@ -236,11 +238,18 @@ impl Ingest {
                 Ok(Some(msg)) => {
                     messages += 1;
                     last_message = Instant::now();
-                    if !msg.refused {
-                        self.handle(&msg.topic, &msg.payload, msg.payload_size, &output)?;
-                    }
+                    let refusal = match msg.refused {
+                        false => self.handle(
+                            &msg.topic,
+                            &msg.payload,
+                            msg.payload_size,
+                            msg.sender.as_deref(),
+                            &output,
+                        )?,
+                        true => None,
+                    };
                     if let Some(ack) = msg.ack {
-                        acks.push(ack);
+                        acks.push(refusal.map_or(ack, |r| ack.refusing(r)));
                     }
                     if opened.is_none() && (!self.builder.is_empty() || !acks.is_empty()) {
                         opened = Some(last_message);
@@ -330,31 +339,33 @@ impl Ingest {
         }
     }
 
-    /// Routes, decodes and checks one message.
+    /// Routes, decodes and checks one message. `Ok(Some(reason))`: the message is refused, and
+    /// acknowledged with that MQTT 5 reason code.
     fn handle(
         &mut self,
         topic: &Bytes,
         payload: &Bytes,
         payload_size: usize,
+        sender: Option<&Identity>,
         output: &OutputHandle,
-    ) -> Result<(), IngestError> {
+    ) -> Result<Option<u8>, IngestError> {
         // Fault tests: `ingest-message=100*off->panic` fails the stage.
         #[cfg(feature = "failpoints")]
         fail::fail_point!("ingest-message");
         let Ok(topic) = std::str::from_utf8(topic) else {
             // Transports refuse such names; a message that slips through is not a reading.
             TopicUnrouted { topic: "" }.emit(&self.metrics);
-            return Ok(());
+            return Ok(None);
         };
         if is_alarm_ack(topic.as_bytes()) {
             self.to_alarms(AlarmInput::Ack {
                 topic: topic.to_owned(),
                 payload: payload.clone(),
             });
-            return Ok(());
+            return Ok(None);
         }
         if OWN_TOPIC_PREFIXES.iter().any(|p| topic.starts_with(p)) {
-            return Ok(());
+            return Ok(None);
         }
         if let Some(subject) = topic
             .strip_prefix("config/")
@@ -362,12 +373,12 @@ impl Ingest {
             .and_then(|t| t.strip_prefix('/'))
         {
             self.subject_settings(topic, subject, payload, output);
-            return Ok(());
+            return Ok(None);
         }
         let received = now_micros();
         let Some((route, resolved)) = self.routes.resolve(topic) else {
             TopicUnrouted { topic }.emit(&self.metrics);
-            return Ok(());
+            return Ok(None);
         };
         self.route_counters[resolved.route].inc();
         let dead_letters = DeadLetters {
@@ -399,7 +410,7 @@ impl Ingest {
             );
             // The payload itself is not republished: that would let one device double the load.
             dead_letters.send(&err, None);
-            return Ok(());
+            return Ok(None);
         }
         let message = Message {
             topic,
@@ -413,10 +424,21 @@ impl Ingest {
         let result = decode_payload(
             codec.as_ref(),
             &message,
-            &mut ReadingSink::new(&mut self.builder, &message).with_clock(self.clock),
+            &mut ReadingSink::new(&mut self.builder, &message)
+                .with_clock(self.clock)
+                .with_bound_ids(sender.is_some() && !route.trust_payload_ids),
         );
         if let Err(err) = result {
             self.builder.rollback(mark);
+            if let (Reason::Identity, Some(id)) = (err.reason, sender) {
+                // Not dead-lettered: that would republish an impostor's payload.
+                PublishRefused {
+                    reason: "impostor",
+                    account: &id.name,
+                }
+                .emit(&self.metrics);
+                return Ok(Some(NOT_AUTHORIZED));
+            }
             DecodeFailed {
                 route: &route.filter_text,
                 codec: codec.name(),
@@ -424,7 +446,7 @@ impl Ingest {
             }
             .emit(&self.metrics);
             dead_letters.send(&err, Some(payload));
-            return Ok(());
+            return Ok(None);
         }
         let added = self.builder.len() - mark;
         self.metrics.readings_decoded.inc_by(added as u64);
@@ -486,7 +508,7 @@ impl Ingest {
                 .inc_by(untracked - self.alarm_subjects_untracked);
             self.alarm_subjects_untracked = untracked;
         }
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -14,6 +14,17 @@ use super::AckToken;
 /// What one queued message costs beyond its topic and payload (the struct, the channel slot).
 const OVERHEAD: usize = 96;
 
+/// Who published a message, as the transport authenticated them (a password or a client
+/// certificate). Ingest holds an authenticated publisher to its account: it may publish only
+/// where the route's `identity` is its name.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub name: Box<str>,
+    /// May acknowledge alarms, set subjects' settings and subscribe anywhere
+    /// (`broker.auth.operators`).
+    pub operator: bool,
+}
+
 /// One message as a transport received it.
 #[derive(Debug)]
 pub struct Received {
@@ -27,6 +38,9 @@ pub struct Received {
     /// The transport refused the message (its token says why): ingest only carries the
     /// acknowledgement, in order with the others.
     pub refused: bool,
+    /// The authenticated publisher; `None` for an anonymous one (allowed by the pipeline file)
+    /// or a message from an external broker (whose own ACL holds its clients to their topics).
+    pub sender: Option<Arc<Identity>>,
 }
 
 impl Received {
@@ -38,6 +52,7 @@ impl Received {
             payload,
             ack,
             refused: false,
+            sender: None,
         }
     }
 
@@ -49,6 +64,7 @@ impl Received {
             payload_size: 0,
             ack: Some(ack),
             refused: true,
+            sender: None,
         }
     }
 }
@@ -61,6 +77,7 @@ pub struct Incoming {
     pub payload_size: usize,
     pub ack: Option<AckToken>,
     pub refused: bool,
+    pub sender: Option<Arc<Identity>>,
     /// This message's share of the queue's bytes, given back when the message is dropped.
     _room: OwnedSemaphorePermit,
 }
@@ -123,6 +140,7 @@ impl InputSender {
                 payload_size: m.payload_size,
                 ack: m.ack,
                 refused: m.refused,
+                sender: m.sender,
                 _room: room,
             })
             .map_err(|_| InputClosed)

@@ -65,6 +65,10 @@ impl AckToken {
     }
 }
 
+/// MQTT 5 reason codes a refused message is acknowledged with.
+pub const NOT_AUTHORIZED: u8 = 0x87;
+pub const TOPIC_NAME_INVALID: u8 = 0x90;
+
 /// Acknowledges messages to whoever sent them, once their readings are durably stored.
 pub trait Acker: Send {
     /// Sends the acknowledgements; never blocks for long (the commit stage calls it). Tokens of

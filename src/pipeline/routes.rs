@@ -16,6 +16,8 @@ pub struct Route {
     pub codec: Arc<dyn Codec>,
     pub source: Template,
     pub subject: Option<Template>,
+    /// An authenticated publisher may name other devices and subjects in its payloads.
+    pub trust_payload_ids: bool,
 }
 
 impl Route {
@@ -26,7 +28,40 @@ impl Route {
             codec: c.build_codec()?,
             source: Template::parse(&c.source)?,
             subject: c.subject.as_deref().map(Template::parse).transpose()?,
+            trust_payload_ids: c.trust_payload_ids,
         })
+    }
+}
+
+/// Which account may publish on a topic: the first matching route's `identity` template (its
+/// `source` unless it names one), rendered. The embedded broker asks this of every publish from
+/// a device account before anything else sees the message.
+#[derive(Debug, Clone, Default)]
+pub struct Owners {
+    routes: Vec<(TopicFilter, Template)>,
+}
+
+impl Owners {
+    pub fn new(routes: &[RouteConfig]) -> Result<Self, String> {
+        let routes = routes
+            .iter()
+            .map(|c| {
+                let filter = TopicFilter::parse(c.topic.get_ref())?;
+                let identity = Template::parse(c.identity.as_deref().unwrap_or(&c.source))?;
+                Ok((filter, identity))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Owners { routes })
+    }
+
+    /// Whether `account` owns `topic`. A topic no route takes is nobody's: a device has no
+    /// business publishing there.
+    pub fn owned_by(&self, topic: &str, account: &str) -> bool {
+        self.routes
+            .iter()
+            .find(|(f, _)| f.matches(topic))
+            .and_then(|(_, t)| t.render(topic))
+            .is_some_and(|owner| owner == account)
     }
 }
 

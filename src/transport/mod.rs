@@ -3,6 +3,7 @@
 //! Each implements the pipeline's seams ([`crate::pipeline`]) over a real protocol.
 
 pub mod broker;
+pub mod credentials;
 pub mod dashboard;
 pub mod external;
 pub mod http;

@@ -44,8 +44,15 @@ pub fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A pipeline with every listener on a free loopback port and short batch windows.
+/// A pipeline with every listener on a free loopback port and short batch windows, anonymous
+/// clients allowed.
 pub fn pipeline(extra: &str) -> String {
+    pipeline_with_broker("auth.allow_anonymous = true", extra)
+}
+
+/// [`pipeline`] with `broker` (TOML lines, dotted keys for sub-tables) in its `[broker]`
+/// table instead of the anonymous default.
+pub fn pipeline_with_broker(broker: &str, extra: &str) -> String {
     format!(
         r#"
 site = "{SITE}"
@@ -53,6 +60,7 @@ site = "{SITE}"
 listen = "127.0.0.1:0"
 listen_v5 = "127.0.0.1:0"
 listen_ws = "127.0.0.1:0"
+{broker}
 [http]
 listen = "127.0.0.1:0"
 [ingest]

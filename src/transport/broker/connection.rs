@@ -38,10 +38,14 @@ use tracing::debug;
 use super::sessions::{Acks, Backlog};
 use super::subscriptions::Refused;
 use super::Shared;
-use crate::model::events::{InternalEvent, TopicRefused};
+use super::auth::Verdict;
+use super::limits::{Inflight, RateLimit};
+use crate::model::events::{
+    ConnectionRefused, InternalEvent, PublishRefused, PublishesDelayed, TopicRefused,
+};
 use crate::pipeline::ingest::{is_alarm_ack, OWN_TOPIC_PREFIXES};
-use crate::pipeline::input::{InputSender, Received};
-use crate::pipeline::AckToken;
+use crate::pipeline::input::{Identity, InputSender, Received};
+use crate::pipeline::{AckToken, NOT_AUTHORIZED, TOPIC_NAME_INVALID};
 use crate::topic::check_topic_name;
 use crate::transport::raised;
 use crate::transport::wire::{frame, publish_head, Proto, PublishHead, WireError};
@@ -51,9 +55,6 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The last write of a stop waits at most this long.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// MQTT 5 reason codes a refused publish is acknowledged with.
-const NOT_AUTHORIZED: u8 = 0x87;
-const TOPIC_NAME_INVALID: u8 = 0x90;
 
 /// What the reader asks the writer to send.
 #[derive(Debug)]
@@ -93,8 +94,9 @@ fn reserved(topic: &[u8]) -> bool {
         && !is_alarm_ack(topic)
 }
 
-/// Serves one accepted connection until it ends.
-pub async fn serve<S>(stream: S, shared: Arc<Shared>)
+/// Serves one accepted connection until it ends. `certificate`: the account a verified TLS
+/// client certificate names.
+pub async fn serve<S>(stream: S, shared: Arc<Shared>, certificate: Option<String>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -130,8 +132,21 @@ where
             return;
         }
     };
-    let Packet::Connect(connect, _props, will, _will_props, _login) = packet else {
+    let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
         return;
+    };
+    let verdict = tokio::select! {
+        v = shared.auth.check(login, certificate) => v,
+        _ = raised(&mut stopping) => return,
+    };
+    let sender = match verdict {
+        Verdict::Anonymous => None,
+        Verdict::Account(id) => Some(id),
+        Verdict::Refused { code, reason } => {
+            ConnectionRefused { reason }.emit(&shared.metrics);
+            let _ = refuse(&mut wr, &proto, code).await;
+            return;
+        }
     };
     let mut client_id = connect.client_id.clone();
     let mut assigned = None;
@@ -161,6 +176,8 @@ where
         let _ = refuse(&mut wr, &proto, ConnectReturnCode::ServiceUnavailable).await;
         return;
     };
+    // From here on the client is known by its session id, which keeps accounts apart.
+    let client_id = shared.auth.session_id(sender.as_deref(), &client_id);
     let router = shared.router.clone();
     let (id, clean) = (client_id.clone(), connect.clean_session);
     let link = tokio::task::spawn_blocking(move || router.link(&id, clean)).await;
@@ -186,6 +203,7 @@ where
         .subscriptions
         .connect(&client_id, session, connect.clean_session);
     let props = proto.is_v5().then(|| ConnAckProperties {
+        receive_max: Some(shared.limits.max_inflight),
         max_packet_size: Some(shared.max_packet.min(u32::MAX as usize) as u32),
         assigned_client_identifier: assigned,
         // Aliases would have to be resolved before routing; clients must send full topics.
@@ -211,6 +229,7 @@ where
     shared.metrics.connections.inc();
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (writer_done_tx, writer_done) = watch::channel(None::<End>);
+    let inflight = Arc::new(Inflight::default());
     let writer = tokio::spawn(write_loop(
         wr,
         proto.clone(),
@@ -218,6 +237,7 @@ where
         acks_rx,
         control_rx,
         backlog.clone(),
+        inflight.clone(),
         shared.finish.clone(),
         writer_done_tx,
     ));
@@ -236,6 +256,9 @@ where
         keep_alive,
         qos2_pending: HashSet::new(),
         skip: 0,
+        sender,
+        rate: RateLimit::new(shared.limits.max_messages_per_second, shared.limits.max_burst),
+        inflight,
     };
     let end = reader.run(writer_done.clone()).await;
     let Reader {
@@ -363,6 +386,10 @@ struct Reader<R> {
     qos2_pending: HashSet<u16>,
     /// Bytes of an oversized publish still to be thrown away as they arrive.
     skip: usize,
+    /// The account the client authenticated as; `None` when anonymous.
+    sender: Option<Arc<Identity>>,
+    rate: RateLimit,
+    inflight: Arc<Inflight>,
 }
 
 /// What woke the reader.
@@ -582,7 +609,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     async fn subscribe(&mut self, sub: Subscribe, props: Option<SubscribeProperties>) {
         let mut refused = None;
         for f in &sub.filters {
-            if !self.clean_session && f.path.starts_with("$share/") {
+            if !self.shared.auth.may_subscribe(self.sender.as_deref(), &f.path) {
+                TopicRefused {
+                    reason: "subscribe_not_authorized",
+                }
+                .emit(&self.shared.metrics);
+                refused = Some(SubscribeReasonCode::NotAuthorized);
+            } else if !self.clean_session && f.path.starts_with("$share/") {
                 refused = Some(SubscribeReasonCode::SharedSubscriptionsNotSupported);
             } else {
                 match self.shared.subscriptions.check(&self.client_id, &f.path) {
@@ -628,6 +661,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         stopping: &mut watch::Receiver<bool>,
         writer_done: &mut watch::Receiver<Option<End>>,
     ) -> Result<(), End> {
+        while let Some(wait) = self.rate.take() {
+            PublishesDelayed { limit: "rate" }.emit(&self.shared.metrics);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = raised(stopping) => return Err(End::Stopped),
+                end = ended(writer_done) => return Err(end),
+            }
+        }
         let token = (head.qos > 0).then(|| AckToken::new(self.session, head.packet_id, head.qos));
         if let Err(e) = check_topic_name(&head.topic) {
             TopicRefused { reason: e.as_str() }.emit(&self.shared.metrics);
@@ -648,6 +689,25 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             // Acknowledged (MQTT 5: as not authorized; 3.1.1 has no refusal but closing, and a
             // closed device would only resend) and dropped.
             TopicRefused { reason: "reserved" }.emit(&self.shared.metrics);
+            return match token {
+                Some(t) => {
+                    let refused = Received::refused(t.refusing(NOT_AUTHORIZED));
+                    self.hand_over(refused, stopping, writer_done).await
+                }
+                None => Ok(()),
+            };
+        }
+        if let Some(reason) = self.not_its_own(&head.topic) {
+            // MQTT 5: refused as not authorized; 3.1.1 has no refusal but closing, and a closed
+            // device would only resend. Nothing of it goes on: no subscriber sees it, nothing is
+            // stored.
+            if let Some(id) = &self.sender {
+                PublishRefused {
+                    reason,
+                    account: &id.name,
+                }
+                .emit(&self.shared.metrics);
+            }
             return match token {
                 Some(t) => {
                     let refused = Received::refused(t.refusing(NOT_AUTHORIZED));
@@ -688,8 +748,23 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             payload_size: size,
             ack: token,
             refused: false,
+            sender: self.sender.clone(),
         };
         self.hand_over(received, stopping, writer_done).await
+    }
+
+    /// Why this client's account may not publish on `topic` (a device account publishes only
+    /// on the topics whose route names it as their identity; alarm acknowledgements and
+    /// subjects' settings are operators' only), or `None` when it may.
+    fn not_its_own(&self, topic: &[u8]) -> Option<&'static str> {
+        let id = self.sender.as_ref()?;
+        let topic = std::str::from_utf8(topic).ok()?;
+        let staff_topic = is_alarm_ack(topic.as_bytes()) || topic.starts_with("config/");
+        match (staff_topic, id.operator) {
+            (true, true) => None,
+            (true, false) => Some("not_operator"),
+            (false, _) => (!self.shared.owners.owned_by(topic, &id.name)).then_some("impostor"),
+        }
     }
 
     /// Queues a message for ingest once intake is open (store healthy, disk not full) and
@@ -701,6 +776,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         stopping: &mut watch::Receiver<bool>,
         writer_done: &mut watch::Receiver<Option<End>>,
     ) -> Result<(), End> {
+        if received.ack.is_some() {
+            let max = usize::from(self.shared.limits.max_inflight);
+            if self.inflight.count() >= max {
+                PublishesDelayed { limit: "inflight" }.emit(&self.shared.metrics);
+                tokio::select! {
+                    _ = self.inflight.room(max) => {}
+                    _ = raised(stopping) => return Err(End::Stopped),
+                    end = ended(writer_done) => return Err(end),
+                }
+            }
+            self.inflight.add();
+        }
         let mut intake = self.shared.intake.clone();
         let Some(input) = self.input.as_ref() else {
             return Err(End::Stopped);
@@ -746,6 +833,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut acks: mpsc::UnboundedReceiver<Acks>,
     mut control: mpsc::UnboundedReceiver<Control>,
     backlog: Arc<Backlog>,
+    inflight: Arc<Inflight>,
     mut finish: watch::Receiver<bool>,
     done: watch::Sender<Option<End>>,
 ) {
@@ -755,6 +843,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let mut closing = None;
         // Items counted in the backlog that this round writes.
         let mut written = 0;
+        let mut acked = 0;
         tokio::select! {
             biased;
             c = control.recv() => match c {
@@ -767,6 +856,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             a = acks.recv() => {
                 if let Some(a) = a {
                     written += a.len();
+                    acked += a.len();
                     encode_acks(&proto, a, &mut out);
                 }
             }
@@ -794,6 +884,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             _ = raised(&mut finish) => {
                 while let Ok(a) = acks.try_recv() {
                     written += a.len();
+                    acked += a.len();
                     encode_acks(&proto, a, &mut out);
                 }
                 if proto.is_v5() {
@@ -807,6 +898,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if closing.is_none() {
             while let Ok(a) = acks.try_recv() {
                 written += a.len();
+                acked += a.len();
                 encode_acks(&proto, a, &mut out);
             }
             while let Ok(c) = control.try_recv() {
@@ -837,6 +929,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             out.clear();
         }
         backlog.done(written);
+        inflight.done(acked);
         if let Some(end) = closing {
             break end;
         }

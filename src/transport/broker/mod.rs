@@ -11,7 +11,9 @@
 //! The listeners are bound here, before the service reports ready: a port another process holds
 //! is an error at start, not a silent split of the devices between two brokers.
 
+mod auth;
 mod connection;
+mod limits;
 mod retained;
 mod router;
 mod sessions;
@@ -26,9 +28,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tracing::debug;
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, RouteConfig};
+use crate::model::events::{ConnectionRefused, InternalEvent};
 use crate::model::metrics::Metrics;
 use crate::pipeline::input::InputSender;
+use crate::pipeline::routes::Owners;
 pub use router::{LinkPublisher, Router};
 pub use sessions::SessionAcker;
 use sessions::Sessions;
@@ -43,6 +47,19 @@ pub enum BrokerError {
     },
     #[error("{0}")]
     Router(String),
+    #[error("broker.auth: {0}")]
+    Auth(#[from] auth::AuthError),
+    /// The pipeline file's broker or routes do not make a usable broker.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The per-connection limits (`[broker]` max_inflight, max_messages_per_second, max_burst).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_inflight: u16,
+    max_messages_per_second: u32,
+    max_burst: u32,
 }
 
 /// Where the embedded broker listens, ports resolved.
@@ -77,6 +94,10 @@ pub struct Shared {
     /// Turns true once the last acknowledgements are queued: writers send them and close.
     finish: watch::Receiver<bool>,
     next_auto_id: AtomicU64,
+    auth: Arc<auth::Auth>,
+    /// Which account owns which topic.
+    owners: Owners,
+    limits: Limits,
     /// Connections served at once, CONNECT pending or not: past `max_connections` (and a few
     /// for the CONNACK that says so), a new one is closed at once.
     slots: Arc<tokio::sync::Semaphore>,
@@ -158,12 +179,16 @@ impl EmbeddedBroker {
     /// for subscribers, and the service must fail rather than pretend.
     pub async fn start(
         c: &BrokerConfig,
+        routes: &[RouteConfig],
         max_payload: usize,
         input: InputSender,
         intake: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
         router_ended: Box<dyn FnOnce(String) + Send>,
     ) -> Result<(Self, LinkPublisher, SessionAcker), BrokerError> {
+        c.check_can_connect().map_err(BrokerError::Config)?;
+        let auth = Arc::new(auth::Auth::load(&c.auth, false)?);
+        let owners = Owners::new(routes).map_err(BrokerError::Config)?;
         let (mqtt, mqtt_addr) = bind(c.listen).await?;
         let v5 = match c.listen_v5 {
             Some(a) => Some(bind(a).await?),
@@ -192,6 +217,13 @@ impl EmbeddedBroker {
             stopping,
             finish,
             next_auto_id: AtomicU64::new(0),
+            auth,
+            owners,
+            limits: Limits {
+                max_inflight: c.max_inflight,
+                max_messages_per_second: c.max_messages_per_second,
+                max_burst: c.max_burst,
+            },
             slots: Arc::new(tokio::sync::Semaphore::new(c.max_connections + 16)),
         });
         let tracker = Arc::new(Tracker::default());
@@ -289,6 +321,7 @@ async fn accept_loop(
             _ = crate::transport::raised(&mut stopping) => return,
         };
         let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            ConnectionRefused { reason: "limit" }.emit(&shared.metrics);
             debug!(%peer, "refused: as many connections as allowed");
             drop(stream);
             continue;
@@ -305,7 +338,7 @@ async fn accept_loop(
                 // connection's task would otherwise carry room for both.
                 Box::pin(serve_websocket(stream, shared)).await;
             } else {
-                connection::serve(stream, shared).await;
+                connection::serve(stream, shared, None).await;
             }
         });
     }
@@ -339,7 +372,9 @@ async fn serve_websocket(stream: TcpStream, shared: Arc<Shared>) {
         _ = crate::transport::raised(&mut stopping) => return,
     };
     match upgrade {
-        Ok(Ok(ws)) => connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared).await,
+        Ok(Ok(ws)) => {
+            connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared, None).await
+        }
         Ok(Err(e)) => debug!(error = %e, "websocket handshake failed"),
         Err(_) => debug!("websocket handshake timed out"),
     }

@@ -1,0 +1,283 @@
+//! Who a client of the embedded broker is, and what its account may do.
+//!
+//! A client is an account when its TLS client certificate (verified against
+//! `broker.tls.client_ca`) names it, or when its CONNECT's user name and password match the
+//! credentials file; otherwise it is anonymous, which the pipeline file must allow. An account
+//! is a device (it publishes only as itself, and subscribes only to `device_subscribe`) unless
+//! `broker.auth.operators` names it.
+//!
+//! Passwords are checked with a slow hash on a blocking thread, two at a time at most, so that a
+//! flood of guesses cannot take the runtime's threads. A password that was right once is
+//! remembered as an HMAC under a key made at start: a ward's devices reconnecting after a
+//! network blip do not each cost a slow hash again. The credentials file is read again when it
+//! changes (`iomt-edge credentials add` rewrites it atomically), so a password is rotated or an
+//! account removed without a restart; connections already open stay open.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use ring::hmac;
+use rumqttd::protocol::{ConnectReturnCode, Login};
+use tracing::warn;
+
+use crate::config::AuthConfig;
+use crate::pipeline::input::Identity;
+use crate::topic::TopicFilter;
+use crate::transport::credentials::{Credentials, CredentialsError};
+
+/// Passwords checked at once: the slow hash takes a core each.
+const VERIFYING_AT_ONCE: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error("the operating system gave no random bytes")]
+    Random,
+}
+
+/// What a CONNECT is answered with.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Allowed without an account (`broker.auth.allow_anonymous`).
+    Anonymous,
+    Account(Arc<Identity>),
+    /// Refused with this return code; `reason` labels the metric.
+    Refused {
+        code: ConnectReturnCode,
+        reason: &'static str,
+    },
+}
+
+/// The credentials file as last read, and how to tell it changed.
+struct Loaded {
+    credentials: Arc<Credentials>,
+    stamp: Option<(SystemTime, u64, u64)>,
+}
+
+/// The broker's authentication: shared by every connection.
+pub struct Auth {
+    credentials_file: Option<PathBuf>,
+    loaded: Mutex<Option<Loaded>>,
+    allow_anonymous: bool,
+    operators: HashSet<String>,
+    device_subscribe: Vec<String>,
+    /// Whether any client can be an account: session ids are then kept apart per account.
+    accounts: bool,
+    verifying: tokio::sync::Semaphore,
+    /// Accounts whose password was verified, with an HMAC of that password.
+    remembered: Mutex<HashMap<String, hmac::Tag>>,
+    remember_key: hmac::Key,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("credentials_file", &self.credentials_file)
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What tells that the file changed: an atomic rewrite is a new inode even within the file
+/// system's timestamp granularity.
+fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+impl Auth {
+    /// Reads the credentials file (an error at start: a missing or too-open file is not
+    /// something to find out when the first device connects). `client_certs`: TLS client
+    /// certificates are verified, so a client may be an account without a password.
+    pub fn load(c: &AuthConfig, client_certs: bool) -> Result<Self, AuthError> {
+        let loaded = match &c.credentials {
+            Some(path) => Some(Loaded {
+                stamp: stamp(path),
+                credentials: Arc::new(Credentials::load(path)?),
+            }),
+            None => None,
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let remember_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .map_err(|_| AuthError::Random)?;
+        Ok(Auth {
+            credentials_file: c.credentials.clone(),
+            loaded: Mutex::new(loaded),
+            allow_anonymous: c.allow_anonymous,
+            operators: c.operators.iter().cloned().collect(),
+            device_subscribe: c.device_subscribe.clone(),
+            accounts: c.credentials.is_some() || client_certs,
+            verifying: tokio::sync::Semaphore::new(VERIFYING_AT_ONCE),
+            remembered: Mutex::new(HashMap::new()),
+            remember_key,
+        })
+    }
+
+    /// The credentials as they are on disk now: read again if the file changed. A file that
+    /// no longer reads keeps the last good one in force (and says so), rather than locking
+    /// every device out over one bad edit.
+    fn credentials(&self) -> Option<Arc<Credentials>> {
+        let path = self.credentials_file.as_ref()?;
+        let now = stamp(path);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let current = loaded.as_mut()?;
+        if now.is_some() && now != current.stamp {
+            current.stamp = now;
+            match Credentials::load(path) {
+                Ok(c) => {
+                    current.credentials = Arc::new(c);
+                    self.remembered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
+                }
+                Err(e) => warn!(error = %e, "the credentials file changed and does not read: the last good one stays in force"),
+            }
+        }
+        Some(current.credentials.clone())
+    }
+
+    fn identity(&self, name: String) -> Arc<Identity> {
+        let operator = self.operators.contains(&name);
+        Arc::new(Identity {
+            name: name.into(),
+            operator,
+        })
+    }
+
+    /// Who the client is. `certificate`: the name a verified TLS client certificate gives.
+    pub async fn check(self: &Arc<Self>, login: Option<Login>, certificate: Option<String>) -> Verdict {
+        let refused = |code, reason| Verdict::Refused { code, reason };
+        if let Some(name) = certificate {
+            // A certificate is the stronger proof; a user name beside it must not claim
+            // another account.
+            if login.as_ref().is_some_and(|l| l.username != name) {
+                return refused(ConnectReturnCode::BadUserNamePassword, "credentials");
+            }
+            return Verdict::Account(self.identity(name));
+        }
+        let Some(login) = login else {
+            return match self.allow_anonymous {
+                true => Verdict::Anonymous,
+                false => refused(ConnectReturnCode::NotAuthorized, "anonymous"),
+            };
+        };
+        // Reading the file again (when it changed) is disk I/O.
+        let this = self.clone();
+        let credentials = tokio::task::spawn_blocking(move || this.credentials()).await;
+        let Ok(Some(credentials)) = credentials else {
+            return refused(ConnectReturnCode::NotAuthorized, "credentials");
+        };
+        let tag_input = [login.username.as_bytes(), b"\0", login.password.as_bytes()].concat();
+        let known = self
+            .remembered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&login.username)
+            .map(|t| hmac::verify(&self.remember_key, &tag_input, t.as_ref()).is_ok());
+        if known == Some(true) && credentials.contains(&login.username) {
+            return Verdict::Account(self.identity(login.username));
+        }
+        let Ok(_permit) = self.verifying.acquire().await else {
+            return refused(ConnectReturnCode::ServiceUnavailable, "credentials");
+        };
+        let name = login.username.clone();
+        let password = login.password;
+        let verified = tokio::task::spawn_blocking(move || {
+            let ok = credentials.verify(&name, password.as_bytes());
+            (ok, name)
+        })
+        .await;
+        match verified {
+            Ok((true, name)) => {
+                let tag = hmac::sign(&self.remember_key, &tag_input);
+                self.remembered
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone(), tag);
+                Verdict::Account(self.identity(name))
+            }
+            _ => refused(ConnectReturnCode::BadUserNamePassword, "credentials"),
+        }
+    }
+
+    /// The session id the router knows a client by. Accounts' sessions are kept apart (an
+    /// account cannot take over another's session by using its client id): `<account>:<id>`,
+    /// since account names hold no `:`; anonymous clients' as `:<id>` when accounts exist.
+    pub fn session_id(&self, who: Option<&Identity>, client_id: &str) -> String {
+        match (who, self.accounts) {
+            (Some(id), _) => format!("{}:{client_id}", id.name),
+            (None, true) => format!(":{client_id}"),
+            (None, false) => client_id.to_owned(),
+        }
+    }
+
+    /// Whether `who` may subscribe to `filter`: operators and anonymous clients (where allowed)
+    /// anywhere; a device only within one of `device_subscribe`, its name put in.
+    pub fn may_subscribe(&self, who: Option<&Identity>, filter: &str) -> bool {
+        let Some(id) = who else { return true };
+        if id.operator {
+            return true;
+        }
+        self.device_subscribe.iter().any(|p| {
+            let allowed = p.replace("{identity}", &id.name);
+            TopicFilter::parse(&allowed).is_ok() && filter_within(filter, &allowed)
+        })
+    }
+}
+
+/// Whether every topic `filter` matches is matched by `allowed` too (so a subscription to
+/// `filter` can deliver nothing outside `allowed`).
+fn filter_within(filter: &str, allowed: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut a = allowed.split('/');
+    loop {
+        match (f.next(), a.next()) {
+            (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some("#"), _) | (None, Some(_)) | (Some(_), None) => return false,
+            (Some(_), Some("+")) => {}
+            (Some(x), Some(y)) => {
+                if x != y || x == "+" {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_is_within_another_only_if_it_can_match_nothing_more() {
+        let yes = [
+            ("ward/cmd/d1/sampling", "ward/cmd/d1/#"),
+            ("ward/cmd/d1/#", "ward/cmd/d1/#"),
+            ("ward/cmd/d1", "ward/cmd/d1/#"),
+            ("ward/cmd/d1/+", "ward/cmd/d1/#"),
+            ("ward/cmd/d1/x", "ward/+/d1/x"),
+            ("ward/+/d1/x", "ward/+/d1/x"),
+        ];
+        for (f, a) in yes {
+            assert!(filter_within(f, a), "{f} within {a}");
+        }
+        let no = [
+            ("ward/cmd/#", "ward/cmd/d1/#"),
+            ("ward/cmd/+/sampling", "ward/cmd/d1/#"),
+            ("#", "ward/cmd/d1/#"),
+            ("ward/cmd/d2/sampling", "ward/cmd/d1/#"),
+            ("ward/cmd/d1/x/y", "ward/+/d1/x"),
+            ("ward/cmd/d1", "ward/+/d1/x"),
+            ("ward/+/d1/x", "ward/cmd/d1/x"),
+        ];
+        for (f, a) in no {
+            assert!(!filter_within(f, a), "{f} not within {a}");
+        }
+    }
+}

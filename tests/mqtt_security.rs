@@ -1,0 +1,479 @@
+//! The embedded broker opened to a ward network, black box: per-device passwords (made with
+//! `iomt-edge credentials add`), identities that hold a device to its own topics, operators,
+//! sessions kept apart per account, and the limits that keep one device from hurting the rest.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use iomt_edge::model::reading::Metric;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use tokio::sync::mpsc;
+
+/// Adds (or replaces) an account with the real command, the password on standard input.
+fn add_account(file: &Path, name: &str, password: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .args(["credentials", "add", name, "--iterations", "20000", "--file"])
+        .arg(file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A credentials file with these accounts, in `dir`.
+fn accounts(dir: &Path, list: &[(&str, &str)]) -> PathBuf {
+    let file = dir.join("credentials");
+    for (name, password) in list {
+        add_account(&file, name, password);
+    }
+    file
+}
+
+fn secured_pipeline(credentials: &Path, broker_extra: &str, extra: &str) -> String {
+    pipeline_with_broker(
+        &format!(
+            "auth.credentials = {:?}\nauth.operators = [\"nurse\"]\n\
+             auth.device_subscribe = [\"ward/cmd/{{identity}}/#\"]\n{broker_extra}",
+            credentials.display().to_string()
+        ),
+        extra,
+    )
+}
+
+/// What a v5 client saw.
+#[derive(Debug)]
+enum Seen {
+    Connected,
+    Refused(ConnectReturnCode),
+    PubAck(u16, PubAckReason),
+    SubAck(Vec<SubscribeReasonCode>),
+    Message(String),
+    Closed,
+}
+
+struct Client {
+    mqtt: AsyncClient,
+    seen: mpsc::UnboundedReceiver<Seen>,
+}
+
+impl Client {
+    fn start(port: u16, id: &str, login: Option<(&str, &str)>, inflight: u16) -> Client {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_outgoing_inflight_upper_limit(inflight);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (mqtt, mut ev) = AsyncClient::new(opts, 1000);
+        let (tx, seen) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let s = match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => Seen::Connected,
+                    Ok(Event::Incoming(Packet::PubAck(a))) => Seen::PubAck(a.pkid, a.reason),
+                    Ok(Event::Incoming(Packet::SubAck(a))) => Seen::SubAck(a.return_codes),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        Seen::Message(String::from_utf8_lossy(&p.topic).into_owned())
+                    }
+                    Ok(_) => continue,
+                    Err(ConnectionError::ConnectionRefused(code)) => {
+                        let _ = tx.send(Seen::Refused(code));
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Seen::Closed);
+                        return;
+                    }
+                };
+                if tx.send(s).is_err() {
+                    return;
+                }
+            }
+        });
+        Client { mqtt, seen }
+    }
+
+    async fn next(&mut self) -> Seen {
+        tokio::time::timeout(Duration::from_secs(20), self.seen.recv())
+            .await
+            .expect("the broker answered")
+            .unwrap_or(Seen::Closed)
+    }
+
+    /// Connects and returns how the broker answered.
+    async fn connect(port: u16, id: &str, login: Option<(&str, &str)>) -> (Client, Seen) {
+        let mut c = Client::start(port, id, login, 100);
+        let first = c.next().await;
+        (c, first)
+    }
+
+    /// Publishes at QoS 1 and returns the PUBACK's reason.
+    async fn publish(&mut self, topic: &str, payload: &[u8]) -> PubAckReason {
+        self.mqtt
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .unwrap();
+        loop {
+            match self.next().await {
+                Seen::PubAck(_, reason) => return reason,
+                Seen::Closed | Seen::Refused(_) => panic!("closed while publishing"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
+        self.mqtt.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        loop {
+            match self.next().await {
+                Seen::SubAck(codes) => return codes[0],
+                Seen::Closed | Seen::Refused(_) => panic!("closed while subscribing"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn vitals_json(ts: i64, hr: f64) -> Vec<u8> {
+    format!(r#"{{"ts":{ts},"hr":{hr},"spo2":97}}"#).into_bytes()
+}
+
+const TS: i64 = 1_700_000_000_000;
+
+/// A relay that may not name patients, and a gateway trusted to name its devices and patients.
+const RELAY_ROUTES: &str = r#"
+[[route]]
+topic = "relay/+/obs"
+codec = "json"
+source = "{2}"
+[route.json]
+ts = "/ts"
+subject = "/patient"
+[[route.json.reading]]
+value = "/hr"
+metric = "heart_rate"
+
+[[route]]
+topic = "gw/+/obs"
+codec = "json"
+source = "{2}"
+trust_payload_ids = true
+[route.json]
+ts = "/ts"
+source = "/device"
+subject = "/patient"
+[[route.json.reading]]
+value = "/hr"
+metric = "heart_rate"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_decide_who_connects_and_a_new_one_needs_no_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = accounts(dir.path(), &[("w7-b3-mon", "first-password")]);
+    let edge = Edge::start(
+        &secured_pipeline(&creds, "", ""),
+        &dir.path().join("data"),
+    );
+    let port = edge.mqtt_port();
+
+    let (_, seen) = Client::connect(port, "a", Some(("w7-b3-mon", "wrong-password"))).await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::BadUserNamePassword)),
+        "{seen:?}"
+    );
+    let (_, seen) = Client::connect(port, "b", Some(("nobody", "first-password"))).await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::BadUserNamePassword)),
+        "an unknown account: {seen:?}"
+    );
+    let (_, seen) = Client::connect(port, "c", None).await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::NotAuthorized)),
+        "anonymous: {seen:?}"
+    );
+    let (mut dev, seen) = Client::connect(port, "d", Some(("w7-b3-mon", "first-password"))).await;
+    assert!(matches!(seen, Seen::Connected), "{seen:?}");
+    let reason = dev.publish("ward/7/bed/3/vitals", &vitals_json(TS, 80.0)).await;
+    assert_eq!(reason, PubAckReason::Success);
+    assert_eq!(edge.metric("iomt_connections_refused_total{reason=\"credentials\"}"), 2.0);
+    assert_eq!(edge.metric("iomt_connections_refused_total{reason=\"anonymous\"}"), 1.0);
+
+    // A new password, with the running service: the old one no longer opens, the new one does.
+    add_account(&creds, "w7-b3-mon", "second-password");
+    let (_, seen) = Client::connect(port, "e", Some(("w7-b3-mon", "first-password"))).await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::BadUserNamePassword)),
+        "the rotated password: {seen:?}"
+    );
+    let (mut dev2, seen) =
+        Client::connect(port, "f", Some(("w7-b3-mon", "second-password"))).await;
+    assert!(matches!(seen, Seen::Connected), "{seen:?}");
+    let reason = dev2.publish("ward/7/bed/3/vitals", &vitals_json(TS + 1000, 81.0)).await;
+    assert_eq!(reason, PubAckReason::Success);
+    drop((dev, dev2));
+    let data = edge.data.clone();
+    assert_eq!(edge.stop().code(), Some(0));
+    let stored = stored_readings(&data);
+    assert_eq!(stored.iter().filter(|r| r.metric == Metric::HeartRate).count(), 2);
+    assert!(stored.iter().all(|r| r.source == "w7-b3-mon"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_is_refused_counted_and_neither_stored_nor_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = accounts(
+        dir.path(),
+        &[
+            ("w7-b3-mon", "monitor-password"),
+            ("relay1", "relay-password"),
+            ("gw1", "gateway-password"),
+            ("nurse", "nurse-password"),
+        ],
+    );
+    let edge = Edge::start(&secured_pipeline(&creds, "", RELAY_ROUTES), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    // The nurses' station watches every device topic.
+    let (mut nurse, seen) = Client::connect(port, "station", Some(("nurse", "nurse-password"))).await;
+    assert!(matches!(seen, Seen::Connected), "{seen:?}");
+    assert_eq!(nurse.subscribe("ward/#").await, SubscribeReasonCode::Success(QoS::AtLeastOnce));
+
+    let (mut mon, _) = Client::connect(port, "mon", Some(("w7-b3-mon", "monitor-password"))).await;
+    // Bed 4's monitor, said bed 3's.
+    assert_eq!(
+        mon.publish("ward/7/bed/4/vitals", &vitals_json(TS, 150.0)).await,
+        PubAckReason::NotAuthorized
+    );
+    // A topic no route takes is nobody's.
+    assert_eq!(
+        mon.publish("ward/7/bed/3/notes", b"x").await,
+        PubAckReason::NotAuthorized
+    );
+    // A device acknowledging an alarm, or setting a patient's SpO2 scale: operators only.
+    assert_eq!(
+        mon.publish(&format!("alarms/{SITE}/w7-b3/spo2-low/ack"), br#"{"by":"x"}"#).await,
+        PubAckReason::NotAuthorized
+    );
+    assert_eq!(
+        mon.publish(&format!("config/{SITE}/w7-b3"), br#"{"spo2_scale":2}"#).await,
+        PubAckReason::NotAuthorized
+    );
+    // A device reads its own commands, not the ward.
+    assert_eq!(mon.subscribe("ward/#").await, SubscribeReasonCode::NotAuthorized);
+    assert_eq!(
+        mon.subscribe("ward/cmd/w7-b4-mon/#").await,
+        SubscribeReasonCode::NotAuthorized
+    );
+    assert_eq!(
+        mon.subscribe("ward/cmd/w7-b3-mon/sampling").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+
+    // A relay's own topic, but a payload that names a patient: the route does not trust it to.
+    let (mut relay, _) = Client::connect(port, "relay", Some(("relay1", "relay-password"))).await;
+    assert_eq!(
+        relay
+            .publish("relay/relay1/obs", format!(r#"{{"ts":{TS},"patient":"w7-b4","hr":150}}"#).as_bytes())
+            .await,
+        PubAckReason::NotAuthorized
+    );
+    // A gateway's route trusts it to name the devices and patients behind it.
+    let (mut gw, _) = Client::connect(port, "gw", Some(("gw1", "gateway-password"))).await;
+    assert_eq!(
+        gw.publish(
+            "gw/gw1/obs",
+            format!(r#"{{"ts":{TS},"device":"w7-b5-patch","patient":"w7-b5","hr":90}}"#).as_bytes()
+        )
+        .await,
+        PubAckReason::Success
+    );
+    // What the devices may publish still goes through, after all of that.
+    assert_eq!(
+        mon.publish("ward/7/bed/3/vitals", &vitals_json(TS, 80.0)).await,
+        PubAckReason::Success
+    );
+    assert_eq!(
+        relay
+            .publish("relay/relay1/obs", format!(r#"{{"ts":{TS},"hr":88}}"#).as_bytes())
+            .await,
+        PubAckReason::Success
+    );
+
+    assert_eq!(edge.metric("iomt_publishes_refused_total{reason=\"impostor\"}"), 3.0);
+    assert_eq!(edge.metric("iomt_publishes_refused_total{reason=\"not_operator\"}"), 2.0);
+    // The station saw none of the impostors' messages. (A payload's names are judged when it is
+    // decoded, after subscribers have had it: the relay's refused one was seen.)
+    let mut topics = Vec::new();
+    while topics.len() < 4 {
+        if let Seen::Message(t) = nurse.next().await {
+            topics.push(t);
+        }
+    }
+    assert_eq!(
+        topics,
+        ["relay/relay1/obs", "gw/gw1/obs", "ward/7/bed/3/vitals", "relay/relay1/obs"]
+    );
+    drop((mon, relay, gw, nurse));
+    let data = edge.data.clone();
+    assert_eq!(edge.stop().code(), Some(0));
+    let stored = stored_readings(&data);
+    let sources: std::collections::BTreeSet<_> = stored.iter().map(|r| r.source.as_str()).collect();
+    assert_eq!(sources, ["relay1", "w7-b3-mon", "w7-b5-patch"].into());
+    for r in &stored {
+        let want = match r.source.as_str() {
+            "w7-b3-mon" => Some("w7-b3"),
+            "w7-b5-patch" => Some("w7-b5"),
+            _ => None,
+        };
+        assert_eq!(r.subject.as_deref(), want, "{r:?}");
+    }
+    assert!(!stored.iter().any(|r| r.value == Some(150.0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_cannot_take_over_another_accounts_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = accounts(
+        dir.path(),
+        &[("w7-b3-mon", "monitor-password"), ("w7-b4-mon", "other-password")],
+    );
+    let edge = Edge::start(&secured_pipeline(&creds, "", ""), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let (mut victim, _) = Client::connect(port, "bed-monitor", Some(("w7-b3-mon", "monitor-password"))).await;
+    // Same client id, another account: a session of its own, not the victim's.
+    let (mut other, seen) =
+        Client::connect(port, "bed-monitor", Some(("w7-b4-mon", "other-password"))).await;
+    assert!(matches!(seen, Seen::Connected), "{seen:?}");
+    assert_eq!(
+        other.publish("ward/7/bed/4/vitals", &vitals_json(TS, 70.0)).await,
+        PubAckReason::Success
+    );
+    assert_eq!(
+        victim.publish("ward/7/bed/3/vitals", &vitals_json(TS, 71.0)).await,
+        PubAckReason::Success,
+        "the first connection is still there"
+    );
+    // The same account and id does take its own session over, as MQTT says.
+    let (_again, seen) = Client::connect(port, "bed-monitor", Some(("w7-b3-mon", "monitor-password"))).await;
+    assert!(matches!(seen, Seen::Connected), "{seen:?}");
+    assert!(matches!(victim.next().await, Seen::Closed));
+    drop(other);
+    assert_eq!(edge.stop().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_slowed_not_lost_and_the_limits_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = accounts(dir.path(), &[("w7-b3-mon", "monitor-password")]);
+    let text = secured_pipeline(
+        &creds,
+        "max_messages_per_second = 100\nmax_burst = 10\nmax_inflight = 4\nmax_connections = 3\n",
+        "",
+    );
+    let edge = Edge::start(&text, &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    // 150 messages as fast as the client can: 20 in flight at once, past the broker's 4, and
+    // far past 100 a second.
+    let mut dev = Client::start(port, "flood", Some(("w7-b3-mon", "monitor-password")), 20);
+    assert!(matches!(dev.next().await, Seen::Connected));
+    const N: i64 = 150;
+    let publisher = dev.mqtt.clone();
+    tokio::spawn(async move {
+        for i in 0..N {
+            publisher
+                .publish(
+                    "ward/7/bed/3/vitals",
+                    QoS::AtLeastOnce,
+                    false,
+                    vitals_json(TS + i * 1000, 60.0 + i as f64 / 10.0),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < N {
+        match dev.next().await {
+            Seen::PubAck(_, PubAckReason::Success) => acked += 1,
+            Seen::PubAck(_, r) => panic!("refused: {r:?}"),
+            Seen::Closed | Seen::Refused(_) => panic!("closed"),
+            _ => {}
+        }
+    }
+    assert!(edge.metric("iomt_publishes_delayed_total{limit=\"rate\"}") > 0.0);
+    assert!(edge.metric("iomt_publishes_delayed_total{limit=\"inflight\"}") > 0.0);
+
+    // Connections past max_connections are refused (and counted) once its margin for the
+    // refusing CONNACK is spent too.
+    let mut idle = Vec::new();
+    for i in 0..40 {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        idle.push(s);
+        if edge.metric("iomt_connections_refused_total{reason=\"limit\"}") > 0.0 {
+            break;
+        }
+        assert!(i < 39, "never refused");
+    }
+    drop(idle);
+    drop(dev);
+    let data = edge.data.clone();
+    assert_eq!(edge.stop().code(), Some(0));
+    let stored = stored_readings(&data);
+    assert_eq!(stored.iter().filter(|r| r.metric == Metric::HeartRate).count(), N as usize);
+}
+
+#[test]
+fn a_listener_off_loopback_without_tls_is_refused_at_start_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = pipeline("").replace(
+        "listen = \"127.0.0.1:0\"\nlisten_v5",
+        "listen = \"0.0.0.0:0\"\nlisten_v5",
+    );
+    assert!(text.contains("0.0.0.0:0"));
+    let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .args(["run", "--pipeline"])
+        .arg({
+            let p = dir.path().join("p.toml");
+            std::fs::write(&p, &text).unwrap();
+            p
+        })
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broker.listen: 0.0.0.0:0 is not on loopback and has no TLS: anonymous"),
+        "{stderr}"
+    );
+    // Without anonymous clients it still needs TLS, or plaintext said out loud.
+    let text = text.replace("auth.allow_anonymous = true", "auth.credentials = \"c\"");
+    std::fs::write(dir.path().join("p.toml"), &text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .args(["run", "--pipeline"])
+        .arg(dir.path().join("p.toml"))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Set [broker.tls] (cert, key), or broker.allow_plaintext"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "refused before anything was made");
+}
