@@ -3,9 +3,11 @@
 //! Each implements the pipeline's seams ([`crate::pipeline`]) over a real protocol.
 
 pub mod broker;
+pub mod credentials;
 pub mod dashboard;
 pub mod external;
 pub mod http;
+pub mod tls_client;
 pub mod ward_events;
 pub mod wire;
 pub mod write_access;
