@@ -114,10 +114,23 @@ pub struct BrokerConfig {
         deserialize_with = "some_listen_addr::<_, 8083>"
     )]
     pub listen_ws: Option<SocketAddr>,
-    /// `mqtt://host:port`: subscribe to this broker (MQTT 5) instead of running the embedded
-    /// one.
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS (port 8883 when omitted): subscribe to
+    /// this broker (MQTT 5) instead of running the embedded one.
     #[serde(default)]
     pub external: Option<String>,
+    /// The account this node logs in to the external broker with (both its connections).
+    /// Needs `external_password_file`.
+    #[serde(default)]
+    pub external_username: Option<String>,
+    /// A file holding that account's password (one line; a trailing line break is not part of
+    /// it): mode 0600 or stricter, read at start (a relative path from the working
+    /// directory), never logged. Needs `external_username`.
+    #[serde(default)]
+    pub external_password_file: Option<PathBuf>,
+    /// `mqtts://` only: a PEM file of the CA certificates the external broker's certificate
+    /// must chain to (a hospital's own CA). Without it, the operating system's trust store.
+    #[serde(default)]
+    pub external_ca: Option<PathBuf>,
     /// Client id of the persistent session on the external broker.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -300,6 +313,48 @@ impl BrokerConfig {
 
     fn client_certs(&self) -> bool {
         false
+    }
+}
+
+impl BrokerConfig {
+    /// The external broker's keys agree: a URL that parses, a username and its password file
+    /// together, a CA only for TLS, and none of them without `external`.
+    fn check_external(&self) -> Result<(), (&'static str, String)> {
+        let Some(ext) = &self.external else {
+            for (key, set) in [
+                ("external_username", self.external_username.is_some()),
+                (
+                    "external_password_file",
+                    self.external_password_file.is_some(),
+                ),
+                ("external_ca", self.external_ca.is_some()),
+            ] {
+                if set {
+                    return Err((key, "is for an external broker: set `external` too".into()));
+                }
+            }
+            return Ok(());
+        };
+        let url =
+            crate::transport::tls_client::BrokerUrl::parse(ext).map_err(|m| ("external", m))?;
+        match (&self.external_username, &self.external_password_file) {
+            (Some(name), Some(_)) if name.is_empty() => {
+                Err(("external_username", "is empty".into()))
+            }
+            (Some(_), None) => Err((
+                "external_password_file",
+                "is needed with `external_username`: the file holding its password".into(),
+            )),
+            (None, Some(_)) => Err((
+                "external_username",
+                "is needed with `external_password_file`: the account that password is for".into(),
+            )),
+            _ if self.external_ca.is_some() && !url.tls => Err((
+                "external_ca",
+                "is for a TLS broker: write `external = \"mqtts://…\"`".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -606,10 +661,8 @@ impl PipelineConfig {
         if let Err((key, message)) = self.broker.check_security() {
             return Err(invalid(0..0, key, message));
         }
-        if let Some(ext) = &self.broker.external {
-            if let Err(m) = parse_mqtt_url(ext) {
-                return Err(invalid(0..0, "broker.external".into(), m));
-            }
+        if let Err((key, message)) = self.broker.check_external() {
+            return Err(invalid(0..0, format!("broker.{key}"), message));
         }
         let key_spans = std::cell::OnceCell::new();
         for (i, r) in self.routes.iter().enumerate() {
@@ -739,26 +792,14 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Splits `mqtt://host:port` into host and port (1883 when omitted).
+/// Splits `mqtt://host:port` into host and port (1883 when omitted). Plain MQTT only: a caller
+/// that can speak TLS parses with [`crate::transport::tls_client::BrokerUrl`].
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| format!("`{url}`: expected mqtt://host:port"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| format!("`{url}`: `{p}` is not a port"))?,
-        ),
-        _ => (rest, 1883),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("`{url}`: no host"));
+    let u = crate::transport::tls_client::BrokerUrl::parse(url)?;
+    if u.tls {
+        return Err(format!("`{url}`: expected mqtt://host:port (no TLS here)"));
     }
-    Ok((host.to_owned(), port))
+    Ok((u.host, u.port))
 }
 
 #[cfg(test)]
@@ -1028,5 +1069,42 @@ priority = "high"
         );
         assert!(parse_mqtt_url("http://x").is_err());
         assert!(parse_mqtt_url("mqtt://x:notaport").is_err());
+        assert!(parse_mqtt_url("mqtts://x").is_err());
+    }
+
+    #[test]
+    fn external_broker_credentials_and_ca_keys_agree() {
+        let c = PipelineConfig::parse(
+            "[broker]\nexternal = \"mqtts://b.example\"\nexternal_username = \"edge\"\nexternal_password_file = \"/etc/iomt/pw\"\nexternal_ca = \"ca.pem\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(c.broker.external_username.as_deref(), Some("edge"));
+        assert_eq!(c.broker.external_ca, Some(PathBuf::from("ca.pem")));
+        for (text, want) in [
+            (
+                "external = \"mqtt://b\"\nexternal_username = \"edge\"\n",
+                "broker.external_password_file: is needed with `external_username`",
+            ),
+            (
+                "external = \"mqtt://b\"\nexternal_password_file = \"pw\"\n",
+                "broker.external_username: is needed",
+            ),
+            (
+                "external = \"mqtt://b\"\nexternal_ca = \"ca.pem\"\n",
+                "broker.external_ca: is for a TLS broker",
+            ),
+            (
+                "external_username = \"edge\"\n",
+                "broker.external_username: is for an external broker",
+            ),
+            ("external = \"https://b\"\n", "broker.external: `https://b`"),
+            ("external_user = \"edge\"\n", "external_user"),
+        ] {
+            let e = PipelineConfig::parse(&format!("[broker]\n{text}"), "p.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

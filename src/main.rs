@@ -17,6 +17,7 @@ use iomt_edge::replay::{self, Speed};
 use iomt_edge::seal::{SealedBatch, Sealer};
 use iomt_edge::service::Service;
 use iomt_edge::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store};
+use iomt_edge::transport::credentials;
 use iomt_edge::verify;
 
 #[derive(Parser)]
@@ -44,8 +45,19 @@ enum Command {
     /// Publish a recorded fixture to a broker with its original timing (fixtures/README.md).
     Replay {
         file: PathBuf,
+        /// mqtt://host:port, or mqtts://host:port for TLS.
         #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
         broker: String,
+        /// The account to log in with (needs --password-file).
+        #[arg(long, requires = "password_file")]
+        username: Option<String>,
+        /// A file holding the password (mode 0600 or stricter; one line).
+        #[arg(long, requires = "username")]
+        password_file: Option<PathBuf>,
+        /// PEM CA certificates the mqtts:// broker's certificate must chain to (default: the
+        /// operating system's trust store).
+        #[arg(long)]
+        ca: Option<PathBuf>,
         /// Timing factor (2 = twice as fast), or `max`.
         #[arg(long, default_value = "1")]
         speed: Speed,
@@ -138,7 +150,52 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Device and service accounts: a file of salted PBKDF2-HMAC-SHA512 password hashes in
+    /// mosquitto's password-file format (it serves an external mosquitto's `password_file` too).
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
 }
+
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Add an account, or give an existing one a new password (its entry is replaced).
+    ///
+    /// The password is never taken on the command line: it comes from --password-file, or is
+    /// made with --generate (and printed once on standard output), or is read as one line from
+    /// standard input.
+    Add {
+        name: String,
+        /// The credentials file (mode 0600; created if missing).
+        #[arg(long, default_value = DEFAULT_CREDENTIALS)]
+        file: PathBuf,
+        /// Read the password from this file (mode 0600 or stricter; one line).
+        #[arg(long, conflicts_with = "generate")]
+        password_file: Option<PathBuf>,
+        /// Make a random password (32 characters) and print it on standard output.
+        #[arg(long)]
+        generate: bool,
+        /// PBKDF2 iterations (OWASP's 210,000 for PBKDF2-HMAC-SHA512 by default).
+        #[arg(long, default_value_t = credentials::DEFAULT_ITERATIONS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        iterations: u32,
+    },
+    /// Remove an account.
+    Remove {
+        name: String,
+        #[arg(long, default_value = DEFAULT_CREDENTIALS)]
+        file: PathBuf,
+    },
+    /// List the accounts and their iteration counts (never a hash).
+    List {
+        #[arg(long, default_value = DEFAULT_CREDENTIALS)]
+        file: PathBuf,
+    },
+}
+
+/// Where `iomt-edge credentials` keeps accounts unless told otherwise: next to the node's keys.
+const DEFAULT_CREDENTIALS: &str = "data/credentials";
 
 #[derive(Subcommand)]
 enum LedgerCommand {
@@ -292,14 +349,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay {
             file,
             broker,
+            username,
+            password_file,
+            ca,
             speed,
             looped,
         } => {
             let messages = replay::load_fixture(&file)?;
             let progress = std::io::stderr().is_terminal();
+            let login = replay::BrokerLogin {
+                username,
+                password_file,
+                ca,
+            };
             let summary = replay::replay(
                 &messages,
                 &broker,
+                &login,
                 speed,
                 looped,
                 progress,
@@ -325,6 +391,127 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger {
             command: LedgerCommand::Deploy { rpc, data },
         } => ledger_deploy(&rpc, &data).await,
+        Command::Credentials { command } => credentials_command(command),
+    }
+}
+
+fn credentials_command(command: CredentialsCommand) -> anyhow::Result<()> {
+    match command {
+        CredentialsCommand::Add {
+            name,
+            file,
+            password_file,
+            generate,
+            iterations,
+        } => {
+            // The name first: a bad one must not cost a typed password.
+            credentials::check_name(&name)
+                .map_err(|m| anyhow::anyhow!("`{name}`: the account name {m}"))?;
+            let password = if generate {
+                credentials::generate_password()
+            } else if let Some(p) = password_file {
+                credentials::read_password_file(&p)?
+            } else {
+                read_password_line()?
+            };
+            let iterations =
+                std::num::NonZeroU32::new(iterations).context("--iterations must be at least 1")?;
+            let added = credentials::add(&file, &name, password.as_bytes(), iterations)?;
+            if generate {
+                println!("{password}");
+            }
+            match added {
+                credentials::Added::New => say!("added `{name}` to {}", file.display()),
+                credentials::Added::Replaced => say!(
+                    "replaced `{name}`'s entry in {} (new password)",
+                    file.display()
+                ),
+            }
+            Ok(())
+        }
+        CredentialsCommand::Remove { name, file } => {
+            credentials::remove(&file, &name)?;
+            say!("removed `{name}` from {}", file.display());
+            Ok(())
+        }
+        CredentialsCommand::List { file } => {
+            let c = credentials::Credentials::load(&file)?;
+            let mut out = std::io::stdout().lock();
+            for name in c.names() {
+                let n = c.iterations(name).unwrap_or_default();
+                if n < credentials::DEFAULT_ITERATIONS {
+                    writeln!(
+                        out,
+                        "{name}\t{n} iterations (below the default {}: add it again to strengthen it)",
+                        credentials::DEFAULT_ITERATIONS
+                    )?;
+                } else {
+                    writeln!(out, "{name}\t{n} iterations")?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One line of standard input: the password, without its line break. On a terminal the typing
+/// is not echoed (ps never shows it, and neither does the screen).
+fn read_password_line() -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let _echo_off = if terminal {
+        say!("password (one line, not echoed):");
+        EchoOff::new()
+    } else {
+        None
+    };
+    let mut line = String::new();
+    stdin
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    drop(_echo_off);
+    if terminal {
+        say!();
+    }
+    let password = line
+        .strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(&line);
+    if password.is_empty() {
+        anyhow::bail!(
+            "the password is empty: give one on standard input, or --password-file, or --generate"
+        );
+    }
+    Ok(password.to_owned())
+}
+
+/// Terminal echo off on standard input while it lives (termios: no crate needed for one flag).
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> Option<EchoOff> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios they fill / we copied.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
+                return None;
+            }
+            Some(EchoOff(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings tcgetattr gave.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
     }
 }
 

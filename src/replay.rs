@@ -1,19 +1,21 @@
 //! Fixture replay: publishes a recorded fixture (fixtures/README.md) to a broker with its
 //! original timing scaled by a speed factor, or as fast as the broker takes it, and waits for
 //! every QoS 1 acknowledgement before it reports. It counts only what the broker took, and says
-//! so plainly when it could not reach the broker at all.
+//! so plainly when it could not reach the broker at all. A broker that wants a login gets one
+//! (the password read from a 0600 file), and an `mqtts://` broker TLS on ring.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::parse_mqtt_url;
+use crate::transport::credentials::read_password_file;
+use crate::transport::tls_client::{client_config, BrokerUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -37,6 +39,51 @@ pub enum ReplayError {
     /// QoS 1 and 2, written at QoS 0).
     #[error("the broker connection failed after {delivered} messages were delivered: {error}")]
     Connection { delivered: u64, error: String },
+}
+
+/// How to reach the broker beyond its URL: an account, and the CA for `mqtts://`.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerLogin {
+    pub username: Option<String>,
+    /// A file holding the password (mode 0600 or stricter): never on the command line.
+    pub password_file: Option<PathBuf>,
+    /// PEM CA certificates for an `mqtts://` broker; the system's trust store without it.
+    pub ca: Option<PathBuf>,
+}
+
+/// The client options for `broker` with `login`: every mistake in them said before connecting.
+fn client_options(broker: &str, login: &BrokerLogin) -> Result<MqttOptions, ReplayError> {
+    let url = BrokerUrl::parse(broker).map_err(ReplayError::Broker)?;
+    let id = format!("iomt-replay-{}", std::process::id());
+    let mut opts = MqttOptions::new(id, url.host, url.port);
+    match (&login.username, &login.password_file) {
+        (Some(name), Some(file)) => {
+            let password =
+                read_password_file(file).map_err(|e| ReplayError::Broker(e.to_string()))?;
+            opts.set_credentials(name.clone(), password);
+        }
+        (Some(_), None) => {
+            return Err(ReplayError::Broker(
+                "--username needs --password-file (a password is never taken on the command line)"
+                    .into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ReplayError::Broker(
+                "--password-file needs --username".into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    if url.tls {
+        let tls = client_config(login.ca.as_deref()).map_err(ReplayError::Broker)?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    } else if login.ca.is_some() {
+        return Err(ReplayError::Broker(format!(
+            "--ca is for a TLS broker: `{broker}` is not mqtts://"
+        )));
+    }
+    Ok(opts)
 }
 
 /// One line of a fixture.
@@ -235,20 +282,20 @@ fn describe(e: &rumqttc::ConnectionError) -> String {
     }
 }
 
-/// Publishes `messages` to `broker` (`mqtt://host:port`). With `looped`, starts over after the
-/// last message until `stop` resolves. Returns once the broker has taken every message; the
-/// summary counts only what it took.
+/// Publishes `messages` to `broker` (`mqtt://host:port` or `mqtts://host:port`), logged in
+/// with `login`. With `looped`, starts over after the last message until `stop` resolves.
+/// Returns once the broker has taken every message; the summary counts only what it took.
+#[allow(clippy::too_many_arguments)]
 pub async fn replay(
     messages: &[FixtureMessage],
     broker: &str,
+    login: &BrokerLogin,
     speed: Speed,
     looped: bool,
     progress: bool,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ReplaySummary, ReplayError> {
-    let (host, port) = parse_mqtt_url(broker).map_err(ReplayError::Broker)?;
-    let id = format!("iomt-replay-{}", std::process::id());
-    let mut opts = MqttOptions::new(id, host, port);
+    let mut opts = client_options(broker, login)?;
     opts.set_keep_alive(Duration::from_secs(30))
         .set_inflight(1000)
         .set_max_packet_size(16 << 20, 16 << 20);

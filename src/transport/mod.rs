@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod dashboard;
 pub mod external;
 pub mod http;
+pub mod tls_client;
 pub mod ward_events;
 pub mod wire;
 pub mod write_access;

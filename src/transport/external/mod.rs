@@ -14,7 +14,9 @@
 //! `ingest.max_payload_bytes` are dead-lettered and acknowledged by ingest.
 //!
 //! Two connections: the receiving session (`session.rs`), and one that publishes alarms and dead
-//! letters (rumqttc), so that neither can hold up the other.
+//! letters (rumqttc), so that neither can hold up the other. Both log in with the node's account
+//! (`broker.external_username`, its password read at start from `external_password_file`) and,
+//! for an `mqtts://` broker, speak TLS on ring, trusting `external_ca` or the system's roots.
 
 mod session;
 
@@ -26,14 +28,17 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
-use crate::config::{parse_mqtt_url, BrokerConfig};
+use crate::config::BrokerConfig;
 use crate::pipeline::health::{Health, Problem};
 use crate::pipeline::input::InputSender;
 use crate::pipeline::{AckToken, Acker, GiveUp, Publisher};
 use crate::topic::check_topic_name;
+use crate::transport::credentials::read_password_file;
+use crate::transport::tls_client::{client_config, BrokerUrl};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Requests the publishing connection queues (alarms and dead letters on their way out).
@@ -42,6 +47,16 @@ const PUBLISH_QUEUE: usize = 1024;
 /// Ingest's input, for as long as the session hands it messages: a stop takes it out (and so
 /// ends ingest's input) whatever the session is doing at that moment.
 pub(crate) type InputSlot = Arc<Mutex<Option<InputSender>>>;
+
+/// A password: kept out of every `Debug` output, and so out of logs.
+#[derive(Clone)]
+pub struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
 
 /// The running connections to the external broker.
 pub struct ExternalBroker {
@@ -76,7 +91,25 @@ impl ExternalBroker {
         give_up: GiveUp,
         ended: Arc<dyn Fn(String) + Send + Sync>,
     ) -> Result<(Self, ClientPublisher, ClientAcker), String> {
-        let (host, port) = parse_mqtt_url(url)?;
+        let BrokerUrl { host, port, tls } = BrokerUrl::parse(url)?;
+        let login = match (&c.external_username, &c.external_password_file) {
+            (Some(name), Some(file)) => {
+                let password = read_password_file(file)
+                    .map_err(|e| format!("broker.external_password_file: {e}"))?;
+                Some((name.clone(), Secret(password)))
+            }
+            _ => None,
+        };
+        let tls = if tls {
+            Some(
+                client_config(c.external_ca.as_deref())
+                    .map_err(|e| format!("broker.external_ca: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("broker.external: `{host}`: {e}"))?;
         let cfg = session::SessionConfig {
             host: host.clone(),
             port,
@@ -85,6 +118,10 @@ impl ExternalBroker {
             window: c.inflight.max(1),
             max_packet: c.max_packet_bytes,
             keep_alive: KEEP_ALIVE,
+            login: login.clone(),
+            tls: tls
+                .clone()
+                .map(|t| (tokio_rustls::TlsConnector::from(t), server_name)),
         };
         let mut out_opts = MqttOptions::new(format!("{client_id}-out"), host, port);
         out_opts
@@ -92,6 +129,12 @@ impl ExternalBroker {
             .set_session_expiry_interval(Some(u32::MAX))
             .set_keep_alive(KEEP_ALIVE)
             .set_max_packet_size(Some(c.max_packet_bytes.min(u32::MAX as usize) as u32));
+        if let Some((name, password)) = login {
+            out_opts.set_credentials(name, password.0);
+        }
+        if let Some(tls) = tls {
+            out_opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
         let (publisher, out_loop) = AsyncClient::new(out_opts, PUBLISH_QUEUE);
         let epoch = Arc::new(AtomicU64::new(0));
         let (stopping, stopping_rx) = watch::channel(false);

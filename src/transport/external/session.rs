@@ -19,18 +19,17 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    Connect, ConnectProperties, Disconnect, DisconnectReasonCode, Filter, Packet, PingReq, PubAck,
-    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, QoS, RetainForwardRule, SubAck,
-    Subscribe, SubscribeReasonCode,
+    Connect, ConnectProperties, Disconnect, DisconnectReasonCode, Filter, Login, Packet, PingReq,
+    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, QoS, RetainForwardRule,
+    SubAck, Subscribe, SubscribeReasonCode,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::InputSlot;
+use super::{InputSlot, Secret};
 use crate::pipeline::health::{Health, Problem};
 use crate::pipeline::input::Received;
 use crate::pipeline::AckToken;
@@ -38,7 +37,7 @@ use crate::transport::raised;
 use crate::transport::wire::{frame, publish_head, Proto, WireError};
 
 /// Everything a session needs to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SessionConfig {
     pub host: String,
     pub port: u16,
@@ -48,7 +47,19 @@ pub struct SessionConfig {
     pub window: u16,
     pub max_packet: usize,
     pub keep_alive: Duration,
+    /// The account and password to log in with.
+    pub login: Option<(String, Secret)>,
+    /// TLS to the broker (`mqtts://`): the client config, and the name its certificate must
+    /// carry.
+    pub tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
+
+/// A connection's halves: plain TCP's own, or TLS's (tokio's split of the TLS stream).
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// How long connecting (TCP, then CONNACK) may take, and then the SUBACK.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,7 +87,9 @@ enum SessionError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Wire(#[from] WireError),
-    #[error("the broker refused the connection (reason code {0:#04x})")]
+    #[error("TLS with the broker failed: {0}")]
+    Tls(std::io::Error),
+    #[error("the broker refused the connection: {why} (reason code {0:#04x})", why = refusal(*.0))]
     Refused(u8),
     #[error("the broker did not answer in time")]
     Timeout,
@@ -178,9 +191,25 @@ pub async fn run(
     }
 }
 
+/// What an MQTT 5 CONNACK's refusal code means to the one who must fix it.
+fn refusal(code: u8) -> &'static str {
+    match code {
+        0x84 => "unsupported protocol version (the broker does not speak MQTT 5)",
+        0x85 => "client identifier not valid (broker.client_id)",
+        0x86 => "bad user name or password (broker.external_username, external_password_file)",
+        0x87 => "not authorized (check the account and its password: broker.external_username, external_password_file)",
+        0x88 => "server unavailable",
+        0x89 => "server busy",
+        0x8A => "banned",
+        0x8C => "bad authentication method",
+        _ => "refused",
+    }
+}
+
 /// A connection whose CONNACK accepted it.
 struct Connection {
-    stream: TcpStream,
+    rd: ReadHalf,
+    wr: WriteHalf,
     /// Whatever came after the CONNACK in the same reads: the broker sends a resumed session's
     /// messages straight after it.
     leftover: BytesMut,
@@ -189,10 +218,46 @@ struct Connection {
     keep_alive: Option<Duration>,
 }
 
-/// TCP, CONNECT, CONNACK.
+/// TCP, TLS when configured, CONNECT, CONNACK.
 async fn connect(cfg: &SessionConfig) -> Result<Connection, SessionError> {
-    let mut stream = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
-    let _ = stream.set_nodelay(true);
+    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+    let _ = tcp.set_nodelay(true);
+    match &cfg.tls {
+        None => {
+            let mut tcp = tcp;
+            let (leftover, ack) = handshake(&mut tcp, cfg).await?;
+            let (rd, wr) = tcp.into_split();
+            Ok(Connection::new(Box::new(rd), Box::new(wr), leftover, ack))
+        }
+        Some((connector, name)) => {
+            let mut tls = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(SessionError::Tls)?;
+            let (leftover, ack) = handshake(&mut tls, cfg).await?;
+            let (rd, wr) = tokio::io::split(tls);
+            Ok(Connection::new(Box::new(rd), Box::new(wr), leftover, ack))
+        }
+    }
+}
+
+impl Connection {
+    fn new(rd: ReadHalf, wr: WriteHalf, leftover: BytesMut, ack: ConnAck) -> Connection {
+        Connection {
+            rd,
+            wr,
+            leftover,
+            session_present: ack.session_present,
+            keep_alive: ack.server_keep_alive.map(|s| Duration::from_secs(s.into())),
+        }
+    }
+}
+
+/// CONNECT and its CONNACK: what came after the CONNACK, and the CONNACK.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    cfg: &SessionConfig,
+) -> Result<(BytesMut, ConnAck), SessionError> {
     let props = ConnectProperties {
         // The session outlives any disconnection: the broker keeps what is not acknowledged.
         session_expiry_interval: Some(u32::MAX),
@@ -210,9 +275,13 @@ async fn connect(cfg: &SessionConfig) -> Result<Connection, SessionError> {
         client_id: cfg.client_id.clone(),
         clean_session: false,
     };
+    let login = cfg.login.as_ref().map(|(username, password)| Login {
+        username: username.clone(),
+        password: password.0.clone(),
+    });
     let mut out = BytesMut::new();
     Proto::V5(V5).write(
-        Packet::Connect(connect, Some(props), None, None, None),
+        Packet::Connect(connect, Some(props), None, None, login),
         &mut out,
     )?;
     stream.write_all(&out).await?;
@@ -236,12 +305,7 @@ async fn connect(cfg: &SessionConfig) -> Result<Connection, SessionError> {
                 if ack.reason != 0 {
                     return Err(SessionError::Refused(ack.reason));
                 }
-                return Ok(Connection {
-                    stream,
-                    leftover: buf,
-                    session_present: ack.session_present,
-                    keep_alive: ack.server_keep_alive.map(|s| Duration::from_secs(s.into())),
-                });
+                return Ok((buf, ack));
             }
         }
         if stream.read_buf(&mut buf).await? == 0 {
@@ -357,7 +421,7 @@ async fn serve(
     finish: watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let keep_alive = conn.keep_alive.unwrap_or(cfg.keep_alive);
-    let (rd, wr) = conn.stream.into_split();
+    let (rd, wr) = (conn.rd, conn.wr);
     let mut writer = Writer {
         wr,
         proto: Proto::V5(V5),
@@ -412,7 +476,7 @@ async fn serve(
 
 /// The reading half: parses what the broker sends and hands publishes to ingest.
 struct Reader<'a> {
-    rd: OwnedReadHalf,
+    rd: ReadHalf,
     buf: BytesMut,
     proto: Proto,
     max_packet: usize,
@@ -590,7 +654,7 @@ impl Reader<'_> {
 /// The writing half: acknowledgements (a commit's worth, or more, in one write), PUBCOMPs,
 /// pings, and the DISCONNECT of a finished session.
 struct Writer {
-    wr: OwnedWriteHalf,
+    wr: WriteHalf,
     proto: Proto,
     out: BytesMut,
     number: u64,
@@ -789,6 +853,8 @@ mod tests {
             window: 100,
             max_packet: 1 << 20,
             keep_alive,
+            login: None,
+            tls: None,
         };
         let (tx, queue) = input::queue(queue_bytes);
         let input: InputSlot = Arc::new(Mutex::new(Some(tx)));
