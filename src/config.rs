@@ -199,6 +199,21 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[broker.tls]` / `[http.tls]`: TLS on a listener. Relative paths are read from the working
+/// directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the listener's own certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1), mode 0600 or stricter.
+    pub key: PathBuf,
+    /// PEM CA certificate(s): when set, clients must present a certificate one of them signed
+    /// (mutual TLS), and its CommonName is the client's identity.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
 /// `[ingest]`: limits on what devices send, and the queues in front of the stages.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

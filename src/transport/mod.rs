@@ -6,6 +6,7 @@ pub mod broker;
 pub mod dashboard;
 pub mod external;
 pub mod http;
+pub mod tls;
 pub mod ward_events;
 pub mod wire;
 pub mod write_access;
