@@ -166,6 +166,10 @@ pub struct BrokerConfig {
     pub max_messages_per_second: u32,
     #[serde(default = "BrokerConfig::default_max_burst")]
     pub max_burst: u32,
+    /// TLS on every embedded-broker listener (MQTT and websockets): certificate, key, and a
+    /// client CA for devices that log in with certificates.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Who may connect to the embedded broker, and as whom.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -308,11 +312,11 @@ impl BrokerConfig {
     }
 
     fn tls_configured(&self) -> bool {
-        false
+        self.tls.is_some()
     }
 
     fn client_certs(&self) -> bool {
-        false
+        self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
     }
 }
 
@@ -373,17 +377,74 @@ pub struct HttpConfig {
         deserialize_with = "listen_addr::<_, 9100>"
     )]
     pub listen: SocketAddr,
-    /// A file holding the bearer token that write actions (acknowledging an alarm from the
-    /// dashboard) need: mode 0600 or stricter, at least 16 visible ASCII characters, read at
-    /// start (a relative path from the working directory). Without it, write actions are
-    /// taken only on a loopback listener, and refused on any other.
+    /// A file holding the bearer token: mode 0600 or stricter, at least 16 visible ASCII
+    /// characters, read at start (a relative path from the working directory). Write actions
+    /// (acknowledging an alarm from the dashboard) need it whenever it is set; everything but
+    /// `/healthz` needs it off loopback or with `require_token`, where it must be set. Without
+    /// it, write actions are taken only on a loopback listener.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// HTTPS on the listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Off loopback, plain HTTP is refused unless this says a TLS-terminating proxy in front
+    /// of the service encrypts the traffic instead.
+    #[serde(default = "HttpConfig::default_allow_plaintext")]
+    pub allow_plaintext: bool,
+    /// Every path but `/healthz` needs the token even on loopback (as it always does off
+    /// loopback): for a machine whose other users must not read the ward.
+    #[serde(default = "HttpConfig::default_require_token")]
+    pub require_token: bool,
 }
 
 impl HttpConfig {
     fn default_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 9100))
+    }
+    const fn default_allow_plaintext() -> bool {
+        false
+    }
+    const fn default_require_token() -> bool {
+        false
+    }
+
+    /// Whether every path but `/healthz` needs the token: anyone who can reach a listener off
+    /// loopback could otherwise read the ward, or the log of batches.
+    pub fn requires_token(&self) -> bool {
+        self.require_token || !self.listen.ip().is_loopback()
+    }
+
+    /// The rules of a listener others can reach, as a key to set and why.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let listen = self.listen;
+        let loopback = listen.ip().is_loopback();
+        if !loopback && self.tls.is_none() && !self.allow_plaintext {
+            return Err((
+                "http.tls",
+                format!(
+                    "the HTTP listener {listen} is not on loopback: set [http.tls] (cert, key) so \
+                     that the token and the ward's data do not cross the network in clear \
+                     text, or `allow_plaintext = true` if a TLS-terminating proxy in front of \
+                     the service does that"
+                ),
+            ));
+        }
+        if self.requires_token() && self.token_file.is_none() {
+            let why = if loopback {
+                "require_token is set".to_owned()
+            } else {
+                format!("the HTTP listener {listen} is not on loopback")
+            };
+            return Err((
+                "http.token_file",
+                format!(
+                    "{why}: everything but /healthz needs a bearer token; set token_file to a \
+                     file readable by its owner only (mode 0600) holding at least 16 characters \
+                     (e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -391,6 +452,21 @@ impl Default for HttpConfig {
     fn default() -> Self {
         toml::from_str("").expect("defaults")
     }
+}
+
+/// `[broker.tls]` / `[http.tls]`: TLS on a listener. Relative paths are read from the working
+/// directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the listener's own certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1), mode 0600 or stricter.
+    pub key: PathBuf,
+    /// PEM CA certificate(s): when set, clients must present a certificate one of them signed
+    /// (mutual TLS), and its CommonName is the client's identity.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `[ingest]`: limits on what devices send, and the queues in front of the stages.
@@ -658,6 +734,10 @@ impl PipelineConfig {
         if let Err((key, message)) = self.news2.check() {
             return Err(invalid(0..0, key, message));
         }
+        if let Err((key, message)) = self.http.check() {
+            let at = HttpListenSpan::find(text).unwrap_or(0..0);
+            return Err(invalid(at, key.into(), message));
+        }
         if let Err((key, message)) = self.broker.check_security() {
             return Err(invalid(0..0, key, message));
         }
@@ -749,6 +829,25 @@ impl RouteKeySpans {
             _ => None,
         };
         value.map(Spanned::span)
+    }
+}
+
+/// Where `[http] listen` is in the file, so that an error about the HTTP listener names its
+/// line.
+#[derive(Debug, Deserialize)]
+struct HttpListenSpan {
+    http: Option<HttpListenSpanTable>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HttpListenSpanTable {
+    listen: Option<Spanned<String>>,
+}
+
+impl HttpListenSpan {
+    fn find(text: &str) -> Option<std::ops::Range<usize>> {
+        let spans: HttpListenSpan = toml::from_str(text).ok()?;
+        Some(spans.http?.listen?.span())
     }
 }
 
@@ -926,7 +1025,7 @@ priority = "high"
         }
         let c = PipelineConfig::parse(
             "[broker]\nlisten = \"0.0.0.0:1883\"\nlisten_v5 = \"[::1]:0\"\nallow_plaintext = true\n\
-             [http]\nlisten = \"10.0.0.5:9100\"\n",
+             [http]\nlisten = \"10.0.0.5:9100\"\nallow_plaintext = true\ntoken_file = \"/t\"\n",
             "p.toml",
         )
         .unwrap();
@@ -992,6 +1091,77 @@ priority = "high"
             msg.starts_with("p.toml:2:") && msg.contains("token"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn an_http_listener_off_loopback_needs_tls_or_the_opt_out_and_a_token() {
+        let parse = |text: &str| PipelineConfig::parse(text, "p.toml");
+        let msg = parse("site = \"w\"\n[http]\nlisten = \"0.0.0.0:9100\"\ntoken_file = \"/t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(
+                "p.toml:3: http.tls: the HTTP listener 0.0.0.0:9100 is not on loopback: set \
+                 [http.tls]"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("allow_plaintext = true"), "{msg}");
+
+        let c = parse(
+            "[http]\nlisten = \"10.0.0.5:9100\"\ntoken_file = \"/t\"\nallow_plaintext = true\n",
+        )
+        .unwrap();
+        assert!(c.http.requires_token() && c.http.tls.is_none());
+        let c = parse(
+            "[http]\nlisten = \"[::]:9100\"\ntoken_file = \"/t\"\n[http.tls]\ncert = \"/c\"\n\
+             key = \"/k\"\n",
+        )
+        .unwrap();
+        let tls = c.http.tls.as_ref().unwrap();
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str()),
+            (Some("/c"), Some("/k"))
+        );
+        assert_eq!(tls.client_ca, None);
+        assert!(c.http.requires_token());
+
+        for text in [
+            "[http]\nlisten = \"0.0.0.0:9100\"\nallow_plaintext = true\n",
+            "[http]\nlisten = \"10.1.2.3:9100\"\n[http.tls]\ncert = \"/c\"\nkey = \"/k\"\n",
+        ] {
+            let msg = parse(text).unwrap_err().to_string();
+            assert!(
+                msg.starts_with("p.toml:2: http.token_file: the HTTP listener")
+                    && msg.contains("is not on loopback: everything but /healthz needs a bearer"),
+                "{msg}"
+            );
+        }
+        let msg = parse("[http]\nrequire_token = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("http.token_file: require_token is set"),
+            "{msg}"
+        );
+
+        // On loopback, as before: open, no TLS needed.
+        let c = parse("[http]\nlisten = \"127.0.0.1:9100\"\n").unwrap();
+        assert!(!c.http.requires_token() && !c.http.allow_plaintext);
+        let c = parse("[http]\nrequire_token = true\ntoken_file = \"/t\"\n").unwrap();
+        assert!(c.http.requires_token());
+
+        let msg = parse("[http.tls]\ncert = \"/c\"\nkey = \"/k\"\nca = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("p.toml:4:") && msg.contains("`ca`"),
+            "{msg}"
+        );
+        let msg = parse("[http.tls]\ncert = \"/c\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("missing field `key`"), "{msg}");
     }
 
     #[test]

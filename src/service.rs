@@ -47,6 +47,8 @@ use crate::store::{open_node_keys, DataDirLock, KeyMode, SledStore, Store, Store
 use crate::transport::broker::{BrokerError, EmbeddedBroker};
 use crate::transport::external::ExternalBroker;
 use crate::transport::http;
+use crate::transport::read_access::ReadAccess;
+use crate::transport::tls;
 use crate::transport::write_access::WriteAccess;
 
 #[derive(Debug, thiserror::Error)]
@@ -208,9 +210,17 @@ impl Service {
     /// Starts every stage; returns once the service is ready (the external broker may still
     /// be connecting: `/healthz` says so).
     pub async fn start(config: PipelineConfig, data_dir: &Path) -> Result<Service, ServiceError> {
-        // First: a token file others can read stops the start before anything is opened.
+        // First: a token file others can read, or TLS files that do not hold a usable
+        // certificate and key, stop the start before anything is opened.
         let write_access = WriteAccess::from_config(&config.http)
             .map_err(|e| ServiceError::Pipeline(e.to_string()))?;
+        let http_tls = config
+            .http
+            .tls
+            .as_ref()
+            .map(|c| tls::server_config(c, http::ALPN))
+            .transpose()
+            .map_err(|e| ServiceError::Pipeline(format!("http.tls: {e}")))?;
         std::fs::create_dir_all(data_dir).map_err(|source| ServiceError::DataDir {
             path: data_dir.to_owned(),
             source,
@@ -218,6 +228,17 @@ impl Service {
         let data_dir_lock = DataDirLock::acquire(data_dir)?;
         let metrics = Metrics::new();
         let health = Health::new(metrics.clone());
+        // The pipeline's validation says the same: never open where a token is needed.
+        let read_access = if config.http.requires_token() {
+            let token = write_access.token().ok_or_else(|| {
+                ServiceError::Pipeline(
+                    "http.token_file: the HTTP listener needs a token and none is set".into(),
+                )
+            })?;
+            ReadAccess::token(token.clone(), metrics.clone())
+        } else {
+            ReadAccess::open(metrics.clone())
+        };
 
         let http_listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -529,7 +550,9 @@ impl Service {
                     write: write_access,
                     stop: http_stop_rx.clone(),
                 },
+                read_access,
             ),
+            http_tls,
             http_stop_rx,
         ));
 

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub alarms_active: IntGauge,
     pub alarm_transitions: IntCounterVec,
     pub alarm_acks_refused: IntCounter,
+    pub http_unauthorized: IntCounter,
     pub adaptive_commands: IntCounterVec,
     pub stored_latency: Histogram,
     pub queue_depth: IntGaugeVec,
@@ -110,6 +111,10 @@ impl Metrics {
             alarm_acks_refused: counter(
                 "iomt_alarm_acks_refused_total",
                 "acknowledgements refused (no such alarm, a bad body, a bad token)",
+            ),
+            http_unauthorized: counter(
+                "iomt_http_unauthorized_total",
+                "HTTP requests refused for want of the bearer token (or the dashboard's session)",
             ),
             adaptive_commands: counter_vec(
                 "iomt_adaptive_commands_total",

@@ -310,7 +310,7 @@ mod tests {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(crate::transport::http::serve(listener, app, stop));
+        tokio::spawn(crate::transport::http::serve(listener, app, None, stop));
         (addr, stop_tx)
     }
 

@@ -6,6 +6,9 @@
 //! proof of one reading (docs/proof-format.md), since the store is locked while the node runs;
 //! and the ward dashboard (`/dashboard`, `/api/ward`, `/events`, `/api/alarms/ack`: see
 //! [`dashboard`]).
+//!
+//! On a loopback listener all of it is open to this machine; off loopback it needs the token
+//! ([`ReadAccess`]) and TLS or an explicit opt-out (`[http.tls]`, `allow_plaintext`).
 
 use std::sync::Arc;
 
@@ -25,6 +28,8 @@ use crate::seal::Sealer;
 use crate::store::Store;
 use crate::transport::dashboard;
 pub use crate::transport::dashboard::Dashboard;
+use crate::transport::read_access::ReadAccess;
+use crate::transport::tls_listener::TlsListener;
 
 #[derive(Clone)]
 struct AppState {
@@ -212,14 +217,16 @@ async fn proof(
     }
 }
 
+/// Every route, behind `access` (who may use them at all: [`ReadAccess`]).
 pub fn router(
     metrics_: Arc<Metrics>,
     health: Arc<Health>,
     store: Arc<dyn Store>,
     proofs: Proofs,
     ward: Dashboard,
+    access: ReadAccess,
 ) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/log/checkpoint", get(checkpoint))
@@ -231,22 +238,38 @@ pub fn router(
             store,
             proofs: Arc::new(proofs),
         })
-        .merge(dashboard::router(ward))
+        .merge(dashboard::router(ward));
+    access.protect(routes)
 }
 
-/// Serves until `shutdown` turns true. Open responses must end by then for this to return:
-/// the dashboard's event streams end on the same signal (`Dashboard::stop`).
+/// Serves until `shutdown` turns true, over HTTPS with `tls`. Open responses must end by then
+/// for this to return: the dashboard's event streams end on the same signal
+/// (`Dashboard::stop`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    match tls {
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Some(tls) => {
+            axum::serve(TlsListener::new(listener, tls)?, router)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
 }
+
+/// The ALPN the HTTPS listener offers: axum's server here speaks HTTP/1.1 only.
+pub const ALPN: &[&[u8]] = &[b"http/1.1"];
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use axum::http::{header, HeaderMap, StatusCode};
+use base64::Engine as _;
 use ring::hmac;
 use ring::rand::SystemRandom;
 
@@ -41,12 +42,14 @@ pub enum TokenFileError {
     Weak { path: PathBuf },
 }
 
-/// The write token, kept only as its HMAC under a key made at start. Its `Debug` never shows
-/// it.
+/// The token, kept only as its HMAC under a key made at start, and the dashboard's session
+/// value derived from it ([`Token::session`]). Its `Debug` shows neither.
 #[derive(Clone)]
 pub struct Token {
     key: hmac::Key,
     tag: hmac::Tag,
+    session: String,
+    session_tag: hmac::Tag,
 }
 
 impl std::fmt::Debug for Token {
@@ -97,13 +100,38 @@ impl Token {
         let key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
             .expect("the system's random source");
         let tag = hmac::sign(&key, token);
-        Token { key, tag }
+        // Derived from the token, not drawn at start: a dashboard left open keeps its session
+        // across a restart of the service (its event stream reconnects by itself), and
+        // changing the token ends every session. The cookie holding it never shows the token.
+        let derived = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, token),
+            b"iomt-edge dashboard session v1",
+        );
+        let session = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(derived.as_ref());
+        let session_tag = hmac::sign(&key, session.as_bytes());
+        Token {
+            key,
+            tag,
+            session,
+            session_tag,
+        }
+    }
+
+    /// The value of the dashboard's session cookie: as good as the token for reading, never
+    /// for a write action.
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
+    /// Whether `given` is the session value, in constant time (as [`Token::matches`]).
+    pub fn matches_session(&self, given: &[u8]) -> bool {
+        hmac::verify(&self.key, given, self.session_tag.as_ref()).is_ok()
     }
 
     /// In constant time: `hmac::verify` is ring's constant-time comparison (its
     /// `constant_time::verify_slices_are_equal` is deprecated, with no promise about side
     /// channels), and comparing HMACs leaks not even the token's length.
-    fn matches(&self, given: &[u8]) -> bool {
+    pub fn matches(&self, given: &[u8]) -> bool {
         hmac::verify(&self.key, given, self.tag.as_ref()).is_ok()
     }
 }
@@ -136,6 +164,14 @@ impl WriteAccess {
         })
     }
 
+    /// The token, when one is set.
+    pub fn token(&self) -> Option<&Token> {
+        match self {
+            WriteAccess::Token(t) => Some(t),
+            _ => None,
+        }
+    }
+
     pub fn needs_token(&self) -> bool {
         matches!(self, WriteAccess::Token(_))
     }
@@ -152,26 +188,18 @@ impl WriteAccess {
                 message: "write actions are refused: the HTTP listener is not on loopback and \
                           no token is configured; set http.token_file in the pipeline file",
             }),
-            WriteAccess::Token(token) => {
-                let given = headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.split_once(' '))
-                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                    .map(|(_, t)| t.trim());
-                match given {
-                    Some(t) if token.matches(t.as_bytes()) => Ok(()),
-                    Some(_) => Err(Denied {
-                        status: StatusCode::UNAUTHORIZED,
-                        message: "wrong token",
-                    }),
-                    None => Err(Denied {
-                        status: StatusCode::UNAUTHORIZED,
-                        message: "this action needs `Authorization: Bearer <token>` (the token \
+            WriteAccess::Token(token) => match bearer(headers) {
+                Some(t) if token.matches(t.as_bytes()) => Ok(()),
+                Some(_) => Err(Denied {
+                    status: StatusCode::UNAUTHORIZED,
+                    message: "wrong token",
+                }),
+                None => Err(Denied {
+                    status: StatusCode::UNAUTHORIZED,
+                    message: "this action needs `Authorization: Bearer <token>` (the token \
                                   of http.token_file)",
-                    }),
-                }
-            }
+                }),
+            },
             // Without a token, a browser on this machine is the only gate: a page from
             // elsewhere must not make it act (a form posted across origins, or a name that
             // resolves to 127.0.0.1 to get around the same-origin rule).
@@ -197,6 +225,16 @@ impl WriteAccess {
             }
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
 }
 
 /// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
@@ -305,7 +343,7 @@ mod tests {
     fn without_a_token_writes_are_for_this_machine_only() {
         let listen = |addr: &str| HttpConfig {
             listen: addr.parse().unwrap(),
-            token_file: None,
+            ..HttpConfig::default()
         };
         assert!(matches!(
             WriteAccess::from_config(&listen("127.0.0.1:9100")).unwrap(),
