@@ -1,4 +1,4 @@
-//! iomt-edge: an edge service for the Internet of Medical Things (docs/design.md).
+//! iomt-edge: an edge service for the Internet of Medical Things (docs/architecture.md).
 //!
 //! The modules form layers that only point down (`tests/layers.rs` checks it):
 //!

@@ -1,4 +1,4 @@
-//! The crate's modules form layers that only point down (src/lib.rs, docs/design.md): a
+//! The crate's modules form layers that only point down (src/lib.rs, docs/architecture.md): a
 //! module may use modules of a lower layer, and its own submodules, never one of its own layer
 //! or above. This test reads every source file and checks each `crate::` path against the table.
 

@@ -216,7 +216,7 @@ pub struct Reading {
     pub flags: u16,
 }
 
-/// The canonical JSON form of a reading (docs/design.md): one line per reading in `decode`.
+/// The canonical JSON form of a reading (docs/architecture.md, Readings): one line per reading in `decode`.
 #[derive(Debug, Serialize)]
 pub struct CanonicalJson<'a> {
     pub ts: String,
@@ -269,7 +269,7 @@ fn dict_utf8(name: &str, nullable: bool) -> Field {
     )
 }
 
-/// The Arrow schema of every batch (docs/design.md, Readings).
+/// The Arrow schema of every batch (docs/architecture.md, Readings).
 pub fn schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
     SCHEMA
