@@ -47,6 +47,19 @@ export PATH="$PATH:/usr/sbin"
 
 start=$(date +%s)
 step() { echo "image-test [$(($(date +%s) - start))s]: $*"; }
+
+# The compose file must be one compose accepts: podman-compose (PyPI; Debian's is too old for
+# `config`) in a virtualenv outside the clone, once.
+tools="${IOMT_TOOLS:-/var/tmp/iomt-edge-tools}"
+if [ ! -x "$tools/podman-compose/bin/podman-compose" ]; then
+  step "installing podman-compose into $tools/podman-compose"
+  python3 -m venv "$tools/podman-compose"
+  "$tools/podman-compose/bin/pip" install -q podman-compose
+fi
+(cd deploy && "$tools/podman-compose/bin/podman-compose" -f compose.yaml config >/dev/null &&
+  IOMT_PIPELINE=./pipeline-external.toml "$tools/podman-compose/bin/podman-compose" \
+    -f compose.yaml --profile hospital-broker config >/dev/null) ||
+  { echo "image-test FAILED: podman-compose config rejects deploy/compose.yaml" >&2; exit 1; }
 fail() {
   echo "image-test FAILED: $*" >&2
   for c in "$name" "$name-2"; do
