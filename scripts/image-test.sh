@@ -62,6 +62,7 @@ fi
   { echo "image-test FAILED: podman-compose config rejects deploy/compose.yaml" >&2; exit 1; }
 fail() {
   echo "image-test FAILED: $*" >&2
+  echo "(podman's own messages: $podman_log)" >&2
   for c in "$name" "$name-2"; do
     podman logs "$c" 2>/dev/null | tail -30 | sed "s/^/  $c: /" >&2 || true
   done
@@ -73,11 +74,15 @@ builder=localhost/iomt-edge-builder:bookworm
 image=localhost/iomt-edge:image-test
 name=iomt-edge-image-test
 volume=iomt-edge-image-test-data
-work=$(mktemp -d)
+podman_log="$cache/podman.log"
+: >"$podman_log"
+work=""
 cleanup() {
   podman rm -f -t 0 "$name" "$name-2" >/dev/null 2>&1 || true
   podman volume rm -f "$volume" >/dev/null 2>&1 || true
-  rm -rf "$work"
+  # Each rebuild leaves the previous image's layers untagged.
+  podman image prune -f >/dev/null 2>&1 || true
+  [ -z "$work" ] || rm -rf "$work"
 }
 cleanup
 work=$(mktemp -d)
@@ -128,9 +133,13 @@ chmod 0644 "$work/pipeline.toml"
 podman volume create "$volume" >/dev/null
 
 run() { # NAME: the service on the volume, read-only root, every port on a random loopback port
-  podman run -d --name "$1" --read-only --stop-timeout 20 \
+  # --health-interval=disable: podman's timer for the HEALTHCHECK needs systemd; the image's
+  # HEALTHCHECK is run by `podman healthcheck run` below. podman still complains about the
+  # timer without systemd: its stderr goes to $podman_log.
+  podman run -d --name "$1" --read-only --stop-timeout 20 --health-interval=disable \
     -v "$volume:/var/lib/iomt-edge" -v "$work/pipeline.toml:/etc/iomt-edge/pipeline.toml:ro" \
-    -p 127.0.0.1::1883 -p 127.0.0.1::1884 -p 127.0.0.1::8083 -p 127.0.0.1::9100 "$image" >/dev/null
+    -p 127.0.0.1::1883 -p 127.0.0.1::1884 -p 127.0.0.1::8083 -p 127.0.0.1::9100 "$image" \
+    >/dev/null 2>>"$podman_log"
 }
 host_port() { podman port "$1" "$2/tcp" | head -1 | sed 's/.*://'; }
 wait_healthy() { # NAME: the image's own HEALTHCHECK, run by podman until it passes
@@ -161,7 +170,7 @@ step "healthy: MQTT on 127.0.0.1:$mqtt, HTTP on 127.0.0.1:$http"
 curl -sf "http://127.0.0.1:$http/healthz" | grep -q '"status":"ok"' || fail "/healthz not ok"
 
 step "replaying fixtures/ward-demo.jsonl"
-podman run --rm --network host -v "$PWD/fixtures:/fixtures:ro" --entrypoint /usr/local/bin/iomt-edge \
+podman run --rm --no-healthcheck --network host -v "$PWD/fixtures:/fixtures:ro" --entrypoint /usr/local/bin/iomt-edge \
   "$image" replay /fixtures/ward-demo.jsonl --broker "mqtt://127.0.0.1:$mqtt" --speed max ||
   fail "replay"
 # Every message was acknowledged, so stored: its readings are counted now.
@@ -177,13 +186,13 @@ done
 step "stored $stored readings; bed 3's alarms active on MQTT: $alarms"
 
 step "podman stop (SIGTERM)"
-podman stop -t 20 "$name" >/dev/null
+podman stop -t 20 "$name" >/dev/null 2>>"$podman_log"
 code=$(podman inspect --format '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || fail "exit code $code after SIGTERM"
 podman logs "$name" 2>&1 | grep -q "stopped cleanly" || fail "no 'stopped cleanly' in its log"
 drained=$(podman logs "$name" 2>&1 | grep "stopped cleanly" | sed -n 's/.*readings=\([0-9]*\).*/\1/p')
 step "exit 0, drained (its log: stopped cleanly, readings=$drained)"
-podman rm "$name" >/dev/null
+podman rm "$name" >/dev/null 2>>"$podman_log"
 
 step "run 2: a new container on the same volume"
 run "$name-2"
@@ -191,12 +200,12 @@ wait_healthy "$name-2"
 mqtt=$(host_port "$name-2" 1883)
 alarms=$(active_alarms "$mqtt")
 [ "$alarms" = "$expected" ] || fail "after the restart bed 3's alarms: '$alarms', expected '$expected'"
-podman stop -t 20 "$name-2" >/dev/null
+podman stop -t 20 "$name-2" >/dev/null 2>>"$podman_log"
 [ "$(podman inspect --format '{{.State.ExitCode}}' "$name-2")" = 0 ] || fail "second run: exit code not 0"
-podman rm "$name-2" >/dev/null
-podman run --rm --read-only -v "$volume:/var/lib/iomt-edge" "$image" verify --data /var/lib/iomt-edge \
+podman rm "$name-2" >/dev/null 2>>"$podman_log"
+podman run --rm --no-healthcheck --read-only -v "$volume:/var/lib/iomt-edge" "$image" verify --data /var/lib/iomt-edge \
   >"$work/verify.txt" 2>&1 || fail "verify: $(cat "$work/verify.txt")"
-dumped=$(podman run --rm --read-only -v "$volume:/var/lib/iomt-edge" "$image" \
+dumped=$(podman run --rm --no-healthcheck --read-only -v "$volume:/var/lib/iomt-edge" "$image" \
   dump --data /var/lib/iomt-edge --site ward | wc -l)
 [ "$dumped" = "$stored" ] || fail "the volume holds $dumped readings, $stored were stored"
 step "the volume holds all $dumped readings (verify: ok) and the alarms (active again: $alarms)"
