@@ -220,6 +220,19 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {}",
         text(&out)
     );
+    // Its exposure as systemd rates it (0 best, 10 worst; README: 1.2): hardening that goes
+    // missing shows here.
+    let out = run(Command::new(&analyze)
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(dir.path().join("iomt-edge.service")));
+    let rating = text(&out);
+    let exposure: f64 = rating
+        .split("Overall exposure level for iomt-edge.service: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("systemd-analyze security: {rating}"));
+    assert!(exposure <= 2.0, "exposure {exposure}: {rating}");
     let broken = unit.replace("ProtectSystem=strict", "ProtectSystem=sideways");
     assert!(
         !text(&verify(&broken)).trim().is_empty(),
