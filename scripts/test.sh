@@ -4,7 +4,11 @@
 # with apt-get (through sudo when not root): mosquitto and mosquitto-clients (the external
 # broker and interop tests), g++ (the fuzz targets' libFuzzer), nodejs and npm (for the npm
 # packages of the Ethereum ledger's tests: solc and anvil, which scripts/tools.sh installs
-# outside the clone, once), chromium (the dashboard's browser tests run it headless).
+# outside the clone, once), chromium (the dashboard's browser tests run it headless), prometheus
+# (its promtool checks /metrics and deploy/prometheus/, tests/deploy.rs) and systemd (its
+# systemd-analyze checks deploy/iomt-edge.service). Last, the container image test
+# (scripts/image-test.sh, podman) when podman is there or apt-get can install it;
+# IOMT_SKIP_IMAGE_TEST=1 leaves it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +28,7 @@ need() {
 }
 
 need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++ node nodejs npm npm \
-  chromium chromium
+  chromium chromium promtool prometheus systemd-analyze systemd
 export PATH="$PATH:/usr/sbin"
 # Exports IOMT_ANVIL and IOMT_SOLCJS, which tests/ethereum.rs reads.
 source scripts/tools.sh
@@ -35,3 +39,13 @@ cargo test --locked --features failpoints "$@"
 # The fuzz targets (fuzz/, their own crate) must keep building against the codecs they fuzz;
 # running them is `cargo fuzz run` (README, Fuzzing).
 cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+
+# The container image, built from deploy/Dockerfile and run with podman (about a minute with
+# warm caches; the first run on a machine builds its base images and every crate).
+if [ "${IOMT_SKIP_IMAGE_TEST:-}" = 1 ]; then
+  echo "image test skipped (IOMT_SKIP_IMAGE_TEST=1)"
+elif command -v podman >/dev/null 2>&1 || command -v apt-get >/dev/null 2>&1; then
+  bash scripts/image-test.sh
+else
+  echo "image test skipped: no podman, and no apt-get to install it"
+fi

@@ -145,6 +145,20 @@ enum Command {
         #[arg(long)]
         rpc: Option<String>,
     },
+    /// Ask a running service whether it is healthy: exit 0 only when `GET URL` answers 200.
+    ///
+    /// For a container's HEALTHCHECK (its runtime image has no curl) or a supervisor's probe.
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9100/healthz")]
+        url: String,
+        /// A PEM file of the CA certificates to trust for an https:// URL (default: the
+        /// operating system's trust store).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// How long to wait for the whole answer.
+        #[arg(long, default_value = "5s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// The chain the node anchors its checkpoints on.
     Ledger {
         #[command(subcommand)]
@@ -392,6 +406,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: LedgerCommand::Deploy { rpc, data },
         } => ledger_deploy(&rpc, &data).await,
         Command::Credentials { command } => credentials_command(command),
+        Command::Healthcheck { url, ca, timeout } => {
+            healthcheck(&url, ca.as_deref(), timeout).await
+        }
     }
 }
 
@@ -691,6 +708,69 @@ async fn verify_command(data: &Path, rpc: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// `ledger deploy`: the address alone on the first line, for scripts; then the lines to paste.
+/// `GET url`; Ok only for a 200. Any other status is an error carrying the body (/healthz
+/// names its phase and problems, never a reading), so the container's health log says why.
+async fn healthcheck(
+    url: &str,
+    ca: Option<&Path>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let parsed = url::Url::parse(url).with_context(|| format!("--url {url}"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "http" | "https"),
+        "--url {url}: only http:// and https:// are supported"
+    );
+    // rustls on ring, as everywhere in this crate; built even for http://, where it is unused,
+    // because reqwest without a default provider needs one.
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS")?;
+    let tls = match ca {
+        Some(path) => {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("--ca {}", path.display()))?
+            {
+                let cert = cert.with_context(|| format!("--ca {}", path.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("--ca {}", path.display()))?;
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "--ca {}: no certificate in it",
+                path.display()
+            );
+            builder.with_root_certificates(roots)
+        }
+        None => {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            builder.with_platform_verifier().context("TLS")?
+        }
+    }
+    .with_no_client_auth();
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(timeout)
+        .build()
+        .context("HTTP client")?;
+    let response = client
+        .get(parsed)
+        .send()
+        .await
+        .with_context(|| format!("{url}: no answer"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(
+        status == reqwest::StatusCode::OK,
+        "{url} answered {status}: {}",
+        body.trim()
+    );
+    Ok(())
+}
+
 async fn ledger_deploy(rpc: &str, data: &Path) -> anyhow::Result<()> {
     let contract = iomt_edge::ledger::ethereum::deploy(rpc, &data.join("keys")).await?;
     let rpc = toml::Value::String(rpc.to_owned());
