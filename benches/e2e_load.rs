@@ -277,6 +277,7 @@ async fn bench_ceiling(total: usize, connections: usize) -> f64 {
     let (tx, rx) = input::queue(config.ingest.queue_bytes);
     let (mut broker, _publisher, mut acker) = EmbeddedBroker::start(
         &config.broker,
+        &config.routes,
         config.ingest.max_payload_bytes,
         tx,
         health.intake(),

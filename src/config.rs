@@ -285,9 +285,8 @@ impl BrokerConfig {
         }
         for (i, f) in self.auth.device_subscribe.iter().enumerate() {
             let rendered = f.replace("{identity}", "x");
-            crate::topic::TopicFilter::parse(&rendered).map_err(|m| {
-                (format!("broker.auth.device_subscribe[{i}]"), m)
-            })?;
+            crate::topic::TopicFilter::parse(&rendered)
+                .map_err(|m| (format!("broker.auth.device_subscribe[{i}]"), m))?;
         }
         if self.max_inflight == 0 || self.max_messages_per_second == 0 || self.max_burst == 0 {
             return Err((
@@ -305,17 +304,20 @@ impl BrokerConfig {
         if self.auth.allow_anonymous || self.auth.credentials.is_some() || self.client_certs() {
             return Ok(());
         }
-        Err("no client could connect: set broker.auth.credentials (a file made with \
+        Err(
+            "no client could connect: set broker.auth.credentials (a file made with \
              `iomt-edge credentials add`), broker.tls.client_ca (client certificates), or \
              broker.auth.allow_anonymous = true (loopback or TLS only)"
-            .into())
+                .into(),
+        )
     }
 
     fn tls_configured(&self) -> bool {
         self.tls.is_some()
     }
 
-    fn client_certs(&self) -> bool {
+    /// Whether devices may log in with client certificates (`[broker.tls] client_ca`).
+    pub fn client_certs(&self) -> bool {
         self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
     }
 }
@@ -1037,7 +1039,11 @@ priority = "high"
 
     #[test]
     fn a_listener_off_loopback_needs_tls_or_a_stated_choice_and_never_lets_anonymous_in() {
-        let err = |text: &str| PipelineConfig::parse(text, "p.toml").unwrap_err().to_string();
+        let err = |text: &str| {
+            PipelineConfig::parse(text, "p.toml")
+                .unwrap_err()
+                .to_string()
+        };
         let msg = err("[broker]\nlisten = \"0.0.0.0:1883\"\n");
         assert!(
             msg.contains("broker.listen: 0.0.0.0:1883 is not on loopback")
@@ -1064,7 +1070,11 @@ priority = "high"
         c.broker.check_can_connect().unwrap();
         // Nobody could connect: refused when the broker starts.
         let c = PipelineConfig::parse("", "p.toml").unwrap();
-        assert!(c.broker.check_can_connect().unwrap_err().contains("no client could connect"));
+        assert!(c
+            .broker
+            .check_can_connect()
+            .unwrap_err()
+            .contains("no client could connect"));
         // External mode: the hospital broker's own rules apply.
         PipelineConfig::parse(
             "[broker]\nlisten = \"0.0.0.0:1883\"\nexternal = \"mqtt://10.0.0.2:1883\"\n",

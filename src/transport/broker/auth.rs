@@ -102,8 +102,8 @@ impl Auth {
             None => None,
         };
         let rng = ring::rand::SystemRandom::new();
-        let remember_key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
-            .map_err(|_| AuthError::Random)?;
+        let remember_key =
+            hmac::Key::generate(hmac::HMAC_SHA256, &rng).map_err(|_| AuthError::Random)?;
         Ok(Auth {
             credentials_file: c.credentials.clone(),
             loaded: Mutex::new(loaded),
@@ -135,7 +135,9 @@ impl Auth {
                         .unwrap_or_else(|e| e.into_inner())
                         .clear();
                 }
-                Err(e) => warn!(error = %e, "the credentials file changed and does not read: the last good one stays in force"),
+                Err(e) => {
+                    warn!(error = %e, "the credentials file changed and does not read: the last good one stays in force")
+                }
             }
         }
         Some(current.credentials.clone())
@@ -150,7 +152,11 @@ impl Auth {
     }
 
     /// Who the client is. `certificate`: the name a verified TLS client certificate gives.
-    pub async fn check(self: &Arc<Self>, login: Option<Login>, certificate: Option<String>) -> Verdict {
+    pub async fn check(
+        self: &Arc<Self>,
+        login: Option<Login>,
+        certificate: Option<String>,
+    ) -> Verdict {
         let refused = |code, reason| Verdict::Refused { code, reason };
         if let Some(name) = certificate {
             // A certificate is the stronger proof; a user name beside it must not claim

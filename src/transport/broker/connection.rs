@@ -35,11 +35,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::auth::Verdict;
+use super::limits::{Inflight, RateLimit};
 use super::sessions::{Acks, Backlog};
 use super::subscriptions::Refused;
 use super::Shared;
-use super::auth::Verdict;
-use super::limits::{Inflight, RateLimit};
 use crate::model::events::{
     ConnectionRefused, InternalEvent, PublishRefused, PublishesDelayed, TopicRefused,
 };
@@ -54,7 +54,6 @@ use crate::transport::wire::{frame, publish_head, Proto, PublishHead, WireError}
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The last write of a stop waits at most this long.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-
 
 /// What the reader asks the writer to send.
 #[derive(Debug)]
@@ -257,7 +256,10 @@ where
         qos2_pending: HashSet::new(),
         skip: 0,
         sender,
-        rate: RateLimit::new(shared.limits.max_messages_per_second, shared.limits.max_burst),
+        rate: RateLimit::new(
+            shared.limits.max_messages_per_second,
+            shared.limits.max_burst,
+        ),
         inflight,
     };
     let end = reader.run(writer_done.clone()).await;
@@ -609,7 +611,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     async fn subscribe(&mut self, sub: Subscribe, props: Option<SubscribeProperties>) {
         let mut refused = None;
         for f in &sub.filters {
-            if !self.shared.auth.may_subscribe(self.sender.as_deref(), &f.path) {
+            if !self
+                .shared
+                .auth
+                .may_subscribe(self.sender.as_deref(), &f.path)
+            {
                 TopicRefused {
                     reason: "subscribe_not_authorized",
                 }

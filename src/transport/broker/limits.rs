@@ -42,7 +42,9 @@ impl RateLimit {
             self.tokens -= 1.0;
             return None;
         }
-        Some(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+        Some(Duration::from_secs_f64(
+            (1.0 - self.tokens) / self.per_second,
+        ))
     }
 }
 
@@ -99,7 +101,10 @@ mod tests {
             assert_eq!(r.take(), None);
         }
         let wait = r.take().expect("the burst is spent");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
         tokio::time::advance(wait).await;
         assert_eq!(r.take(), None, "a token came back");
         assert!(r.take().is_some());

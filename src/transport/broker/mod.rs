@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::debug;
 
@@ -52,6 +53,8 @@ pub enum BrokerError {
     /// The pipeline file's broker or routes do not make a usable broker.
     #[error("{0}")]
     Config(String),
+    #[error("broker.tls: {0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
 }
 
 /// The per-connection limits (`[broker]` max_inflight, max_messages_per_second, max_burst).
@@ -60,6 +63,24 @@ struct Limits {
     max_inflight: u16,
     max_messages_per_second: u32,
     max_burst: u32,
+}
+
+/// The TLS acceptors of `[broker.tls]`: MQTT's offers no ALPN protocol of its own (devices
+/// rarely send one, and some send vendor names, which an offer list would refuse); the
+/// websocket listener's speaks HTTP/1.1, as browsers ask.
+struct ListenerTls {
+    mqtt: tokio_rustls::TlsAcceptor,
+    websocket: tokio_rustls::TlsAcceptor,
+}
+
+impl ListenerTls {
+    fn new(c: &crate::config::TlsConfig) -> Result<Self, BrokerError> {
+        use crate::transport::tls::server_config;
+        Ok(ListenerTls {
+            mqtt: server_config(c, &[])?.into(),
+            websocket: server_config(c, &[b"http/1.1"])?.into(),
+        })
+    }
 }
 
 /// Where the embedded broker listens, ports resolved.
@@ -98,6 +119,8 @@ pub struct Shared {
     /// Which account owns which topic.
     owners: Owners,
     limits: Limits,
+    /// TLS on the MQTT listeners and on the websocket listener (their ALPN differ).
+    tls: Option<ListenerTls>,
     /// Connections served at once, CONNECT pending or not: past `max_connections` (and a few
     /// for the CONNACK that says so), a new one is closed at once.
     slots: Arc<tokio::sync::Semaphore>,
@@ -187,7 +210,8 @@ impl EmbeddedBroker {
         router_ended: Box<dyn FnOnce(String) + Send>,
     ) -> Result<(Self, LinkPublisher, SessionAcker), BrokerError> {
         c.check_can_connect().map_err(BrokerError::Config)?;
-        let auth = Arc::new(auth::Auth::load(&c.auth, false)?);
+        let auth = Arc::new(auth::Auth::load(&c.auth, c.client_certs())?);
+        let tls = c.tls.as_ref().map(ListenerTls::new).transpose()?;
         let owners = Owners::new(routes).map_err(BrokerError::Config)?;
         let (mqtt, mqtt_addr) = bind(c.listen).await?;
         let v5 = match c.listen_v5 {
@@ -219,6 +243,7 @@ impl EmbeddedBroker {
             next_auto_id: AtomicU64::new(0),
             auth,
             owners,
+            tls,
             limits: Limits {
                 max_inflight: c.max_inflight,
                 max_messages_per_second: c.max_messages_per_second,
@@ -333,14 +358,53 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _guard = guard;
             let _slot = slot;
-            if websocket {
-                // Boxed: its state is as large as a plain connection's again, and every
-                // connection's task would otherwise carry room for both.
-                Box::pin(serve_websocket(stream, shared)).await;
-            } else {
-                connection::serve(stream, shared, None).await;
+            let acceptor = shared.tls.as_ref().map(|t| match websocket {
+                true => t.websocket.clone(),
+                false => t.mqtt.clone(),
+            });
+            let Some(acceptor) = acceptor else {
+                return serve_stream(stream, websocket, shared, None).await;
+            };
+            let mut stopping = shared.stopping.clone();
+            let handshake = tokio::select! {
+                h = tokio::time::timeout(shared.connect_timeout, acceptor.accept(stream)) => h,
+                _ = crate::transport::raised(&mut stopping) => return,
+            };
+            match handshake {
+                Ok(Ok(tls)) => {
+                    let certificate = crate::transport::tls::client_identity(tls.get_ref().1);
+                    serve_stream(tls, websocket, shared, certificate).await
+                }
+                Ok(Err(e)) => {
+                    // A wrong CA, no client certificate, a plain-text client: all land here.
+                    ConnectionRefused { reason: "tls" }.emit(&shared.metrics);
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    ConnectionRefused { reason: "tls" }.emit(&shared.metrics);
+                    debug!(%peer, "TLS handshake timed out");
+                }
             }
         });
+    }
+}
+
+/// One accepted connection, its TLS (if any) done: MQTT straight away, or inside websockets.
+/// `certificate` is the identity its verified client certificate names.
+async fn serve_stream<S>(
+    stream: S,
+    websocket: bool,
+    shared: Arc<Shared>,
+    certificate: Option<String>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if websocket {
+        // Boxed: its state is as large as a plain connection's again, and every connection's
+        // task would otherwise carry room for both.
+        Box::pin(serve_websocket(stream, shared, certificate)).await;
+    } else {
+        connection::serve(stream, shared, certificate).await;
     }
 }
 
@@ -348,7 +412,10 @@ async fn accept_loop(
 /// inside is served like any other connection.
 // The handshake callback's error type is tungstenite's HTTP response.
 #[allow(clippy::result_large_err)]
-async fn serve_websocket(stream: TcpStream, shared: Arc<Shared>) {
+async fn serve_websocket<S>(stream: S, shared: Arc<Shared>, certificate: Option<String>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     use async_tungstenite::tungstenite::handshake::server::{Request, Response};
     use async_tungstenite::tungstenite::http::HeaderValue;
     let callback = |_req: &Request, mut resp: Response| {
@@ -373,7 +440,12 @@ async fn serve_websocket(stream: TcpStream, shared: Arc<Shared>) {
     };
     match upgrade {
         Ok(Ok(ws)) => {
-            connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared, None).await
+            connection::serve(
+                ws_stream_tungstenite::WsStream::new(ws),
+                shared,
+                certificate,
+            )
+            .await
         }
         Ok(Err(e)) => debug!(error = %e, "websocket handshake failed"),
         Err(_) => debug!("websocket handshake timed out"),
