@@ -79,13 +79,17 @@ struct Client {
 }
 
 impl Client {
-    fn start(port: u16, id: &str, login: Option<(&str, &str)>, inflight: u16) -> Client {
+    fn options(port: u16, id: &str, login: Option<(&str, &str)>) -> MqttOptions {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_outgoing_inflight_upper_limit(inflight);
+        opts.set_outgoing_inflight_upper_limit(100);
         if let Some((u, p)) = login {
             opts.set_credentials(u, p);
         }
+        opts
+    }
+
+    fn start(opts: MqttOptions) -> Client {
         let (mqtt, mut ev) = AsyncClient::new(opts, 1000);
         let (tx, seen) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -124,7 +128,11 @@ impl Client {
 
     /// Connects and returns how the broker answered.
     async fn connect(port: u16, id: &str, login: Option<(&str, &str)>) -> (Client, Seen) {
-        let mut c = Client::start(port, id, login, 100);
+        Client::connect_with(Client::options(port, id, login)).await
+    }
+
+    async fn connect_with(opts: MqttOptions) -> (Client, Seen) {
+        let mut c = Client::start(opts);
         let first = c.next().await;
         (c, first)
     }
@@ -560,4 +568,337 @@ fn a_listener_off_loopback_without_tls_is_refused_at_start_and_says_why() {
         !dir.path().join("data").exists(),
         "refused before anything was made"
     );
+}
+
+// ---- TLS: the ward's CA, device certificates, websockets ----
+
+/// A CA, as PEM, and what signs with it.
+fn ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let pem = params.self_signed(&key).unwrap().pem();
+    (pem, Issuer::new(params, key))
+}
+
+/// A certificate `issuer` signs: for the names in `sans` (a server), or with CommonName `cn`
+/// (a device). Returns its PEM and its key's.
+fn signed(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    sans: &[&str],
+    cn: Option<&str>,
+) -> (String, String) {
+    let mut params =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    if let Some(cn) = cn {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(path: &Path, text: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path.to_owned()
+}
+
+/// The broker's certificate (for 127.0.0.1 and localhost, from the ward CA) in `dir`: the
+/// `[broker.tls]` keys (dotted, for `[broker]`) and the ward CA's PEM.
+fn broker_tls(dir: &Path, client_ca: Option<&str>) -> (String, String) {
+    let (ward_ca, issuer) = ca("ward CA");
+    let (cert, key) = signed(&issuer, &["127.0.0.1", "localhost"], None);
+    let cert = write(&dir.join("broker.crt"), &cert, 0o644);
+    let key = write(&dir.join("broker.key"), &key, 0o600);
+    let mut keys = format!(
+        "tls.cert = {:?}\ntls.key = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    if let Some(pem) = client_ca {
+        let path = write(&dir.join("devices-ca.crt"), pem, 0o644);
+        keys += &format!("tls.client_ca = {:?}\n", path.display().to_string());
+    }
+    (keys, ward_ca)
+}
+
+/// A rustls client (ring) trusting `ca_pem` only, presenting `identity` (cert, key PEMs).
+fn tls_client(
+    ca_pem: &str,
+    identity: Option<&(String, String)>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    std::sync::Arc::new(config)
+}
+
+/// Client options for the broker's TLS port.
+fn over_tls(
+    port: u16,
+    id: &str,
+    login: Option<(&str, &str)>,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> MqttOptions {
+    let mut opts = Client::options(port, id, login);
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    opts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_lets_in_a_client_that_trusts_the_ward_ca_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = accounts(dir.path(), &[("w7-b3-mon", "monitor-password")]);
+    let (tls_keys, ward_ca) = broker_tls(dir.path(), None);
+    let edge = Edge::start(
+        &secured_pipeline(&creds, &tls_keys, ""),
+        &dir.path().join("data"),
+    );
+    let port = edge.mqtt_port();
+    let good = tls_client(&ward_ca, None);
+
+    let (mut dev, seen) = Client::connect_with(over_tls(
+        port,
+        "good",
+        Some(("w7-b3-mon", "monitor-password")),
+        good.clone(),
+    ))
+    .await;
+    assert!(matches!(seen, Seen::Connected), "{seen:?}");
+    assert_eq!(
+        dev.publish("ward/7/bed/3/vitals", &vitals_json(TS, 72.0))
+            .await,
+        PubAckReason::Success
+    );
+    // The right CA is no substitute for the password.
+    let (_, seen) = Client::connect_with(over_tls(
+        port,
+        "wrong-password",
+        Some(("w7-b3-mon", "guess")),
+        good,
+    ))
+    .await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::BadUserNamePassword)),
+        "{seen:?}"
+    );
+    // A client that trusts another CA will not talk to this broker (as a device that
+    // checks whom it talks to refuses a stand-in for it).
+    let (rogue_ca, _) = ca("rogue CA");
+    let (_, seen) = Client::connect_with(over_tls(
+        port,
+        "other-ca",
+        Some(("w7-b3-mon", "monitor-password")),
+        tls_client(&rogue_ca, None),
+    ))
+    .await;
+    assert!(matches!(seen, Seen::Closed), "{seen:?}");
+    // Plain text to the TLS port: no CONNACK, the password never read.
+    let (_, seen) = Client::connect(port, "plain", Some(("w7-b3-mon", "monitor-password"))).await;
+    assert!(matches!(seen, Seen::Closed), "{seen:?}");
+    assert_eq!(
+        edge.metric("iomt_connections_refused_total{reason=\"tls\"}"),
+        2.0
+    );
+    assert_eq!(
+        edge.metric("iomt_connections_refused_total{reason=\"credentials\"}"),
+        1.0
+    );
+    drop(dev);
+    let data = edge.data.clone();
+    assert_eq!(edge.stop().code(), Some(0));
+    let hr: Vec<_> = stored_readings(&data)
+        .into_iter()
+        .filter(|r| r.metric == Metric::HeartRate)
+        .collect();
+    assert_eq!(hr.len(), 1, "{hr:?}");
+    assert_eq!(hr[0].value, Some(72.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_certificate_is_its_identity_and_holds_it_to_its_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (devices_ca, devices) = ca("ward 7 devices CA");
+    let (tls_keys, ward_ca) = broker_tls(dir.path(), Some(&devices_ca));
+    let text = pipeline_with_broker(
+        &format!("{tls_keys}auth.device_subscribe = [\"ward/cmd/{{identity}}/#\"]\n"),
+        "",
+    )
+    .replace("auth.allow_anonymous = true\n", "");
+    assert!(!text.contains("allow_anonymous"));
+    let edge = Edge::start(&text, &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    let monitor = signed(&devices, &[], Some("w7-b3-mon"));
+
+    // No password: the certificate says who it is.
+    let (mut dev, seen) = Client::connect_with(over_tls(
+        port,
+        "mon",
+        None,
+        tls_client(&ward_ca, Some(&monitor)),
+    ))
+    .await;
+    assert!(matches!(seen, Seen::Connected), "{seen:?}");
+    assert_eq!(
+        dev.publish("ward/7/bed/3/vitals", &vitals_json(TS, 64.0))
+            .await,
+        PubAckReason::Success
+    );
+    assert_eq!(
+        dev.publish("ward/7/bed/4/vitals", &vitals_json(TS, 150.0))
+            .await,
+        PubAckReason::NotAuthorized
+    );
+    // Its will is a publish in its name: on another bed's topic, refused at CONNECT.
+    let mut opts = over_tls(port, "will", None, tls_client(&ward_ca, Some(&monitor)));
+    opts.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+        "ward/7/bed/4/vitals",
+        vitals_json(TS, 150.0),
+        QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    let (_, seen) = Client::connect_with(opts).await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::NotAuthorized)),
+        "{seen:?}"
+    );
+    // A user name beside the certificate cannot claim another account.
+    let (_, seen) = Client::connect_with(over_tls(
+        port,
+        "claims",
+        Some(("w7-b4-mon", "anything")),
+        tls_client(&ward_ca, Some(&monitor)),
+    ))
+    .await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::BadUserNamePassword)),
+        "{seen:?}"
+    );
+    // A name that would pass for a session or topic of another account.
+    let odd = signed(&devices, &[], Some("nurse:w7-b3"));
+    let (_, seen) = Client::connect_with(over_tls(
+        port,
+        "odd",
+        None,
+        tls_client(&ward_ca, Some(&odd)),
+    ))
+    .await;
+    assert!(
+        matches!(seen, Seen::Refused(ConnectReturnCode::NotAuthorized)),
+        "{seen:?}"
+    );
+    // The same name from a CA the broker does not trust, or no certificate at all: the
+    // handshake fails.
+    let (_, rogue) = ca("rogue CA");
+    let forged = signed(&rogue, &[], Some("w7-b3-mon"));
+    for (id, identity) in [("forged", Some(&forged)), ("none", None)] {
+        let (_, seen) =
+            Client::connect_with(over_tls(port, id, None, tls_client(&ward_ca, identity))).await;
+        assert!(matches!(seen, Seen::Closed), "{id}: {seen:?}");
+    }
+    assert_eq!(
+        edge.metric("iomt_connections_refused_total{reason=\"tls\"}"),
+        2.0
+    );
+    assert_eq!(
+        edge.metric("iomt_connections_refused_total{reason=\"certificate\"}"),
+        1.0
+    );
+    assert_eq!(
+        edge.metric("iomt_publishes_refused_total{reason=\"impostor\"}"),
+        2.0
+    );
+    drop(dev);
+    let data = edge.data.clone();
+    assert_eq!(edge.stop().code(), Some(0));
+    let hr: Vec<_> = stored_readings(&data)
+        .into_iter()
+        .filter(|r| r.metric == Metric::HeartRate)
+        .collect();
+    assert_eq!(hr.len(), 1, "{hr:?}");
+    assert_eq!(
+        (hr[0].source.as_str(), hr[0].value),
+        ("w7-b3-mon", Some(64.0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_are_served_over_tls_and_ask_for_the_password_too() {
+    use async_tungstenite::tungstenite::client::IntoClientRequest;
+    use async_tungstenite::tungstenite::Message;
+    use futures_util::{SinkExt, StreamExt};
+    let dir = tempfile::tempdir().unwrap();
+    let creds = accounts(dir.path(), &[("w7-b3-mon", "monitor-password")]);
+    let (tls_keys, ward_ca) = broker_tls(dir.path(), None);
+    let edge = Edge::start(
+        &secured_pipeline(&creds, &tls_keys, ""),
+        &dir.path().join("data"),
+    );
+    let endpoints: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(edge.data.join("endpoints.json")).unwrap())
+            .unwrap();
+    let ws: std::net::SocketAddr = endpoints["ws"].as_str().unwrap().parse().unwrap();
+    let connack = |password: &'static str| {
+        let ward_ca = ward_ca.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(ws).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(tls_client(&ward_ca, None))
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap();
+            let mut req = format!("wss://localhost:{}/mqtt", ws.port())
+                .into_client_request()
+                .unwrap();
+            req.headers_mut()
+                .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+            let (mut stream, _) = async_tungstenite::tokio::client_async(req, tls)
+                .await
+                .unwrap();
+            let connect =
+                raw::connect_packet_with_login("ws-device", 4, Some(("w7-b3-mon", password)));
+            stream.send(Message::binary(connect)).await.unwrap();
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(20), stream.next())
+                    .await
+                    .expect("an answer")
+                    .expect("a message")
+                    .unwrap();
+                if let Message::Binary(b) = m {
+                    return b.to_vec();
+                }
+            }
+        }
+    };
+    // CONNACK: accepted; then refused, bad user name or password (3.1.1 code 4).
+    assert_eq!(connack("monitor-password").await, [0x20, 2, 0, 0]);
+    assert_eq!(connack("guess").await, [0x20, 2, 0, 4]);
+    assert_eq!(edge.stop().code(), Some(0));
 }

@@ -74,7 +74,7 @@ impl Metrics {
             )
         };
         let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).unwrap());
-        Arc::new(Metrics {
+        let m = Arc::new(Metrics {
             messages_received: counter_vec(
                 "iomt_messages_received_total",
                 "MQTT messages received, by route (topic filter)",
@@ -136,12 +136,12 @@ impl Metrics {
             ),
             connections_refused: counter_vec(
                 "iomt_connections_refused_total",
-                "broker connections refused, by reason (limit, tls, credentials, anonymous, client_id)",
+                "broker connections refused, by reason (limit, tls, credentials, certificate, anonymous)",
                 &["reason"],
             ),
             publishes_refused: counter_vec(
                 "iomt_publishes_refused_total",
-                "publishes refused, by reason (impostor: as another device or subject; not_operator: an ack or setting from a device; inflight)",
+                "publishes refused, by reason (impostor: as another device or subject; not_operator: an ack or setting from a device)",
                 &["reason"],
             ),
             publishes_delayed: counter_vec(
@@ -211,7 +211,19 @@ impl Metrics {
             ),
             depth_probes: Mutex::new(Vec::new()),
             registry,
-        })
+        });
+        // The security counters' series exist from the start, at 0: an alert on their rise
+        // (deploy/prometheus/alerts.yml) then sees the first refusal as one, not as a new series.
+        for reason in ["limit", "tls", "credentials", "certificate", "anonymous"] {
+            m.connections_refused.with_label_values(&[reason]);
+        }
+        for reason in ["impostor", "not_operator"] {
+            m.publishes_refused.with_label_values(&[reason]);
+        }
+        for limit in ["rate", "inflight"] {
+            m.publishes_delayed.with_label_values(&[limit]);
+        }
+        m
     }
 
     /// Registers a stage queue whose depth is read at each scrape.

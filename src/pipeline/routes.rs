@@ -167,4 +167,45 @@ subject = "s-{2}"
         }
         assert!(t.cache.len() < 3_000, "the cache started over");
     }
+
+    #[test]
+    fn a_topic_is_owned_by_its_first_routes_identity_and_an_unrouted_one_by_nobody() {
+        let c = crate::config::PipelineConfig::parse(
+            r#"
+[[route]]
+topic = "ward/+/bed/+/vitals"
+codec = "json"
+source = "ward{2}-bed{4}-monitor"
+[route.json]
+ts = "/ts"
+[[route.json.reading]]
+value = "/hr"
+metric = "heart_rate"
+
+[[route]]
+topic = "gw/+/ble/+"
+codec = "senml-json"
+source = "{4}"
+identity = "gateway-{2}"
+
+[[route]]
+topic = "gw/#"
+codec = "senml-json"
+source = "anyone"
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let owners = Owners::new(&c.routes).unwrap();
+        assert!(owners.owned_by("ward/7/bed/3/vitals", "ward7-bed3-monitor"));
+        assert!(!owners.owned_by("ward/7/bed/4/vitals", "ward7-bed3-monitor"));
+        assert!(!owners.owned_by("ward/7/bed/3/notes", "ward7-bed3-monitor"));
+        // `identity` names the gateway, not the devices behind it that `source` names.
+        assert!(owners.owned_by("gw/g1/ble/aa:bb", "gateway-g1"));
+        assert!(!owners.owned_by("gw/g1/ble/aa:bb", "aa:bb"));
+        assert!(!owners.owned_by("gw/g2/ble/aa:bb", "gateway-g1"));
+        // The first matching route decides, as it does for decoding.
+        assert!(!owners.owned_by("gw/g1/ble/aa:bb", "anyone"));
+        assert!(owners.owned_by("gw/g1/other", "anyone"));
+    }
 }

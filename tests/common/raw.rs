@@ -22,12 +22,29 @@ pub fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
 
 /// CONNECT with a clean session and a 60 s keep-alive; `version` 4 (MQTT 3.1.1) or 5.
 pub fn connect_packet(client_id: &str, version: u8) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', version, 0x02, 0, 60];
+    connect_packet_with_login(client_id, version, None)
+}
+
+/// CONNECT as `connect_packet`, with a user name and password.
+pub fn connect_packet_with_login(
+    client_id: &str,
+    version: u8,
+    login: Option<(&str, &str)>,
+) -> Vec<u8> {
+    let flags = if login.is_some() { 0xC2 } else { 0x02 };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', version, flags, 0, 60];
     if version == 5 {
         body.push(0); // no properties
     }
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
+    let mut field = |s: &str| {
+        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        body.extend_from_slice(s.as_bytes());
+    };
+    field(client_id);
+    if let Some((user, password)) = login {
+        field(user);
+        field(password);
+    }
     let mut p = vec![0x10];
     remaining_length(body.len(), &mut p);
     p.extend(body);

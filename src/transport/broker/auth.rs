@@ -159,6 +159,11 @@ impl Auth {
     ) -> Verdict {
         let refused = |code, reason| Verdict::Refused { code, reason };
         if let Some(name) = certificate {
+            // Its name becomes a session id's prefix and a topic's owner: `:`, `/`, `+`, `#`
+            // would let one certificate's name pass for another account's.
+            if crate::transport::credentials::check_name(&name).is_err() {
+                return refused(ConnectReturnCode::NotAuthorized, "certificate");
+            }
             // A certificate is the stronger proof; a user name beside it must not claim
             // another account.
             if login.as_ref().is_some_and(|l| l.username != name) {

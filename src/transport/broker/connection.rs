@@ -147,6 +147,20 @@ where
             return;
         }
     };
+    // A will is a publish made later in the client's name: held to the same topics.
+    if let Some(w) = &will {
+        if let Some(reason) = not_its_own(&shared, sender.as_deref(), &w.topic) {
+            if let Some(id) = &sender {
+                PublishRefused {
+                    reason,
+                    account: &id.name,
+                }
+                .emit(&shared.metrics);
+            }
+            let _ = refuse(&mut wr, &proto, ConnectReturnCode::NotAuthorized).await;
+            return;
+        }
+    }
     let mut client_id = connect.client_id.clone();
     let mut assigned = None;
     if client_id.is_empty() {
@@ -703,7 +717,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 None => Ok(()),
             };
         }
-        if let Some(reason) = self.not_its_own(&head.topic) {
+        if let Some(reason) = not_its_own(&self.shared, self.sender.as_deref(), &head.topic) {
             // MQTT 5: refused as not authorized; 3.1.1 has no refusal but closing, and a closed
             // device would only resend. Nothing of it goes on: no subscriber sees it, nothing is
             // stored.
@@ -757,20 +771,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             sender: self.sender.clone(),
         };
         self.hand_over(received, stopping, writer_done).await
-    }
-
-    /// Why this client's account may not publish on `topic` (a device account publishes only
-    /// on the topics whose route names it as their identity; alarm acknowledgements and
-    /// subjects' settings are operators' only), or `None` when it may.
-    fn not_its_own(&self, topic: &[u8]) -> Option<&'static str> {
-        let id = self.sender.as_ref()?;
-        let topic = std::str::from_utf8(topic).ok()?;
-        let staff_topic = is_alarm_ack(topic.as_bytes()) || topic.starts_with("config/");
-        match (staff_topic, id.operator) {
-            (true, true) => None,
-            (true, false) => Some("not_operator"),
-            (false, _) => (!self.shared.owners.owned_by(topic, &id.name)).then_some("impostor"),
-        }
     }
 
     /// Queues a message for ingest once intake is open (store healthy, disk not full) and
@@ -992,5 +992,22 @@ fn encode_acks(proto: &Proto, acks: Acks, out: &mut BytesMut) {
             Packet::PubAck(PubAck { pkid, reason }, None)
         };
         encode(proto, p, out);
+    }
+}
+
+/// Why `sender`'s account may not publish on `topic` (a device account publishes only on the
+/// topics whose route names it as their identity; alarm acknowledgements and subjects'
+/// settings are operators' only), or `None` when it may. Anonymous clients (where allowed) are
+/// not held to topics.
+fn not_its_own(shared: &Shared, sender: Option<&Identity>, topic: &[u8]) -> Option<&'static str> {
+    let id = sender?;
+    let Ok(topic) = std::str::from_utf8(topic) else {
+        return Some("impostor");
+    };
+    let staff_topic = is_alarm_ack(topic.as_bytes()) || topic.starts_with("config/");
+    match (staff_topic, id.operator) {
+        (true, true) => None,
+        (true, false) => Some("not_operator"),
+        (false, _) => (!shared.owners.owned_by(topic, &id.name)).then_some("impostor"),
     }
 }
