@@ -341,8 +341,7 @@ impl BrokerConfig {
             }
             return Ok(());
         };
-        let url =
-            crate::transport::tls_client::BrokerUrl::parse(ext).map_err(|m| ("external", m))?;
+        let url = BrokerUrl::parse(ext).map_err(|m| ("external", m))?;
         match (&self.external_username, &self.external_password_file) {
             (Some(name), Some(_)) if name.is_empty() => {
                 Err(("external_username", "is empty".into()))
@@ -893,14 +892,47 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Splits `mqtt://host:port` into host and port (1883 when omitted). Plain MQTT only: a caller
-/// that can speak TLS parses with [`crate::transport::tls_client::BrokerUrl`].
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let u = crate::transport::tls_client::BrokerUrl::parse(url)?;
-    if u.tls {
-        return Err(format!("`{url}`: expected mqtt://host:port (no TLS here)"));
+/// A broker address: `mqtt://host[:port]` (plain, 1883) or `mqtts://host[:port]` (TLS, 8883).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
+        let (rest, tls) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (r, true)
+        } else if let Some(r) = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+        {
+            (r, false)
+        } else {
+            return Err(format!(
+                "`{url}`: expected mqtt://host:port or mqtts://host:port"
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("`{url}`: `{p}` is not a port"))?,
+            ),
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("`{url}`: no host"));
+        }
+        Ok(BrokerUrl {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
     }
-    Ok((u.host, u.port))
 }
 
 #[cfg(test)]
@@ -1239,17 +1271,15 @@ priority = "high"
 
     #[test]
     fn mqtt_urls() {
+        let u = |s| BrokerUrl::parse(s).map(|u| (u.host, u.port, u.tls));
         assert_eq!(
-            parse_mqtt_url("mqtt://10.0.0.5:1884").unwrap(),
-            ("10.0.0.5".into(), 1884)
+            u("mqtt://10.0.0.5:1884"),
+            Ok(("10.0.0.5".into(), 1884, false))
         );
-        assert_eq!(
-            parse_mqtt_url("mqtt://broker").unwrap(),
-            ("broker".into(), 1883)
-        );
-        assert!(parse_mqtt_url("http://x").is_err());
-        assert!(parse_mqtt_url("mqtt://x:notaport").is_err());
-        assert!(parse_mqtt_url("mqtts://x").is_err());
+        assert_eq!(u("mqtt://broker"), Ok(("broker".into(), 1883, false)));
+        assert_eq!(u("mqtts://broker"), Ok(("broker".into(), 8883, true)));
+        assert!(u("http://x").is_err());
+        assert!(u("mqtt://x:notaport").is_err());
     }
 
     #[test]

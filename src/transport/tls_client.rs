@@ -9,48 +9,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls_platform_verifier::BuilderVerifierExt;
 
-/// A broker address: `mqtt://host[:port]` (plain, 1883) or `mqtts://host[:port]` (TLS, 8883).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
-
-impl BrokerUrl {
-    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
-        let (rest, tls) = if let Some(r) = url.strip_prefix("mqtts://") {
-            (r, true)
-        } else if let Some(r) = url
-            .strip_prefix("mqtt://")
-            .or_else(|| url.strip_prefix("tcp://"))
-        {
-            (r, false)
-        } else {
-            return Err(format!(
-                "`{url}`: expected mqtt://host:port or mqtts://host:port"
-            ));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("`{url}`: `{p}` is not a port"))?,
-            ),
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("`{url}`: no host"));
-        }
-        Ok(BrokerUrl {
-            host: host.to_owned(),
-            port,
-            tls,
-        })
-    }
-}
+pub use crate::config::BrokerUrl;
 
 /// A client config on ring (the process-wide default provider is left alone): trusting the
 /// certificates of the PEM file `ca` when given, else the operating system's trust store.
