@@ -2,7 +2,8 @@
 //! docs and the tests refer to. Every relative link in a markdown file, and every repository
 //! path a markdown file writes in backticks, names a file or directory that exists; every
 //! `docs/*.md` a source file names exists; nothing names or reads a directory beside the clone;
-//! the README points at docs/architecture.md; every specification vector names its source.
+//! the README points at docs/architecture.md and SECURITY.md; every specification vector names
+//! its source.
 //!
 //! Plain Rust, no network and no git: the checks walk the working tree, skipping build output
 //! and local scratch, so they hold for a clone and for an unpacked archive alike.
@@ -203,6 +204,7 @@ fn every_markdown_reference_names_a_file_in_the_repository() {
     let names: Vec<String> = files.iter().map(|f| rel(f)).collect();
     for must in [
         "README.md",
+        "SECURITY.md",
         "docs/architecture.md",
         "docs/proof-format.md",
         "fixtures/README.md",
@@ -390,6 +392,30 @@ fn the_readme_opens_with_the_architecture() {
             "docs/architecture.md lacks {section}"
         );
     }
+}
+
+#[test]
+fn the_readme_points_to_the_security_policy() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let section = readme
+        .split("\n## Security\n")
+        .nth(1)
+        .expect("README has a Security section");
+    assert!(
+        section.contains("[SECURITY.md](SECURITY.md)"),
+        "README's Security section does not link SECURITY.md"
+    );
+    let policy = std::fs::read_to_string(Path::new(ROOT).join("SECURITY.md")).unwrap();
+    for part in [
+        "## Ports",
+        "## An attacker on the ward network",
+        "## Keys and secrets",
+        "## Reporting a vulnerability",
+    ] {
+        assert!(policy.contains(part), "SECURITY.md lacks {part}");
+    }
+    // Reports go through the host's private channel, not an address made up for the file.
+    assert!(!policy.contains('@'), "SECURITY.md names an e-mail address");
 }
 
 #[test]
