@@ -1,7 +1,7 @@
 //! `iomt-edge credentials add/remove/list` as a user runs them: the file they write (mode, format
 //! mosquitto_passwd's own tools read), passwords never on the command line, and bad input that
 //! leaves the file as it was. The other direction (mosquitto's broker taking a file this writes)
-//! is in tests/external_broker.rs.
+//! is in tests/external_auth.rs.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

@@ -105,7 +105,7 @@ impl InternalEvent for TopicRefused {
         if log_due("topic-refused") {
             warn!(
                 reason = self.reason,
-                "a client published to an invalid topic name: refused (logged once a minute)"
+                "a client's publish, will or subscription was refused for its topic (logged once a minute)"
             );
         }
     }

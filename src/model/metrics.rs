@@ -110,7 +110,7 @@ impl Metrics {
             ),
             alarm_acks_refused: counter(
                 "iomt_alarm_acks_refused_total",
-                "acknowledgements refused (no such alarm, a bad body, a bad token)",
+                "acknowledgements over MQTT refused (no such alarm, a bad body)",
             ),
             http_unauthorized: counter(
                 "iomt_http_unauthorized_total",
@@ -136,7 +136,7 @@ impl Metrics {
             ),
             connections_refused: counter_vec(
                 "iomt_connections_refused_total",
-                "broker connections refused, by reason (limit, tls, credentials, certificate, anonymous)",
+                "broker connections refused, by reason (limit, tls, credentials, certificate, anonymous, busy: the password check took longer than a CONNECT may)",
                 &["reason"],
             ),
             publishes_refused: counter_vec(
@@ -170,7 +170,7 @@ impl Metrics {
             ),
             topics_refused: counter_vec(
                 "iomt_topics_refused_total",
-                "publishes refused for an invalid topic name (wildcards, NUL, not UTF-8, empty), by reason",
+                "publishes, wills and subscriptions refused for their topic, by reason (an invalid name, reserved: the service's own topics, will, subscribe_not_authorized)",
                 &["reason"],
             ),
             connections: gauge("iomt_connections", "MQTT clients connected to the embedded broker"),
@@ -214,7 +214,14 @@ impl Metrics {
         });
         // The security counters' series exist from the start, at 0: an alert on their rise
         // (deploy/prometheus/alerts.yml) then sees the first refusal as one, not as a new series.
-        for reason in ["limit", "tls", "credentials", "certificate", "anonymous"] {
+        for reason in [
+            "limit",
+            "tls",
+            "credentials",
+            "certificate",
+            "anonymous",
+            "busy",
+        ] {
             m.connections_refused.with_label_values(&[reason]);
         }
         for reason in ["impostor", "not_operator"] {

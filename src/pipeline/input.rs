@@ -15,8 +15,8 @@ use super::AckToken;
 const OVERHEAD: usize = 96;
 
 /// Who published a message, as the transport authenticated them (a password or a client
-/// certificate). Ingest holds an authenticated publisher to its account: it may publish only
-/// where the route's `identity` is its name.
+/// certificate). The broker has held it to its own topics already (the route's `identity`);
+/// ingest holds the names a payload gives to the topic's, unless the route trusts the payload.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
     pub name: Box<str>,

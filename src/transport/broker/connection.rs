@@ -39,12 +39,13 @@ use super::auth::Verdict;
 use super::limits::{Inflight, RateLimit};
 use super::sessions::{Acks, Backlog};
 use super::subscriptions::Refused;
-use super::Shared;
+use super::{Peer, Shared};
 use crate::model::events::{
     ConnectionRefused, InternalEvent, PublishRefused, PublishesDelayed, TopicRefused,
 };
 use crate::pipeline::ingest::{is_alarm_ack, OWN_TOPIC_PREFIXES};
 use crate::pipeline::input::{Identity, InputSender, Received};
+use crate::pipeline::routes::Owners;
 use crate::pipeline::{AckToken, NOT_AUTHORIZED, TOPIC_NAME_INVALID};
 use crate::topic::check_topic_name;
 use crate::transport::raised;
@@ -93,9 +94,8 @@ fn reserved(topic: &[u8]) -> bool {
         && !is_alarm_ack(topic)
 }
 
-/// Serves one accepted connection until it ends. `certificate`: the account a verified TLS
-/// client certificate names.
-pub async fn serve<S>(stream: S, shared: Arc<Shared>, certificate: Option<String>)
+/// Serves one accepted connection until it ends.
+pub async fn serve<S>(stream: S, shared: Arc<Shared>, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -134,8 +134,16 @@ where
     let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
         return;
     };
+    // Password checks wait their turn (two at once): a client does not wait for it longer
+    // than for its CONNECT, so a queue of guessers cannot hold connection slots for long.
+    let loopback = peer.loopback;
     let verdict = tokio::select! {
-        v = shared.auth.check(login, certificate) => v,
+        v = tokio::time::timeout(shared.connect_timeout, shared.auth.check(login, peer.certificate)) => {
+            v.unwrap_or(Verdict::Refused {
+                code: ConnectReturnCode::ServiceUnavailable,
+                reason: "busy",
+            })
+        }
         _ = raised(&mut stopping) => return,
     };
     let sender = match verdict {
@@ -149,14 +157,12 @@ where
     };
     // A will is a publish made later in the client's name: held to the same topics.
     if let Some(w) = &will {
-        if let Some(reason) = not_its_own(&shared, sender.as_deref(), &w.topic) {
-            if let Some(id) = &sender {
-                PublishRefused {
-                    reason,
-                    account: &id.name,
-                }
-                .emit(&shared.metrics);
+        if let Some(reason) = not_its_own(&shared.owners, sender.as_deref(), loopback, &w.topic) {
+            PublishRefused {
+                reason,
+                account: sender.as_ref().map_or("(anonymous)", |id| &id.name),
             }
+            .emit(&shared.metrics);
             let _ = refuse(&mut wr, &proto, ConnectReturnCode::NotAuthorized).await;
             return;
         }
@@ -270,6 +276,7 @@ where
         qos2_pending: HashSet::new(),
         skip: 0,
         sender,
+        loopback,
         rate: RateLimit::new(
             shared.limits.max_messages_per_second,
             shared.limits.max_burst,
@@ -284,7 +291,7 @@ where
     } = reader;
     if matches!(end, End::Abnormal | End::CleanWithWill) {
         if let Some(will) = will {
-            publish_will(&mut link_tx, will).await;
+            publish_will(&mut link_tx, will, &shared).await;
         }
     }
     // A session the router took over is already gone from it (and its connection number may
@@ -378,8 +385,11 @@ async fn disconnect_router(mut link_tx: LinkTx) {
 /// Publishes the client's will (at QoS 0: the router delivers it at each subscription's QoS).
 /// MQTT 5's will delay is not honoured: the will goes out when the connection ends. Its topic
 /// was checked at CONNECT.
-async fn publish_will(link_tx: &mut LinkTx, will: LastWill) {
-    let p = Publish::new(will.topic, will.message, will.retain);
+async fn publish_will(link_tx: &mut LinkTx, will: LastWill, shared: &Shared) {
+    // Retained like any publish only within the retained messages' bounds: a client
+    // reconnecting with ever new retained wills must not grow the router's memory.
+    let retain = will.retain && shared.retained.admit(&will.topic, will.message.len());
+    let p = Publish::new(will.topic, will.message, retain);
     let _ = link_tx.send(Packet::Publish(p, None)).await;
 }
 
@@ -404,6 +414,8 @@ struct Reader<R> {
     skip: usize,
     /// The account the client authenticated as; `None` when anonymous.
     sender: Option<Arc<Identity>>,
+    /// Connected from this machine (see `not_its_own`).
+    loopback: bool,
     rate: RateLimit,
     inflight: Arc<Inflight>,
 }
@@ -717,17 +729,20 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 None => Ok(()),
             };
         }
-        if let Some(reason) = not_its_own(&self.shared, self.sender.as_deref(), &head.topic) {
+        if let Some(reason) = not_its_own(
+            &self.shared.owners,
+            self.sender.as_deref(),
+            self.loopback,
+            &head.topic,
+        ) {
             // MQTT 5: refused as not authorized; 3.1.1 has no refusal but closing, and a closed
             // device would only resend. Nothing of it goes on: no subscriber sees it, nothing is
             // stored.
-            if let Some(id) = &self.sender {
-                PublishRefused {
-                    reason,
-                    account: &id.name,
-                }
-                .emit(&self.shared.metrics);
+            PublishRefused {
+                reason,
+                account: self.sender.as_ref().map_or("(anonymous)", |id| &id.name),
             }
+            .emit(&self.shared.metrics);
             return match token {
                 Some(t) => {
                     let refused = Received::refused(t.refusing(NOT_AUTHORIZED));
@@ -998,16 +1013,88 @@ fn encode_acks(proto: &Proto, acks: Acks, out: &mut BytesMut) {
 /// Why `sender`'s account may not publish on `topic` (a device account publishes only on the
 /// topics whose route names it as their identity; alarm acknowledgements and subjects'
 /// settings are operators' only), or `None` when it may. Anonymous clients (where allowed) are
-/// not held to topics.
-fn not_its_own(shared: &Shared, sender: Option<&Identity>, topic: &[u8]) -> Option<&'static str> {
-    let id = sender?;
+/// not held to device topics, but acknowledge alarms and change settings only from this
+/// machine (`loopback`): off it, anyone on the network could.
+fn not_its_own(
+    owners: &Owners,
+    sender: Option<&Identity>,
+    loopback: bool,
+    topic: &[u8],
+) -> Option<&'static str> {
     let Ok(topic) = std::str::from_utf8(topic) else {
-        return Some("impostor");
+        return sender.map(|_| "impostor");
     };
     let staff_topic = is_alarm_ack(topic.as_bytes()) || topic.starts_with("config/");
+    let Some(id) = sender else {
+        return (staff_topic && !loopback).then_some("not_operator");
+    };
     match (staff_topic, id.operator) {
         (true, true) => None,
         (true, false) => Some("not_operator"),
-        (false, _) => (!shared.owners.owned_by(topic, &id.name)).then_some("impostor"),
+        (false, _) => (!owners.owned_by(topic, &id.name)).then_some("impostor"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners() -> Owners {
+        let c = crate::config::PipelineConfig::parse(
+            "[[route]]\ntopic = \"ward/+/bed/+/vitals\"\ncodec = \"senml-json\"\nsource = \"w{2}-b{4}-mon\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        Owners::new(&c.routes).unwrap()
+    }
+
+    #[test]
+    fn each_kind_of_client_publishes_where_it_may() {
+        let o = owners();
+        let device = Identity {
+            name: "w7-b3-mon".into(),
+            operator: false,
+        };
+        let nurse = Identity {
+            name: "nurse".into(),
+            operator: true,
+        };
+        let ack = b"alarms/ward/w7-b3/spo2-low/ack".as_slice();
+        let config = b"config/ward/w7-b3".as_slice();
+        let own = b"ward/7/bed/3/vitals".as_slice();
+        let other = b"ward/7/bed/4/vitals".as_slice();
+        for loopback in [true, false] {
+            assert_eq!(not_its_own(&o, Some(&device), loopback, own), None);
+            assert_eq!(
+                not_its_own(&o, Some(&device), loopback, other),
+                Some("impostor")
+            );
+            assert_eq!(
+                not_its_own(&o, Some(&device), loopback, ack),
+                Some("not_operator")
+            );
+            assert_eq!(
+                not_its_own(&o, Some(&device), loopback, config),
+                Some("not_operator")
+            );
+            assert_eq!(
+                not_its_own(&o, Some(&device), loopback, b"\xff"),
+                Some("impostor")
+            );
+            assert_eq!(not_its_own(&o, Some(&nurse), loopback, ack), None);
+            assert_eq!(not_its_own(&o, Some(&nurse), loopback, config), None);
+            // An operator is no device: its name owns no device topic.
+            assert_eq!(
+                not_its_own(&o, Some(&nurse), loopback, own),
+                Some("impostor")
+            );
+            // Anonymous clients (where allowed) publish readings anywhere...
+            assert_eq!(not_its_own(&o, None, loopback, other), None);
+        }
+        // ... but acknowledge alarms and change settings only from this machine.
+        assert_eq!(not_its_own(&o, None, true, ack), None);
+        assert_eq!(not_its_own(&o, None, true, config), None);
+        assert_eq!(not_its_own(&o, None, false, ack), Some("not_operator"));
+        assert_eq!(not_its_own(&o, None, false, config), Some("not_operator"));
     }
 }

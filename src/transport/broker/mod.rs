@@ -83,6 +83,25 @@ impl ListenerTls {
     }
 }
 
+/// Who is on the other end of a connection, as far as the transport knows before CONNECT.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The account its verified TLS client certificate names.
+    pub certificate: Option<String>,
+    /// Connected from this machine: anonymous clients (where allowed) keep the staff rights
+    /// only from here.
+    pub loopback: bool,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr, certificate: Option<String>) -> Self {
+        Peer {
+            certificate,
+            loopback: addr.ip().to_canonical().is_loopback(),
+        }
+    }
+}
+
 /// Where the embedded broker listens, ports resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listeners {
@@ -363,7 +382,7 @@ async fn accept_loop(
                 false => t.mqtt.clone(),
             });
             let Some(acceptor) = acceptor else {
-                return serve_stream(stream, websocket, shared, None).await;
+                return serve_stream(stream, websocket, shared, Peer::new(peer, None)).await;
             };
             let mut stopping = shared.stopping.clone();
             let handshake = tokio::select! {
@@ -373,7 +392,7 @@ async fn accept_loop(
             match handshake {
                 Ok(Ok(tls)) => {
                     let certificate = crate::transport::tls::client_identity(tls.get_ref().1);
-                    serve_stream(tls, websocket, shared, certificate).await
+                    serve_stream(tls, websocket, shared, Peer::new(peer, certificate)).await
                 }
                 Ok(Err(e)) => {
                     // A wrong CA, no client certificate, a plain-text client: all land here.
@@ -390,21 +409,17 @@ async fn accept_loop(
 }
 
 /// One accepted connection, its TLS (if any) done: MQTT straight away, or inside websockets.
-/// `certificate` is the identity its verified client certificate names.
-async fn serve_stream<S>(
-    stream: S,
-    websocket: bool,
-    shared: Arc<Shared>,
-    certificate: Option<String>,
-) where
+/// `peer`: where it comes from, and the identity its verified client certificate names.
+async fn serve_stream<S>(stream: S, websocket: bool, shared: Arc<Shared>, peer: Peer)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if websocket {
         // Boxed: its state is as large as a plain connection's again, and every connection's
         // task would otherwise carry room for both.
-        Box::pin(serve_websocket(stream, shared, certificate)).await;
+        Box::pin(serve_websocket(stream, shared, peer)).await;
     } else {
-        connection::serve(stream, shared, certificate).await;
+        connection::serve(stream, shared, peer).await;
     }
 }
 
@@ -412,7 +427,7 @@ async fn serve_stream<S>(
 /// inside is served like any other connection.
 // The handshake callback's error type is tungstenite's HTTP response.
 #[allow(clippy::result_large_err)]
-async fn serve_websocket<S>(stream: S, shared: Arc<Shared>, certificate: Option<String>)
+async fn serve_websocket<S>(stream: S, shared: Arc<Shared>, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -440,12 +455,7 @@ where
     };
     match upgrade {
         Ok(Ok(ws)) => {
-            connection::serve(
-                ws_stream_tungstenite::WsStream::new(ws),
-                shared,
-                certificate,
-            )
-            .await
+            connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared, peer).await
         }
         Ok(Err(e)) => debug!(error = %e, "websocket handshake failed"),
         Err(_) => debug!("websocket handshake timed out"),
