@@ -38,7 +38,7 @@ fn metric(http: SocketAddr, name: &str) -> f64 {
     let Ok(mut s) = std::net::TcpStream::connect(http) else {
         return -1.0;
     };
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n");
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n");
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text.lines()

@@ -166,6 +166,11 @@ pub struct BrokerConfig {
     pub max_messages_per_second: u32,
     #[serde(default = "BrokerConfig::default_max_burst")]
     pub max_burst: u32,
+    /// Web page origins (`https://dashboard.ward.example`) whose scripts may open MQTT
+    /// websockets. A websocket upgrade with any other `Origin` header is refused (403): web
+    /// pages the ward's browsers show must not speak MQTT for them. Devices send none.
+    #[serde(default)]
+    pub ws_allowed_origins: Vec<String>,
     /// TLS on every embedded-broker listener (MQTT and websockets): certificate, key, and a
     /// client CA for devices that log in with certificates.
     #[serde(default)]

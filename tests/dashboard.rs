@@ -107,7 +107,7 @@ impl Events {
     async fn open(addr: SocketAddr) -> Events {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         // HTTP/1.0: the body is the stream itself, not chunked.
-        s.write_all(b"GET /events HTTP/1.0\r\nHost: test\r\n\r\n")
+        s.write_all(format!("GET /events HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut reader = BufReader::new(s);

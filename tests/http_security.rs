@@ -374,3 +374,32 @@ fn on_loopback_without_require_token_everything_stays_open() {
     assert_eq!(edge.metric("iomt_http_unauthorized_total"), 0.0);
     assert!(edge.stop().success());
 }
+
+#[test]
+fn open_reading_answers_requests_for_this_machine_only() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let addr = edge.endpoints.http;
+    let status = |host: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET /api/ward HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text[9..12].parse::<u16>().unwrap()
+    };
+    // A page on a rebinding domain reaches 127.0.0.1, but names its own domain.
+    assert_eq!(status("ward-data.evil.example"), 421);
+    assert_eq!(
+        status(&format!("ward-data.evil.example:{}", addr.port())),
+        421
+    );
+    for host in [
+        addr.to_string(),
+        format!("localhost:{}", addr.port()),
+        "[::1]".into(),
+    ] {
+        assert_eq!(status(&host), 200, "{host}");
+    }
+    assert!(edge.stop().success());
+}

@@ -37,7 +37,7 @@ fn chained_sizes(data: &std::path::Path) -> Vec<u64> {
 /// GET `path`: the status and the body's bytes.
 fn get_bytes(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut all = Vec::new();
     s.read_to_end(&mut all).unwrap();
     let code = std::str::from_utf8(&all[9..12]).unwrap().parse().unwrap();

@@ -902,3 +902,46 @@ async fn websockets_are_served_over_tls_and_ask_for_the_password_too() {
     assert_eq!(connack("guess").await, [0x20, 2, 0, 4]);
     assert_eq!(edge.stop().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_may_not_open_an_mqtt_websocket_unless_its_origin_is_listed() {
+    use async_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = tempfile::tempdir().unwrap();
+    // Anonymous clients on loopback, as the shipped ward pipeline: what a page in a browser on
+    // the base station would reach.
+    let edge = Edge::start(
+        &pipeline_with_broker(
+            "auth.allow_anonymous = true\nws_allowed_origins = [\"https://dashboard.ward.example\"]\n",
+            "",
+        ),
+        &dir.path().join("data"),
+    );
+    let endpoints: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(edge.data.join("endpoints.json")).unwrap())
+            .unwrap();
+    let ws: std::net::SocketAddr = endpoints["ws"].as_str().unwrap().parse().unwrap();
+    let upgrade = |origin: Option<&'static str>| async move {
+        let tcp = tokio::net::TcpStream::connect(ws).await.unwrap();
+        let mut req = format!("ws://{ws}/mqtt").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        if let Some(o) = origin {
+            req.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        match async_tungstenite::tokio::client_async(req, tcp).await {
+            Ok(_) => 101,
+            Err(async_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(upgrade(Some("https://evil.example")).await, 403);
+    assert_eq!(upgrade(Some("null")).await, 403);
+    assert_eq!(upgrade(Some("https://dashboard.ward.example")).await, 101);
+    // A device sends no Origin.
+    assert_eq!(upgrade(None).await, 101);
+    assert_eq!(
+        edge.metric("iomt_connections_refused_total{reason=\"origin\"}"),
+        2.0
+    );
+    assert_eq!(edge.stop().code(), Some(0));
+}

@@ -136,7 +136,7 @@ impl Metrics {
             ),
             connections_refused: counter_vec(
                 "iomt_connections_refused_total",
-                "broker connections refused, by reason (limit, tls, credentials, certificate, anonymous, busy: the password check took longer than a CONNECT may)",
+                "broker connections refused, by reason (limit, tls, credentials, certificate, anonymous, busy: the password check took longer than a CONNECT may, origin: a websocket from a web page not allowed)",
                 &["reason"],
             ),
             publishes_refused: counter_vec(
@@ -221,6 +221,7 @@ impl Metrics {
             "certificate",
             "anonymous",
             "busy",
+            "origin",
         ] {
             m.connections_refused.with_label_values(&[reason]);
         }

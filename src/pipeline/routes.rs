@@ -38,7 +38,9 @@ impl Route {
 /// a device account before anything else sees the message.
 #[derive(Debug, Clone, Default)]
 pub struct Owners {
-    routes: Vec<(TopicFilter, Template)>,
+    /// Each route's filter, `identity`, and the `source` and `subject` templates that decide,
+    /// as in [`RouteTable::resolve`], whether the route takes a topic at all.
+    routes: Vec<(TopicFilter, Template, Template, Option<Template>)>,
 }
 
 impl Owners {
@@ -48,19 +50,26 @@ impl Owners {
             .map(|c| {
                 let filter = TopicFilter::parse(c.topic.get_ref())?;
                 let identity = Template::parse(c.identity.as_deref().unwrap_or(&c.source))?;
-                Ok((filter, identity))
+                let source = Template::parse(&c.source)?;
+                let subject = c.subject.as_deref().map(Template::parse).transpose()?;
+                Ok((filter, identity, source, subject))
             })
             .collect::<Result<_, String>>()?;
         Ok(Owners { routes })
     }
 
     /// Whether `account` owns `topic`. A topic no route takes is nobody's: a device has no
-    /// business publishing there.
+    /// business publishing there. The route is the one ingest will decode it by: the first
+    /// whose filter matches and whose templates the topic fills.
     pub fn owned_by(&self, topic: &str, account: &str) -> bool {
         self.routes
             .iter()
-            .find(|(f, _)| f.matches(topic))
-            .and_then(|(_, t)| t.render(topic))
+            .find(|(f, _, source, subject)| {
+                f.matches(topic)
+                    && source.render(topic).is_some()
+                    && subject.as_ref().is_none_or(|s| s.render(topic).is_some())
+            })
+            .and_then(|(_, identity, _, _)| identity.render(topic))
             .is_some_and(|owner| owner == account)
     }
 }
@@ -183,7 +192,7 @@ value = "/hr"
 metric = "heart_rate"
 
 [[route]]
-topic = "gw/+/ble/+"
+topic = "gw/+/ble/#"
 codec = "senml-json"
 source = "{4}"
 identity = "gateway-{2}"
@@ -207,5 +216,10 @@ source = "anyone"
         // The first matching route decides, as it does for decoding.
         assert!(!owners.owned_by("gw/g1/ble/aa:bb", "anyone"));
         assert!(owners.owned_by("gw/g1/other", "anyone"));
+        // ... of those whose templates the topic fills: `gw/+/ble/#` matches `gw/g1/ble`, but
+        // its `{4}` has no level there, so ingest decodes it by the third route, whose owner
+        // owns it.
+        assert!(owners.owned_by("gw/g1/ble", "anyone"));
+        assert!(!owners.owned_by("gw/g1/ble", "gateway-g1"));
     }
 }

@@ -170,6 +170,12 @@ impl Credentials {
     }
 
     /// An account's PBKDF2 iteration count (for `credentials list`).
+    /// The stored hash of `name`'s entry: what a password verified against it was verified
+    /// against. A new password (or a removed account) changes or ends it.
+    pub fn stored_hash(&self, name: &str) -> Option<&[u8]> {
+        self.entries.get(name).map(|e| e.hash.as_slice())
+    }
+
     pub fn iterations(&self, name: &str) -> Option<u32> {
         self.entries.get(name).map(|e| e.iterations.get())
     }
@@ -270,6 +276,11 @@ pub fn check_name(name: &str) -> Result<(), String> {
             "is {} bytes long, more than {MAX_NAME_LEN}",
             name.len()
         ));
+    }
+    // A name stands in topics (`{identity}`): one starting with `$` would make a filter of
+    // `$share/…` or `$SYS/…`.
+    if name.starts_with('$') {
+        return Err("starts with `$`, which topics keep for the broker".into());
     }
     if let Some(c) = name
         .chars()
@@ -517,6 +528,7 @@ mod tests {
             "a/b",
             "a+",
             "#",
+            "$share",
             "a:b",
             "a b",
             "a\tb",

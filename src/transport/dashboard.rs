@@ -479,7 +479,7 @@ mod tests {
     async fn an_open_event_stream_does_not_hold_up_a_stop() {
         let (addr, stop) = serve(WriteAccess::Open, true).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await
             .unwrap();
         let mut buf = vec![0u8; 65536];

@@ -58,7 +58,7 @@ impl ReadAccess {
     /// Wraps `router` in the rule, and adds the login form when a token is needed.
     pub fn protect(self, router: Router) -> Router {
         if self.token.is_none() {
-            return router;
+            return router.layer(axum::middleware::from_fn(loopback_host_only));
         }
         let login = Router::new()
             .route(LOGIN_PATH, get(login_page).post(login))
@@ -66,6 +66,24 @@ impl ReadAccess {
         router
             .merge(login)
             .layer(axum::middleware::from_fn_with_state(self, gate))
+    }
+}
+
+/// Open reading is for this machine: a request must also name it (`Host`). A web page whose
+/// domain a rebinding DNS server points at 127.0.0.1 reaches the port, but names its own
+/// domain, and must not read the ward.
+async fn loopback_host_only(req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok());
+    match host {
+        Some(h) if crate::transport::write_access::is_loopback_host(h) => next.run(req).await,
+        _ => (
+            axum::http::StatusCode::MISDIRECTED_REQUEST,
+            "this listener answers requests for localhost only\n",
+        )
+            .into_response(),
     }
 }
 

@@ -128,13 +128,7 @@ impl Auth {
         if now.is_some() && now != current.stamp {
             current.stamp = now;
             match Credentials::load(path) {
-                Ok(c) => {
-                    current.credentials = Arc::new(c);
-                    self.remembered
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clear();
-                }
+                Ok(c) => current.credentials = Arc::new(c),
                 Err(e) => {
                     warn!(error = %e, "the credentials file changed and does not read: the last good one stays in force")
                 }
@@ -177,43 +171,72 @@ impl Auth {
                 false => refused(ConnectReturnCode::NotAuthorized, "anonymous"),
             };
         };
-        // Reading the file again (when it changed) is disk I/O.
-        let this = self.clone();
-        let credentials = tokio::task::spawn_blocking(move || this.credentials()).await;
-        let Ok(Some(credentials)) = credentials else {
+        // A password verified before is remembered as an HMAC of the name, the password and
+        // the stored hash it matched: a new password or a removed account (a new file) makes
+        // the remembered one worthless by itself, without forgetting everyone else's.
+        let tag_input = |hash: &[u8]| {
+            [
+                login.username.as_bytes(),
+                b"\0",
+                login.password.as_bytes(),
+                b"\0",
+                hash,
+            ]
+            .concat()
+        };
+        let Some(credentials) = self.current_credentials().await else {
             return refused(ConnectReturnCode::NotAuthorized, "credentials");
         };
-        let tag_input = [login.username.as_bytes(), b"\0", login.password.as_bytes()].concat();
-        let known = self
-            .remembered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&login.username)
-            .map(|t| hmac::verify(&self.remember_key, &tag_input, t.as_ref()).is_ok());
-        if known == Some(true) && credentials.contains(&login.username) {
-            return Verdict::Account(self.identity(login.username));
+        if let Some(hash) = credentials.stored_hash(&login.username) {
+            let remembered = self
+                .remembered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&login.username)
+                .is_some_and(|t| {
+                    hmac::verify(&self.remember_key, &tag_input(hash), t.as_ref()).is_ok()
+                });
+            if remembered {
+                return Verdict::Account(self.identity(login.username));
+            }
         }
         let Ok(_permit) = self.verifying.acquire().await else {
             return refused(ConnectReturnCode::ServiceUnavailable, "credentials");
         };
+        // The file as it is now, after the wait: a password changed meanwhile is checked
+        // against its new entry, not the one it had when the login came.
+        let Some(credentials) = self.current_credentials().await else {
+            return refused(ConnectReturnCode::NotAuthorized, "credentials");
+        };
         let name = login.username.clone();
-        let password = login.password;
-        let verified = tokio::task::spawn_blocking(move || {
-            let ok = credentials.verify(&name, password.as_bytes());
-            (ok, name)
-        })
-        .await;
-        match verified {
-            Ok((true, name)) => {
-                let tag = hmac::sign(&self.remember_key, &tag_input);
-                self.remembered
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(name.clone(), tag);
-                Verdict::Account(self.identity(name))
+        let password = login.password.clone();
+        let checked = credentials.clone();
+        let verified =
+            tokio::task::spawn_blocking(move || checked.verify(&name, password.as_bytes())).await;
+        match (verified, credentials.stored_hash(&login.username)) {
+            (Ok(true), Some(hash)) => {
+                let tag = hmac::sign(&self.remember_key, &tag_input(hash));
+                let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+                // One entry an account that ever logged in, bounded by the file's accounts.
+                if remembered.len() >= credentials.len().max(1) * 2 {
+                    remembered.clear();
+                }
+                remembered.insert(login.username.clone(), tag);
+                drop(remembered);
+                Verdict::Account(self.identity(login.username))
             }
             _ => refused(ConnectReturnCode::BadUserNamePassword, "credentials"),
         }
+    }
+
+    /// `credentials()` off the async threads: reading the file again (when it changed) is
+    /// disk I/O.
+    async fn current_credentials(self: &Arc<Self>) -> Option<Arc<Credentials>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.credentials())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The session id the router knows a client by. Accounts' sessions are kept apart (an
@@ -234,6 +257,14 @@ impl Auth {
         if id.operator {
             return true;
         }
+        // A shared subscription's messages are those of the filter after its group.
+        let filter = match filter.strip_prefix("$share/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((_, f)) => f,
+                None => return false,
+            },
+            None => filter,
+        };
         self.device_subscribe.iter().any(|p| {
             let allowed = p.replace("{identity}", &id.name);
             TopicFilter::parse(&allowed).is_ok() && filter_within(filter, &allowed)
@@ -264,6 +295,7 @@ fn filter_within(filter: &str, allowed: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::credentials;
 
     #[test]
     fn a_filter_is_within_another_only_if_it_can_match_nothing_more() {
@@ -290,5 +322,55 @@ mod tests {
         for (f, a) in no {
             assert!(!filter_within(f, a), "{f} not within {a}");
         }
+    }
+
+    fn device(name: &str) -> Identity {
+        Identity {
+            name: name.into(),
+            operator: false,
+        }
+    }
+
+    #[test]
+    fn a_shared_subscription_is_judged_by_the_filter_after_its_group() {
+        let c: AuthConfig = toml::from_str("device_subscribe = [\"+/{identity}/#\"]").unwrap();
+        let auth = Auth::load(&c, false).unwrap();
+        let d = device("d1");
+        assert!(auth.may_subscribe(Some(&d), "cmd/d1/x"));
+        assert!(auth.may_subscribe(Some(&d), "$share/g/cmd/d1/x"));
+        // `$share/d1/#` reads like `+/{identity}/#` level by level, and is `#`.
+        assert!(!auth.may_subscribe(Some(&d), "$share/d1/#"));
+        assert!(!auth.may_subscribe(Some(&d), "$share/g"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remembered_password_opens_nothing_once_it_is_changed_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("credentials");
+        let n = std::num::NonZeroU32::new(1000).unwrap();
+        credentials::add(&file, "d1", b"first", n).unwrap();
+        let c = AuthConfig {
+            credentials: Some(file.clone()),
+            ..AuthConfig::default()
+        };
+        let auth = Arc::new(Auth::load(&c, false).unwrap());
+        let login = |p: &str| {
+            Some(Login {
+                username: "d1".into(),
+                password: p.into(),
+            })
+        };
+        let ok = |v: &Verdict| matches!(v, Verdict::Account(id) if &*id.name == "d1");
+        assert!(ok(&auth.check(login("first"), None).await));
+        // Remembered now; still right.
+        assert!(ok(&auth.check(login("first"), None).await));
+        credentials::add(&file, "d1", b"second", n).unwrap();
+        assert!(!ok(&auth.check(login("first"), None).await));
+        assert!(ok(&auth.check(login("second"), None).await));
+        credentials::add(&file, "d2", b"other", n).unwrap();
+        // Another account's change leaves d1's remembered password good.
+        assert!(ok(&auth.check(login("second"), None).await));
+        credentials::remove(&file, "d1").unwrap();
+        assert!(!ok(&auth.check(login("second"), None).await));
     }
 }

@@ -94,6 +94,10 @@ fn reserved(topic: &[u8]) -> bool {
         && !is_alarm_ack(topic)
 }
 
+/// The largest CONNECT taken (its will included): a client not yet authenticated holds no
+/// more of the broker's memory than this.
+const MAX_CONNECT_BYTES: usize = 64 << 10;
+
 /// Serves one accepted connection until it ends.
 pub async fn serve<S>(stream: S, shared: Arc<Shared>, peer: Peer)
 where
@@ -108,7 +112,7 @@ where
     let connect = tokio::select! {
         c = tokio::time::timeout(
             shared.connect_timeout,
-            read_connect(&mut rd, &mut buf, shared.max_packet),
+            read_connect(&mut rd, &mut buf, shared.max_packet.min(MAX_CONNECT_BYTES)),
         ) => c,
         _ = raised(&mut stopping) => return,
     };

@@ -140,6 +140,8 @@ pub struct Shared {
     limits: Limits,
     /// TLS on the MQTT listeners and on the websocket listener (their ALPN differ).
     tls: Option<ListenerTls>,
+    /// Web page origins that may open MQTT websockets (`broker.ws_allowed_origins`).
+    ws_allowed_origins: Vec<String>,
     /// Connections served at once, CONNECT pending or not: past `max_connections` (and a few
     /// for the CONNACK that says so), a new one is closed at once.
     slots: Arc<tokio::sync::Semaphore>,
@@ -263,6 +265,7 @@ impl EmbeddedBroker {
             auth,
             owners,
             tls,
+            ws_allowed_origins: c.ws_allowed_origins.clone(),
             limits: Limits {
                 max_inflight: c.max_inflight,
                 max_messages_per_second: c.max_messages_per_second,
@@ -433,7 +436,26 @@ where
 {
     use async_tungstenite::tungstenite::handshake::server::{Request, Response};
     use async_tungstenite::tungstenite::http::HeaderValue;
-    let callback = |_req: &Request, mut resp: Response| {
+    // A browser says which page opened the socket; devices send no Origin. Any web page a
+    // browser on this machine (or a ward PC) shows could otherwise speak MQTT to the broker
+    // (anonymous clients on loopback may acknowledge alarms), so a page needs its origin
+    // listed in `broker.ws_allowed_origins`.
+    let refused_origin = std::sync::atomic::AtomicBool::new(false);
+    let callback = |req: &Request, mut resp: Response| {
+        if let Some(origin) = req.headers().get("origin") {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| shared.ws_allowed_origins.iter().any(|a| a == o));
+            if !allowed {
+                refused_origin.store(true, Ordering::Relaxed);
+                let mut refusal =
+                    async_tungstenite::tungstenite::handshake::server::ErrorResponse::new(Some(
+                        "this origin may not open MQTT websockets here".into(),
+                    ));
+                *refusal.status_mut() = async_tungstenite::tungstenite::http::StatusCode::FORBIDDEN;
+                return Err(refusal);
+            }
+        }
         resp.headers_mut()
             .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
         Ok(resp)
@@ -456,6 +478,10 @@ where
     match upgrade {
         Ok(Ok(ws)) => {
             connection::serve(ws_stream_tungstenite::WsStream::new(ws), shared, peer).await
+        }
+        Ok(Err(_)) if refused_origin.load(Ordering::Relaxed) => {
+            ConnectionRefused { reason: "origin" }.emit(&shared.metrics);
+            debug!("websocket from a web page whose origin is not allowed: refused");
         }
         Ok(Err(e)) => debug!(error = %e, "websocket handshake failed"),
         Err(_) => debug!("websocket handshake timed out"),
