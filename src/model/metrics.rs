@@ -74,7 +74,7 @@ impl Metrics {
             )
         };
         let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).unwrap());
-        Arc::new(Metrics {
+        let metrics = Arc::new(Metrics {
             messages_received: counter_vec(
                 "iomt_messages_received_total",
                 "MQTT messages received, by route (topic filter)",
@@ -211,7 +211,23 @@ impl Metrics {
             ),
             depth_probes: Mutex::new(Vec::new()),
             registry,
-        })
+        });
+        // The refusals' children exist from the start, at 0: an alert on their increase
+        // (deploy/prometheus/alerts.yml) then sees the first refusal, where a series that first
+        // appears at 1 would show no increase at all.
+        for (vec, labels) in [
+            (
+                &metrics.connections_refused,
+                &["limit", "tls", "credentials", "anonymous"][..],
+            ),
+            (&metrics.publishes_refused, &["impostor", "not_operator"]),
+            (&metrics.publishes_delayed, &["rate", "inflight"]),
+        ] {
+            for label in labels {
+                vec.with_label_values(&[*label]);
+            }
+        }
+        metrics
     }
 
     /// Registers a stage queue whose depth is read at each scrape.
