@@ -57,6 +57,17 @@ impl Mosquitto {
         m
     }
 
+    /// A mosquitto on a configuration file of its own, which listens on `port`.
+    pub fn with_config(conf: &Path, port: u16) -> Mosquitto {
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            conf: conf.to_owned(),
+        };
+        m.spawn();
+        m
+    }
+
     fn spawn(&mut self) {
         let child = Command::new(executable())
             .arg("-c")
