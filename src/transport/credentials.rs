@@ -459,6 +459,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CredentialsError> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        // The file keeps its owner: root editing the service's file (a systemd state
+        // directory owned by the service's user) must not leave it unreadable to the service.
+        if let Ok(old) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()))?;
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -549,5 +555,24 @@ mod tests {
         assert!(a
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+
+    #[test]
+    fn a_rewritten_file_keeps_its_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("credentials");
+        add(&file, "a", b"pw", iterations(1000)).unwrap();
+        // The service's user owns it (run as root, as CI does; elsewhere the owner is the
+        // caller and stays so, which the asserts below check too).
+        let owner = match std::os::unix::fs::chown(&file, Some(10001), Some(10001)) {
+            Ok(()) => 10001,
+            Err(_) => std::fs::metadata(&file).unwrap().uid(),
+        };
+        add(&file, "b", b"pw", iterations(1000)).unwrap();
+        remove(&file, "a").unwrap();
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (owner, 0o600));
+        assert_eq!(Credentials::load(&file).unwrap().names().count(), 1);
     }
 }
