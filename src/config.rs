@@ -153,6 +153,8 @@ pub struct BrokerConfig {
     pub inflight: u16,
     /// Embedded broker: lets a listener that is not on loopback run without TLS (behind a
     /// network that encrypts, or for a bench). Anonymous clients are refused there even so.
+    /// External mode: lets this node's password go to a broker on another machine over plain
+    /// `mqtt://`.
     #[serde(default)]
     pub allow_plaintext: bool,
     /// Embedded broker, per connection: QoS 1/2 publishes taken in and not yet acknowledged
@@ -327,6 +329,14 @@ impl BrokerConfig {
     }
 }
 
+/// `localhost` or a loopback address: a connection that stays on this machine.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 impl BrokerConfig {
     /// The external broker's keys agree: a URL that parses, a username and its password file
     /// together, a CA only for TLS, and none of them without `external`.
@@ -363,6 +373,18 @@ impl BrokerConfig {
                 "external_ca",
                 "is for a TLS broker: write `external = \"mqtts://…\"`".into(),
             )),
+            (Some(_), Some(_))
+                if !url.tls && !is_loopback_host(&url.host) && !self.allow_plaintext =>
+            {
+                Err((
+                    "external",
+                    format!(
+                        "`{ext}` is plain MQTT to another machine: this node's password would \
+                         cross the network in clear text. Write `mqtts://…`, or \
+                         broker.allow_plaintext = true if the network itself is encrypted"
+                    ),
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -1296,6 +1318,17 @@ priority = "high"
         .unwrap();
         assert_eq!(c.broker.external_username.as_deref(), Some("edge"));
         assert_eq!(c.broker.external_ca, Some(PathBuf::from("ca.pem")));
+        // A password in plain text stays on this machine, or says the network is encrypted.
+        for ok in [
+            "external = \"mqtt://127.0.0.1:1883\"\n",
+            "external = \"mqtt://localhost\"\n",
+            "external = \"mqtt://10.1.2.3\"\nallow_plaintext = true\n",
+        ] {
+            let text = format!(
+                "[broker]\n{ok}external_username = \"edge\"\nexternal_password_file = \"pw\"\n"
+            );
+            PipelineConfig::parse(&text, "p.toml").unwrap();
+        }
         for (text, want) in [
             (
                 "external = \"mqtt://b\"\nexternal_username = \"edge\"\n",
@@ -1314,6 +1347,10 @@ priority = "high"
                 "broker.external_username: is for an external broker",
             ),
             ("external = \"https://b\"\n", "broker.external: `https://b`"),
+            (
+                "external = \"mqtt://10.1.2.3\"\nexternal_username = \"edge\"\nexternal_password_file = \"pw\"\n",
+                "broker.external: `mqtt://10.1.2.3` is plain MQTT to another machine",
+            ),
             ("external_user = \"edge\"\n", "external_user"),
         ] {
             let e = PipelineConfig::parse(&format!("[broker]\n{text}"), "p.toml")

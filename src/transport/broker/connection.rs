@@ -608,10 +608,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 Ok(())
             }
             Packet::Subscribe(sub, props) => {
+                // Subscriptions go to the one router thread that delivers alarms too: paced
+                // like publishes.
+                self.pace(stopping, writer_done).await?;
                 self.subscribe(sub, props).await;
                 Ok(())
             }
             Packet::Unsubscribe(unsub, props) => {
+                self.pace(stopping, writer_done).await?;
                 for f in &unsub.filters {
                     self.shared.subscriptions.unsubscribe(&self.client_id, f);
                 }
@@ -686,14 +690,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         let _ = self.link_tx.send(Packet::Subscribe(sub, props)).await;
     }
 
-    /// A device's publish: checked, offered to the router if anyone may want it, and queued
-    /// for ingest with its ack token (once intake is open and ingest's queue has room).
-    async fn publish(
+    /// Waits for the connection's rate limit (`max_messages_per_second`, `max_burst`) to allow
+    /// one more packet: the connection is not read meanwhile.
+    async fn pace(
         &mut self,
-        head: PublishHead,
-        payload: Bytes,
-        size: usize,
-        props: Option<PublishProperties>,
         stopping: &mut watch::Receiver<bool>,
         writer_done: &mut watch::Receiver<Option<End>>,
     ) -> Result<(), End> {
@@ -705,6 +705,21 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 end = ended(writer_done) => return Err(end),
             }
         }
+        Ok(())
+    }
+
+    /// A device's publish: checked, offered to the router if anyone may want it, and queued
+    /// for ingest with its ack token (once intake is open and ingest's queue has room).
+    async fn publish(
+        &mut self,
+        head: PublishHead,
+        payload: Bytes,
+        size: usize,
+        props: Option<PublishProperties>,
+        stopping: &mut watch::Receiver<bool>,
+        writer_done: &mut watch::Receiver<Option<End>>,
+    ) -> Result<(), End> {
+        self.pace(stopping, writer_done).await?;
         let token = (head.qos > 0).then(|| AckToken::new(self.session, head.packet_id, head.qos));
         if let Err(e) = check_topic_name(&head.topic) {
             TopicRefused { reason: e.as_str() }.emit(&self.shared.metrics);
