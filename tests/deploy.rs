@@ -17,14 +17,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mosquitto::Mosquitto;
 use common::raw::{handshake, publish_packet};
+use common::security::*;
 use common::*;
 use tokio::io::AsyncWriteExt;
 
@@ -611,56 +610,9 @@ fn the_container_rule_sees_any_other_change() {
 
 /// A CA and a certificate it signed for `names`, as PEM: (CA, certificate, key).
 fn certificates(names: &[&str]) -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "deploy test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(params, ca_key);
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    (ca_pem, cert.pem(), key.serialize_pem())
-}
-
-/// A file with this mode.
-fn write_file(path: &Path, text: &str, mode: u32) -> PathBuf {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).unwrap();
-    }
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path.to_owned()
-}
-
-/// `iomt-edge credentials add NAME --file FILE`, the password in a file.
-fn add_account(file: &Path, name: &str, password: &str) {
-    let dir = file.parent().unwrap();
-    let pw = write_file(
-        &dir.join(format!(".{name}.pw")),
-        &format!("{password}\n"),
-        0o600,
-    );
-    let out = run(Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .args([
-            "credentials",
-            "add",
-            name,
-            "--iterations",
-            "20000",
-            "--file",
-        ])
-        .arg(file)
-        .arg("--password-file")
-        .arg(&pw));
-    std::fs::remove_file(pw).unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let (ca_pem, issuer) = ca("deploy test CA");
+    let (cert, key) = signed(&issuer, names, None);
+    (ca_pem, cert, key)
 }
 
 /// A shipped file with its `from`s replaced, each of which must be there.
@@ -669,27 +621,6 @@ fn rewritten(text: &str, replacements: &[(&str, &str)]) -> String {
         assert!(t.contains(from), "no `{from}` in:\n{t}");
         t.replace(from, to)
     })
-}
-
-/// An HTTPS client that trusts `ca_pem` only, on ring.
-fn https_client(ca_pem: &str) -> reqwest::Client {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
 }
 
 /// GET over HTTPS, with the token when given: status and body.

@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mosquitto::Mosquitto;
+use common::security::*;
 use common::*;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
 use rumqttc::v5::mqttbytes::QoS;
@@ -35,38 +34,13 @@ topic readwrite alarms/#
 topic readwrite edge/#
 ";
 
-/// A file only its owner may read, as password files must be.
-fn private_file(path: &Path, text: &str) -> PathBuf {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path.to_owned()
-}
-
-/// `iomt-edge credentials add NAME --file FILE`, the password on standard input.
-fn add_account(file: &Path, name: &str, password: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .args(["credentials", "add", name, "--file"])
-        .arg(file)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// mosquitto's lines for accounts from a credentials file written by `iomt-edge credentials`
 /// and the ACL above, anonymous clients refused.
 fn auth_config(dir: &Path) -> String {
     let passwd = dir.join("credentials");
     add_account(&passwd, DEVICE, DEVICE_PASSWORD);
     add_account(&passwd, EDGE, EDGE_PASSWORD);
-    let acl = private_file(&dir.join("acl"), ACL);
+    let acl = write_file(&dir.join("acl"), ACL, 0o600);
     // As root, mosquitto would switch to its own user, who cannot read these 0600 files.
     format!(
         "user root\nallow_anonymous false\npassword_file {}\nacl_file {}\n",
@@ -77,9 +51,10 @@ fn auth_config(dir: &Path) -> String {
 
 /// The test pipeline on the external broker `url`, logged in as the service's account.
 fn pipeline_on(url: &str, dir: &Path, password: &str, ca: Option<&Path>) -> String {
-    let pw = private_file(
+    let pw = write_file(
         &dir.join(format!("edge-pw-{}", rand::random::<u32>())),
         &format!("{password}\n"),
+        0o600,
     );
     let ca = ca.map_or(String::new(), |c| {
         format!("external_ca = \"{}\"\n", c.display())
@@ -201,26 +176,13 @@ async fn each_device_account_is_held_to_its_own_topics() {
 /// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in `dir`: (CA file,
 /// mosquitto's TLS lines).
 fn tls_files(dir: &Path, name: &str) -> (PathBuf, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
+    let (ca_pem, issuer) = ca(&format!("{name} test CA"));
+    let (cert_pem, key_pem) = signed(&issuer, &["127.0.0.1", "localhost"], None);
     let ca_file = dir.join(format!("{name}-ca.pem"));
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&ca_file, ca_pem).unwrap();
     let cert_file = dir.join(format!("{name}-server.pem"));
-    std::fs::write(&cert_file, cert.pem()).unwrap();
-    let key_file = private_file(
-        &dir.join(format!("{name}-server.key")),
-        &key.serialize_pem(),
-    );
+    std::fs::write(&cert_file, cert_pem).unwrap();
+    let key_file = write_file(&dir.join(format!("{name}-server.key")), &key_pem, 0o600);
     let lines = format!(
         "certfile {}\nkeyfile {}\n",
         cert_file.display(),
@@ -238,7 +200,11 @@ fn replay_as_device(dir: &Path, url: &str, ca: &Path) -> std::process::Output {
          {\"t_ms\":1,\"topic\":\"ward/7/bed/3/vitals\",\"payload\":{\"ts\":1700000012,\"hr\":71,\"spo2\":97}}\n",
     )
     .unwrap();
-    let pw = private_file(&dir.join("device-pw"), &format!("{DEVICE_PASSWORD}\n"));
+    let pw = write_file(
+        &dir.join("device-pw"),
+        &format!("{DEVICE_PASSWORD}\n"),
+        0o600,
+    );
     Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
         .arg("replay")
         .arg(&fixture)

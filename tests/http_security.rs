@@ -12,29 +12,13 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::security::*;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{CertificateParams, KeyPair};
 
 const TOKEN: &str = "b7e2c41f9a0d3e6f58a1c2d4e6f80912";
-
-fn write(path: &Path, text: &str, mode: u32) -> PathBuf {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path.to_owned()
-}
-
-/// A CA, as PEM, and what signs with it.
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let pem = params.self_signed(&key).unwrap().pem();
-    (pem, Issuer::new(params, key))
-}
 
 /// The service's certificate (for `localhost`) and key, signed by a CA of its own; returns
 /// the CA's PEM, the `[http.tls]` table and the token file.
@@ -43,9 +27,9 @@ fn tls_files(dir: &Path) -> (String, String, PathBuf) {
     let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
-    let cert = write(&dir.join("http.crt"), &cert.pem(), 0o644);
-    let key = write(&dir.join("http.key"), &key.serialize_pem(), 0o600);
-    let token = write(&dir.join("http-token"), &format!("{TOKEN}\n"), 0o600);
+    let cert = write_file(&dir.join("http.crt"), &cert.pem(), 0o644);
+    let key = write_file(&dir.join("http.key"), &key.serialize_pem(), 0o600);
+    let token = write_file(&dir.join("http-token"), &format!("{TOKEN}\n"), 0o600);
     let table = format!(
         "[http.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
         cert.display(),
@@ -63,31 +47,9 @@ fn with_http(http: &str) -> String {
     text.replace(old, http)
 }
 
-/// An HTTPS client that trusts `ca_pem` only, on ring.
-fn client(ca_pem: &str) -> reqwest::Client {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 /// `pipeline` on a fresh data directory; fails, and returns its exit status and stderr.
 fn refused_at_start(dir: &Path, pipeline: &str) -> String {
-    let pipeline_path = write(&dir.join("p.toml"), pipeline, 0o644);
+    let pipeline_path = write_file(&dir.join("p.toml"), pipeline, 0o644);
     let data = dir.join("data");
     let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
         .arg("run")
@@ -116,7 +78,7 @@ async fn https_with_the_token_for_everything_but_healthz() {
     ));
     let edge = Edge::spawn(&text, &dir.path().join("data"), &[]);
     let base = format!("https://localhost:{}", edge.endpoints.http.port());
-    let https = client(&ca_pem);
+    let https = https_client(&ca_pem);
 
     // /healthz needs no token (a container's health check has none).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -131,7 +93,7 @@ async fn https_with_the_token_for_everything_but_healthz() {
 
     // A client that does not trust the service's CA does not get through the handshake.
     let (other_ca, _) = ca("ward CA");
-    let err = client(&other_ca)
+    let err = https_client(&other_ca)
         .get(format!("{base}/healthz"))
         .send()
         .await
@@ -201,7 +163,7 @@ async fn a_browser_signs_in_once_and_its_cookie_opens_the_dashboard_and_its_even
     ));
     let edge = Edge::spawn(&text, &dir.path().join("data"), &[]);
     let base = format!("https://localhost:{}", edge.endpoints.http.port());
-    let https = client(&ca_pem);
+    let https = https_client(&ca_pem);
 
     // The dashboard without a session: the sign-in form, still a 401.
     let r = https.get(format!("{base}/dashboard")).send().await.unwrap();
@@ -294,7 +256,7 @@ async fn a_browser_signs_in_once_and_its_cookie_opens_the_dashboard_and_its_even
 #[test]
 fn a_listener_off_loopback_without_tls_or_the_opt_out_does_not_start() {
     let dir = tempfile::tempdir().unwrap();
-    let token = write(&dir.path().join("t"), TOKEN, 0o600);
+    let token = write_file(&dir.path().join("t"), TOKEN, 0o600);
     let err = refused_at_start(
         dir.path(),
         &with_http(&format!(
@@ -362,7 +324,7 @@ fn a_tls_key_others_can_read_stops_the_start_naming_the_file() {
 #[test]
 fn on_loopback_without_require_token_everything_stays_open() {
     let dir = tempfile::tempdir().unwrap();
-    let token = write(&dir.path().join("t"), TOKEN, 0o600);
+    let token = write_file(&dir.path().join("t"), TOKEN, 0o600);
     let text = with_http(&format!(
         "[http]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
         token.display()

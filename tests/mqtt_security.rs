@@ -5,42 +5,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::security::*;
 use common::*;
 use iomt_edge::model::reading::Metric;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use tokio::sync::mpsc;
-
-/// Adds (or replaces) an account with the real command, the password on standard input.
-fn add_account(file: &Path, name: &str, password: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .args([
-            "credentials",
-            "add",
-            name,
-            "--iterations",
-            "20000",
-            "--file",
-        ])
-        .arg(file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A credentials file with these accounts, in `dir`.
 fn accounts(dir: &Path, list: &[(&str, &str)]) -> PathBuf {
@@ -572,90 +546,23 @@ fn a_listener_off_loopback_without_tls_is_refused_at_start_and_says_why() {
 
 // ---- TLS: the ward's CA, device certificates, websockets ----
 
-/// A CA, as PEM, and what signs with it.
-fn ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let pem = params.self_signed(&key).unwrap().pem();
-    (pem, Issuer::new(params, key))
-}
-
-/// A certificate `issuer` signs: for the names in `sans` (a server), or with CommonName `cn`
-/// (a device). Returns its PEM and its key's.
-fn signed(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
-    sans: &[&str],
-    cn: Option<&str>,
-) -> (String, String) {
-    let mut params =
-        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    if let Some(cn) = cn {
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-    }
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn write(path: &Path, text: &str, mode: u32) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path.to_owned()
-}
-
 /// The broker's certificate (for 127.0.0.1 and localhost, from the ward CA) in `dir`: the
 /// `[broker.tls]` keys (dotted, for `[broker]`) and the ward CA's PEM.
 fn broker_tls(dir: &Path, client_ca: Option<&str>) -> (String, String) {
     let (ward_ca, issuer) = ca("ward CA");
     let (cert, key) = signed(&issuer, &["127.0.0.1", "localhost"], None);
-    let cert = write(&dir.join("broker.crt"), &cert, 0o644);
-    let key = write(&dir.join("broker.key"), &key, 0o600);
+    let cert = write_file(&dir.join("broker.crt"), &cert, 0o644);
+    let key = write_file(&dir.join("broker.key"), &key, 0o600);
     let mut keys = format!(
         "tls.cert = {:?}\ntls.key = {:?}\n",
         cert.display().to_string(),
         key.display().to_string()
     );
     if let Some(pem) = client_ca {
-        let path = write(&dir.join("devices-ca.crt"), pem, 0o644);
+        let path = write_file(&dir.join("devices-ca.crt"), pem, 0o644);
         keys += &format!("tls.client_ca = {:?}\n", path.display().to_string());
     }
     (keys, ward_ca)
-}
-
-/// A rustls client (ring) trusting `ca_pem` only, presenting `identity` (cert, key PEMs).
-fn tls_client(
-    ca_pem: &str,
-    identity: Option<&(String, String)>,
-) -> std::sync::Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    std::sync::Arc::new(config)
 }
 
 /// Client options for the broker's TLS port.

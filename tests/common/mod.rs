@@ -10,6 +10,7 @@ pub mod load;
 pub mod mosquitto;
 pub mod proxy;
 pub mod raw;
+pub mod security;
 pub mod tmpfs;
 
 use std::io::{Read, Write};
