@@ -34,19 +34,7 @@ runtime = "runc"
 EOF
 export CONTAINERS_CONF="$cache/containers.conf"
 
-need() {
-  local missing=()
-  while [ $# -gt 0 ]; do
-    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || missing+=("$2")
-    shift 2
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "installing ${missing[*]}"
-  local sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
-}
+source scripts/need.sh
 need podman podman runc runc debootstrap debootstrap mosquitto_sub mosquitto-clients curl curl \
   openssl openssl python3 python3
 export PATH="$PATH:/usr/sbin"

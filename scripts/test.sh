@@ -12,20 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Installs the Debian packages named after each command that is missing.
-need() {
-  local missing=()
-  while [ $# -gt 0 ]; do
-    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || missing+=("$2")
-    shift 2
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "installing ${missing[*]}"
-  local sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
-}
+source scripts/need.sh
 
 need mosquitto mosquitto mosquitto_pub mosquitto-clients c++ g++ node nodejs npm npm \
   chromium chromium promtool prometheus systemd-analyze systemd

@@ -138,6 +138,15 @@ impl Client {
     }
 }
 
+/// The stored heart-rate readings (the vitals payloads carry SpO2 too). The service must be
+/// stopped.
+fn heart_rates(data: &Path) -> Vec<iomt_edge::model::reading::Reading> {
+    stored_readings(data)
+        .into_iter()
+        .filter(|r| r.metric == Metric::HeartRate)
+        .collect()
+}
+
 fn vitals_json(ts: i64, hr: f64) -> Vec<u8> {
     format!(r#"{{"ts":{ts},"hr":{hr},"spo2":97}}"#).into_bytes()
 }
@@ -225,15 +234,10 @@ async fn passwords_decide_who_connects_and_a_new_one_needs_no_restart() {
     drop((dev, dev2));
     let data = edge.data.clone();
     assert_eq!(edge.stop().code(), Some(0));
-    let stored = stored_readings(&data);
-    assert_eq!(
-        stored
-            .iter()
-            .filter(|r| r.metric == Metric::HeartRate)
-            .count(),
-        2
-    );
-    assert!(stored.iter().all(|r| r.source == "w7-b3-mon"));
+    assert_eq!(heart_rates(&data).len(), 2);
+    assert!(stored_readings(&data)
+        .iter()
+        .all(|r| r.source == "w7-b3-mon"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -487,14 +491,7 @@ async fn a_flooding_device_is_slowed_not_lost_and_the_limits_are_counted() {
     drop(ev);
     let data = edge.data.clone();
     assert_eq!(edge.stop().code(), Some(0));
-    let stored = stored_readings(&data);
-    assert_eq!(
-        stored
-            .iter()
-            .filter(|r| r.metric == Metric::HeartRate)
-            .count(),
-        N as usize
-    );
+    assert_eq!(heart_rates(&data).len(), N as usize);
 }
 
 #[test]
@@ -641,10 +638,7 @@ async fn tls_lets_in_a_client_that_trusts_the_ward_ca_and_no_other() {
     drop(dev);
     let data = edge.data.clone();
     assert_eq!(edge.stop().code(), Some(0));
-    let hr: Vec<_> = stored_readings(&data)
-        .into_iter()
-        .filter(|r| r.metric == Metric::HeartRate)
-        .collect();
+    let hr = heart_rates(&data);
     assert_eq!(hr.len(), 1, "{hr:?}");
     assert_eq!(hr[0].value, Some(72.0));
 }
@@ -746,10 +740,7 @@ async fn a_device_certificate_is_its_identity_and_holds_it_to_its_own_topics() {
     drop(dev);
     let data = edge.data.clone();
     assert_eq!(edge.stop().code(), Some(0));
-    let hr: Vec<_> = stored_readings(&data)
-        .into_iter()
-        .filter(|r| r.metric == Metric::HeartRate)
-        .collect();
+    let hr = heart_rates(&data);
     assert_eq!(hr.len(), 1, "{hr:?}");
     assert_eq!(
         (hr[0].source.as_str(), hr[0].value),
