@@ -231,6 +231,17 @@ impl Metrics {
         for limit in ["rate", "inflight"] {
             m.publishes_delayed.with_label_values(&[limit]);
         }
+        for reason in [
+            "empty",
+            "not_utf8",
+            "wildcard",
+            "nul",
+            "reserved",
+            "will",
+            "subscribe_not_authorized",
+        ] {
+            m.topics_refused.with_label_values(&[reason]);
+        }
         m
     }
 
@@ -267,5 +278,36 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding");
         String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_series_are_exported_at_zero_before_the_first_refusal() {
+        let text = Metrics::new().render();
+        let topic_reasons = [
+            crate::topic::TopicNameError::Empty,
+            crate::topic::TopicNameError::NotUtf8,
+            crate::topic::TopicNameError::Wildcard,
+            crate::topic::TopicNameError::Nul,
+        ]
+        .map(|e| e.as_str());
+        for reason in topic_reasons
+            .iter()
+            .chain(&["reserved", "will", "subscribe_not_authorized"])
+        {
+            let line = format!("iomt_topics_refused_total{{reason=\"{reason}\"}} 0");
+            assert!(text.lines().any(|l| l == line), "{line}");
+        }
+        for line in [
+            "iomt_connections_refused_total{reason=\"origin\"} 0",
+            "iomt_publishes_refused_total{reason=\"impostor\"} 0",
+            "iomt_publishes_delayed_total{limit=\"rate\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}");
+        }
     }
 }
