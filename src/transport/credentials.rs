@@ -169,13 +169,13 @@ impl Credentials {
         self.order.iter().map(String::as_str)
     }
 
-    /// An account's PBKDF2 iteration count (for `credentials list`).
     /// The stored hash of `name`'s entry: what a password verified against it was verified
     /// against. A new password (or a removed account) changes or ends it.
     pub fn stored_hash(&self, name: &str) -> Option<&[u8]> {
         self.entries.get(name).map(|e| e.hash.as_slice())
     }
 
+    /// An account's PBKDF2 iteration count (for `credentials list`).
     pub fn iterations(&self, name: &str) -> Option<u32> {
         self.entries.get(name).map(|e| e.iterations.get())
     }
@@ -463,7 +463,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CredentialsError> {
         // directory owned by the service's user) must not leave it unreadable to the service.
         if let Ok(old) = std::fs::metadata(path) {
             use std::os::unix::fs::MetadataExt;
-            std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()))?;
+            let new = f.metadata()?;
+            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+                std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()))?;
+            }
         }
         f.write_all(bytes)?;
         f.sync_all()?;

@@ -66,7 +66,7 @@ pub struct Auth {
     device_subscribe: Vec<String>,
     /// Whether any client can be an account: session ids are then kept apart per account.
     accounts: bool,
-    verifying: tokio::sync::Semaphore,
+    verifying: Arc<tokio::sync::Semaphore>,
     /// Accounts whose password was verified, with an HMAC of that password.
     remembered: Mutex<HashMap<String, hmac::Tag>>,
     remember_key: hmac::Key,
@@ -111,7 +111,7 @@ impl Auth {
             operators: c.operators.iter().cloned().collect(),
             device_subscribe: c.device_subscribe.clone(),
             accounts: c.credentials.is_some() || client_certs,
-            verifying: tokio::sync::Semaphore::new(VERIFYING_AT_ONCE),
+            verifying: Arc::new(tokio::sync::Semaphore::new(VERIFYING_AT_ONCE)),
             remembered: Mutex::new(HashMap::new()),
             remember_key,
         })
@@ -200,25 +200,33 @@ impl Auth {
                 return Verdict::Account(self.identity(login.username));
             }
         }
-        let Ok(_permit) = self.verifying.acquire().await else {
+        let Ok(permit) = self.verifying.clone().acquire_owned().await else {
             return refused(ConnectReturnCode::ServiceUnavailable, "credentials");
         };
-        // The file as it is now, after the wait: a password changed meanwhile is checked
-        // against its new entry, not the one it had when the login came.
-        let Some(credentials) = self.current_credentials().await else {
-            return refused(ConnectReturnCode::NotAuthorized, "credentials");
-        };
+        // The permit goes with the hash into its thread: a login given up on (its CONNECT's
+        // deadline passed) cannot free a slot while its hash still runs, so no more than
+        // VERIFYING_AT_ONCE hashes ever run. The file is read as it is after the wait, and
+        // again after the hash: a password changed meanwhile (or during it) is not let in.
+        let this = self.clone();
         let name = login.username.clone();
         let password = login.password.clone();
-        let checked = credentials.clone();
-        let verified =
-            tokio::task::spawn_blocking(move || checked.verify(&name, password.as_bytes())).await;
-        match (verified, credentials.stored_hash(&login.username)) {
-            (Ok(true), Some(hash)) => {
-                let tag = hmac::sign(&self.remember_key, &tag_input(hash));
+        let verified = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let before = this.credentials()?;
+            if !before.verify(&name, password.as_bytes()) {
+                return None;
+            }
+            let after = this.credentials()?;
+            let hash = before.stored_hash(&name)?;
+            (after.stored_hash(&name) == Some(hash)).then(|| (after.len(), hash.to_vec()))
+        })
+        .await;
+        match verified {
+            Ok(Some((accounts, hash))) => {
+                let tag = hmac::sign(&self.remember_key, &tag_input(&hash));
                 let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
                 // One entry an account that ever logged in, bounded by the file's accounts.
-                if remembered.len() >= credentials.len().max(1) * 2 {
+                if remembered.len() >= accounts.max(1) * 2 {
                     remembered.clear();
                 }
                 remembered.insert(login.username.clone(), tag);
