@@ -346,6 +346,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_topic_error_has_its_refusal_series_from_the_start() {
+        let text = crate::model::metrics::Metrics::new().render();
+        for e in [
+            TopicNameError::Empty,
+            TopicNameError::NotUtf8,
+            TopicNameError::Wildcard,
+            TopicNameError::Nul,
+        ] {
+            let line = format!("iomt_topics_refused_total{{reason=\"{}\"}} 0", e.as_str());
+            assert!(text.lines().any(|l| l == line), "{line}");
+        }
+    }
+
+    #[test]
     fn unlevel_reverses_level_and_nothing_else() {
         for id in ["bed-3", "ward7/bed3", "ward7_bed3", "Zoë #1", "a+b"] {
             assert_eq!(unlevel(&level(id)).as_deref(), Some(id));
