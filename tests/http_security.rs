@@ -11,7 +11,6 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::security::*;
@@ -45,27 +44,6 @@ fn with_http(http: &str) -> String {
     let old = "[http]\nlisten = \"127.0.0.1:0\"\n";
     assert!(text.contains(old));
     text.replace(old, http)
-}
-
-/// `pipeline` on a fresh data directory; fails, and returns its exit status and stderr.
-fn refused_at_start(dir: &Path, pipeline: &str) -> String {
-    let pipeline_path = write_file(&dir.join("p.toml"), pipeline, 0o644);
-    let data = dir.join("data");
-    let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .arg("run")
-        .arg("--pipeline")
-        .arg(&pipeline_path)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "started: {err}");
-    assert!(
-        !data.join("endpoints.json").exists(),
-        "it became ready: {err}"
-    );
-    err
 }
 
 #[tokio::test]

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::security::*;
@@ -502,35 +501,14 @@ fn a_listener_off_loopback_without_tls_is_refused_at_start_and_says_why() {
         "listen = \"0.0.0.0:0\"\nlisten_v5",
     );
     assert!(text.contains("0.0.0.0:0"));
-    let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .args(["run", "--pipeline"])
-        .arg({
-            let p = dir.path().join("p.toml");
-            std::fs::write(&p, &text).unwrap();
-            p
-        })
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_at_start(dir.path(), &text);
     assert!(
         stderr.contains("broker.listen: 0.0.0.0:0 is not on loopback and has no TLS: anonymous"),
         "{stderr}"
     );
     // Without anonymous clients it still needs TLS, or plaintext said out loud.
     let text = text.replace("auth.allow_anonymous = true", "auth.credentials = \"c\"");
-    std::fs::write(dir.path().join("p.toml"), &text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .args(["run", "--pipeline"])
-        .arg(dir.path().join("p.toml"))
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused_at_start(dir.path(), &text);
     assert!(
         stderr.contains("Set [broker.tls] (cert, key), or broker.allow_plaintext"),
         "{stderr}"

@@ -112,3 +112,24 @@ pub fn add_account(file: &Path, name: &str, password: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `pipeline` on a fresh data directory; fails, and returns its exit status and stderr.
+pub fn refused_at_start(dir: &Path, pipeline: &str) -> String {
+    let pipeline_path = write_file(&dir.join("p.toml"), pipeline, 0o644);
+    let data = dir.join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+        .arg("run")
+        .arg("--pipeline")
+        .arg(&pipeline_path)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started: {err}");
+    assert!(
+        !data.join("endpoints.json").exists(),
+        "it became ready: {err}"
+    );
+    err
+}
