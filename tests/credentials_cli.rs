@@ -3,31 +3,24 @@
 //! leaves the file as it was. The other direction (mosquitto's broker taking a file this writes)
 //! is in tests/external_auth.rs.
 
-use std::io::Write;
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
+use common::output_with_stdin;
 use iomt_edge::transport::credentials::Credentials;
 
 /// Runs `iomt-edge credentials ARGS` in `dir` with `stdin` on standard input.
 fn credentials(dir: &Path, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .current_dir(dir)
-        .arg("credentials")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+            .current_dir(dir)
+            .arg("credentials")
+            .args(args),
+        stdin.as_bytes(),
+    )
 }
 
 fn stderr(o: &Output) -> String {

@@ -2,23 +2,21 @@
 //! JSON lines on standard output, exit status 2 and the reason on standard error for an invalid
 //! payload.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+mod common;
 
+use std::process::{Command, Output};
+
+use common::output_with_stdin;
 use serde_json::Value;
 
 fn decode(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("decode")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
+    output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("decode")
+            .args(args),
+        input,
+    )
 }
 
 fn json_lines(out: &Output) -> Vec<Value> {

@@ -16,9 +16,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::mosquitto::Mosquitto;
@@ -173,20 +172,10 @@ async fn live_metrics_pass_promtool_and_name_everything_alerts_and_dashboard_use
     let dir = tempfile::tempdir().unwrap();
     let (edge, metrics) = busy_service(dir.path()).await;
 
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        Command::new(&promtool).args(["check", "metrics"]),
+        metrics.as_bytes(),
+    );
     assert!(
         out.status.success() && text(&out).trim().is_empty(),
         "promtool check metrics on the live /metrics: {}",

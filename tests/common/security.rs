@@ -4,10 +4,9 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,23 +88,19 @@ pub fn https_client(ca_pem: &str) -> reqwest::Client {
 /// Adds (or replaces) an account with the real command, the password on standard input, at
 /// a cost tests can afford (20,000 iterations).
 pub fn add_account(file: &Path, name: &str, password: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
-        .args([
-            "credentials",
-            "add",
-            name,
-            "--iterations",
-            "20000",
-            "--file",
-        ])
-        .arg(file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = super::output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_iomt-edge"))
+            .args([
+                "credentials",
+                "add",
+                name,
+                "--iterations",
+                "20000",
+                "--file",
+            ])
+            .arg(file),
+        format!("{password}\n").as_bytes(),
+    );
     assert!(
         out.status.success(),
         "{}",
