@@ -256,7 +256,7 @@ impl BrokerConfig {
         if self.external.is_some() {
             return Ok(());
         }
-        let tls = self.tls_configured();
+        let tls = self.tls.is_some();
         for (key, addr) in self.listeners() {
             if addr.ip().is_loopback() || tls {
                 continue;
@@ -317,10 +317,6 @@ impl BrokerConfig {
              broker.auth.allow_anonymous = true (loopback or TLS only)"
                 .into(),
         )
-    }
-
-    fn tls_configured(&self) -> bool {
-        self.tls.is_some()
     }
 
     /// Whether devices may log in with client certificates (`[broker.tls] client_ca`).

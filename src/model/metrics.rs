@@ -212,9 +212,10 @@ impl Metrics {
             depth_probes: Mutex::new(Vec::new()),
             registry,
         });
-        // The security counters' series exist from the start, at 0: an alert on their rise
-        // (deploy/prometheus/alerts.yml) then sees the first refusal as one, not as a new series.
-        for reason in [
+        // The refusal counters' series exist from the start, at 0: an alert on their rise
+        // (deploy/prometheus/alerts.yml) then sees the first refusal as one, where a series
+        // that first appears at 1 shows no increase at all.
+        let connection_reasons = [
             "limit",
             "tls",
             "credentials",
@@ -222,16 +223,8 @@ impl Metrics {
             "anonymous",
             "busy",
             "origin",
-        ] {
-            m.connections_refused.with_label_values(&[reason]);
-        }
-        for reason in ["impostor", "not_operator"] {
-            m.publishes_refused.with_label_values(&[reason]);
-        }
-        for limit in ["rate", "inflight"] {
-            m.publishes_delayed.with_label_values(&[limit]);
-        }
-        for reason in [
+        ];
+        let topic_reasons = [
             "empty",
             "not_utf8",
             "wildcard",
@@ -239,8 +232,16 @@ impl Metrics {
             "reserved",
             "will",
             "subscribe_not_authorized",
+        ];
+        for (vec, labels) in [
+            (&m.connections_refused, &connection_reasons[..]),
+            (&m.publishes_refused, &["impostor", "not_operator"]),
+            (&m.publishes_delayed, &["rate", "inflight"]),
+            (&m.topics_refused, &topic_reasons),
         ] {
-            m.topics_refused.with_label_values(&[reason]);
+            for label in labels {
+                vec.with_label_values(&[*label]);
+            }
         }
         m
     }
