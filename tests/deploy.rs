@@ -68,19 +68,23 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// Every `iomt_…` name in `text`.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
+/// Each `iomt_…` name in `text`, with the text after it.
+fn mentions(text: &str) -> impl Iterator<Item = (String, &str)> {
     let mut rest = text;
-    while let Some(i) = rest.find("iomt_") {
+    std::iter::from_fn(move || {
+        let i = rest.find("iomt_")?;
         let name: String = rest[i..]
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
         rest = &rest[i + name.len()..];
-        names.insert(name);
-    }
-    names
+        Some((name, rest))
+    })
+}
+
+/// Every `iomt_…` name in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    mentions(text).map(|(name, _)| name).collect()
 }
 
 /// The names of the samples in a Prometheus text exposition (histograms' `_bucket`, `_sum`
@@ -103,13 +107,7 @@ fn selected_label_values(alerts: &str) -> BTreeSet<(String, String, String)> {
         {
             continue;
         }
-        let mut rest = line;
-        while let Some(i) = rest.find("iomt_") {
-            let name: String = rest[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            rest = &rest[i + name.len()..];
+        for (name, rest) in mentions(line) {
             let Some(matchers) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) else {
                 continue;
             };
