@@ -821,3 +821,50 @@ async fn a_web_page_may_not_open_an_mqtt_websocket_unless_its_origin_is_listed()
     );
     assert_eq!(edge.stop().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_before_login_is_held_to_64_kib_whatever_max_packet_bytes_allows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&pipeline(""), &dir.path().join("data"));
+    let port = edge.mqtt_port();
+    // MQTT 3.1.1 CONNECT, clean session, with a will of `will_len` bytes.
+    let connect = |will_len: usize| {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x06, 0, 60];
+        for field in [
+            &b"big-will"[..],
+            b"ward/7/bed/3/status",
+            &vec![b'x'; will_len],
+        ] {
+            body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+            body.extend_from_slice(field);
+        }
+        let mut p = vec![0x10];
+        raw::remaining_length(body.len(), &mut p);
+        p.extend(body);
+        p
+    };
+    // Within the cap: accepted.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&connect(60 << 10)).await.unwrap();
+    let mut body = Vec::new();
+    let t = raw::read_packet(&mut s, &mut body).await.unwrap();
+    assert_eq!((t, body.as_slice()), (0x20, &[0u8, 0][..]));
+    drop(s);
+    // Past it (well within max_packet_bytes, 1 MiB): closed as soon as the fixed header and
+    // the protocol level say so, before the rest is sent (well before the 10 s a CONNECT
+    // has), and no CONNACK.
+    let big = connect(65_535);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(&big[..14]).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("closed without waiting for the body");
+    assert!(read.is_err() || answer.is_empty(), "{answer:?}");
+    assert_eq!(edge.stop().code(), Some(0));
+}
